@@ -1,0 +1,40 @@
+# `make repro` and `make test` do all set-up on a fresh machine (Python 3.11 or 3.12).
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+# Where no NVIDIA GPU is present, install the CPU builds (no multi-GB CUDA wheels).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+EXTRA := $(if $(HAS_GPU),gpu,cpu)
+# PyTorch's CPU wheel index, used only when it answers (offline mirrors serve the CPU build by name).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+
+.PHONY: setup repro test gpu-test ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -z "$(HAS_GPU)" ]; then \
+	  idx=""; if curl -fsS -m 5 -o /dev/null $(TORCH_CPU_INDEX)/torch/ 2>/dev/null; then idx="--extra-index-url $(TORCH_CPU_INDEX)"; fi; \
+	  echo "no GPU: installing the CPU build of torch 2.13.0 $$idx"; \
+	  $(BIN)/python -m pip install -q $$idx "torch==2.13.0"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[$(EXTRA),dev]"
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	python -m pytest -q
+
+gpu-test: setup
+	python -m pytest -q -m gpu
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+
+clean:
+	rm -rf data/raw data/prepared models results reports mlruns

@@ -1,0 +1,52 @@
+"""The one error boundary of every stage: a clear line on stderr and an exit code that says why."""
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable
+
+from . import tracking
+from .config import Config, load_config
+from .errors import AccelbenchError, ConfigError, Interrupted
+from .workloads import Workload, get_workload
+
+EXIT_ERROR = 2
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(stage: str, fn: Callable[[Config, Workload, "object"], None]) -> None:
+    """`python stages/<stage>.py <workload>`: load params, run the stage, turn errors into exit codes."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    root = tracking.project_root()
+    name = sys.argv[1] if len(sys.argv) == 2 else None
+    try:
+        if name is None:
+            raise ConfigError(f"usage: python stages/{stage}.py <workload>")
+        wl = get_workload(name)
+        try:
+            cfg = load_config(root / "params.yaml")
+            if name not in cfg.workloads:
+                raise ConfigError(f"params.yaml: workloads: '{name}' is not listed (listed: {cfg.workloads})")
+            fn(cfg, wl, root)
+        except AccelbenchError as exc:
+            if not tracking.RUNS_STARTED:  # failed before its run began: still leave a FAILED trace
+                tracking.record_failed_run(name, stage, str(exc))
+            raise
+    except AccelbenchError as exc:
+        print(f"accelbench {stage}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        print(f"accelbench {stage}: interrupted (SIGINT)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Interrupted as exc:
+        print(f"accelbench {stage}: interrupted (signal {exc.signum})", file=sys.stderr)
+        sys.exit(128 + exc.signum)
+
+
+def main_hardware() -> None:
+    from .pipeline import hardware
+
+    hardware(tracking.project_root())

@@ -1,0 +1,221 @@
+"""params.yaml -> typed config.
+
+Global keys are fields of `Config`; every other top-level key must be a workload
+name, whose section is parsed into that workload's own `Params` dataclass. Unknown
+keys and wrong types are rejected with the dotted path of the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+Device = str  # cpu | cuda | cuda:N | auto, validated in devices.resolve
+Framework = Literal["torch", "tensorflow"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """One Optuna dimension: a float/int range or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        has_range = self.low is not None and self.high is not None
+        if (self.choices is None) == (not has_range):
+            raise ValueError("give either low and high, or choices")
+        if has_range and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """What every engine reads; a workload may subclass it to add fields."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["bundled", "path", "kaggle"] = "bundled"
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkloadParams:
+    """Shape shared by all workload sections; each workload subclasses the parts."""
+
+    data: DataParams = field(default_factory=DataParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    search: dict[str, SearchSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    n_trials: int = 10
+    timeout_s: float | None = 300
+    storage: str = "sqlite:///mlruns/optuna.db"
+    prune_warmup_epochs: int = 5
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    warmup_steps: int = 5
+    repeats: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    workloads: list[str]
+    device: Device = "cpu"
+    framework: Framework = "torch"
+    seed: int = 42
+    precision: Precision = "fp32"
+    compile: bool = False
+    cpu_threads: int | None = None
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    sections: dict[str, WorkloadParams] = field(default_factory=dict)
+
+    def params(self, workload: str) -> WorkloadParams:
+        return self.sections[workload]
+
+
+def load_config(path: Path | str = "params.yaml") -> Config:
+    """Read and validate params.yaml; raise ConfigError naming the key on any problem."""
+    from .workloads import available, get_workload
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    global_keys = {f.name for f in dataclasses.fields(Config)} - {"sections"}
+    known = available()
+    sections = {}
+    for key in raw:
+        if key in global_keys:
+            continue
+        if key not in known:
+            raise ConfigError(
+                f"{path}: unknown key '{key}' (expected a global key {sorted(global_keys)} "
+                f"or a workload {sorted(known)})"
+            )
+        sections[key] = parse(get_workload(key).Params, raw[key], f"{path}: {key}")
+    glob = {k: v for k, v in raw.items() if k in global_keys}
+    if "workloads" not in glob:
+        raise ConfigError(f"{path}: missing key 'workloads' (the list of workloads to run)")
+    cfg = parse(Config, glob, str(path), sep=": ")
+    for name in cfg.workloads:
+        if name not in known:
+            raise ConfigError(f"{path}: workloads: unknown workload '{name}' (known: {sorted(known)})")
+        sections.setdefault(name, get_workload(name).Params())
+    return dataclasses.replace(cfg, sections=sections)
+
+
+def parse(tp: Any, value: Any, where: str, sep: str = ".") -> Any:
+    """Build `tp` from plain YAML data, checking keys and types recursively."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}{sep}{unknown[0]}: unknown key (expected one of {names})")
+        kwargs = {k: parse(hints[k], v, f"{where}{sep}{k}") for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse(arg, value, where, sep)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: unexpected value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [parse(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): parse(args[1], v, f"{where}{sep}{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def with_overrides(params: WorkloadParams, overrides: dict[str, Any]) -> WorkloadParams:
+    """Return a copy of `params` with dotted keys ('train.lr') replaced, type-checked."""
+    for dotted, value in overrides.items():
+        params = _replace_path(params, dotted.split("."), value, dotted)
+    return params
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any, dotted: str) -> Any:
+    head, rest = parts[0], parts[1:]
+    if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"'{dotted}': no such parameter")
+    if rest:
+        new = _replace_path(getattr(obj, head), rest, value, dotted)
+    else:
+        new = parse(typing.get_type_hints(type(obj))[head], value, dotted)
+    return dataclasses.replace(obj, **{head: new})
+
+
+def get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def as_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,174 @@
+"""Resolve cpu / cuda / cuda:N / auto for a framework; describe the hardware; seed everything."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import platform
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import psutil
+
+from .errors import DeviceError
+
+_SPEC = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device: `type` is cpu or cuda; `index` the GPU ordinal."""
+
+    type: str
+    index: int = 0
+    name: str = ""
+
+    @property
+    def torch(self) -> str:
+        return "cpu" if self.type == "cpu" else f"cuda:{self.index}"
+
+    @property
+    def label(self) -> str:
+        """Short name used in run and study names: cpu, cuda, cuda1..."""
+        return "cpu" if self.type == "cpu" else ("cuda" if self.index == 0 else f"cuda{self.index}")
+
+
+def resolve(spec: str, framework: str) -> Device:
+    """Turn a params device string into a Device the framework can use; never fall back silently."""
+    if not _SPEC.match(spec):
+        raise DeviceError(f"params.yaml: device: '{spec}' is not one of cpu, cuda, cuda:N, auto")
+    gpus = _framework_gpu_count(framework) if spec != "cpu" else 0
+    if spec == "cpu" or (spec == "auto" and gpus == 0):
+        return Device("cpu", 0, cpu_name())
+    index = int(spec.split(":")[1]) if ":" in spec else 0
+    if gpus == 0:
+        raise DeviceError(
+            f"params.yaml: device: '{spec}' requested but {framework} sees no CUDA GPU on this machine "
+            "(use device=cpu, or install the framework's CUDA build)"
+        )
+    if index >= gpus:
+        raise DeviceError(f"params.yaml: device: '{spec}' requested but only {gpus} GPU(s) are visible")
+    return Device("cuda", index, gpu_names()[index] if index < len(gpu_names()) else f"cuda:{index}")
+
+
+def _framework_gpu_count(framework: str) -> int:
+    if framework == "torch":
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+@cache
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@cache
+def _nvml_gpus() -> tuple[dict[str, Any], ...]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no library: no NVIDIA GPU to describe
+        return ()
+    driver = pynvml.nvmlSystemGetDriverVersion()
+    gpus = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        h = pynvml.nvmlDeviceGetHandleByIndex(i)
+        gpus.append(
+            {
+                "name": pynvml.nvmlDeviceGetName(h),
+                "memory_gb": round(pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30, 1),
+                "driver": driver,
+            }
+        )
+    return tuple(gpus)
+
+
+def gpu_names() -> list[str]:
+    return [g["name"] for g in _nvml_gpus()]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+@cache
+def hardware_info() -> dict[str, Any]:
+    """What the timings depend on. No timestamps: it changes only when the machine does."""
+    import torch
+
+    tf_version = _version("tensorflow") or _version("tensorflow-cpu")
+    return {
+        "cpu": {
+            "model": cpu_name(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "logical_cores": psutil.cpu_count(logical=True),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        },
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": list(_nvml_gpus()),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "frameworks": {"torch": torch.__version__, "tensorflow": tf_version, "keras": _version("keras")},
+    }
+
+
+def fingerprint(info: dict[str, Any] | None = None) -> str:
+    """Short stable hash of the machine (CPU, RAM, GPUs, CUDA), ignoring library versions."""
+    info = info or hardware_info()
+    key = {k: info[k] for k in ("cpu", "ram_gb", "gpus", "cuda")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def seed_everything(seed: int, framework: str) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    if framework == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+    else:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything about *how* a model runs, as opposed to *what* it is."""
+
+    device: Device
+    framework: str
+    precision: str = "fp32"
+    compile: bool = False
+    seed: int = 42
+    cpu_threads: int | None = None
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "device": self.device.label,
+            "device_name": self.device.name,
+            "framework": self.framework,
+            "precision": self.precision,
+            "compile": str(self.compile).lower(),
+        }

@@ -1,0 +1,60 @@
+"""The only training loops: one per framework, the same interface.
+
+    setup(runtime)                              threads, visible devices, precision policy
+    fit(model, task, prepared, train, runtime, on_epoch, desc) -> FitResult
+    predict(model, arrays, inputs, runtime) -> logits as a NumPy array
+    save(model, folder) / load(folder, model_or_builder, runtime)
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from ..timing import median, spread, steady
+
+FRAMEWORKS = ("torch", "tensorflow")
+
+OnEpoch = Callable[[int, dict[str, float]], None]
+
+
+def get_engine(framework: str) -> ModuleType:
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {framework!r}")
+    return importlib.import_module(f".{framework}", __name__)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch_s: list[float] = field(default_factory=list)
+    fit_s: float = 0.0
+    to_device_s: float = 0.0
+    n_train: int = 0
+    peak_gpu_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, warmup_epochs: int = 1) -> dict[str, float]:
+        """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist."""
+        epochs = steady(self.epoch_s, warmup_epochs)
+        med = median(epochs)
+        out = {
+            "time/fit_s": self.fit_s,
+            "time/epoch_s": med,
+            "time/epoch_iqr_s": spread(epochs),
+            "time/first_epoch_s": self.epoch_s[0] if self.epoch_s else float("nan"),
+            "time/to_device_s": self.to_device_s,
+            "throughput/samples_per_s": self.n_train / med if med > 0 else float("nan"),
+            "mem/peak_host_mb": _peak_rss_mb(),
+        }
+        if self.peak_gpu_mb is not None:
+            out["mem/peak_gpu_mb"] = self.peak_gpu_mb
+        return out
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

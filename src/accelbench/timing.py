@@ -1,0 +1,52 @@
+"""One timer for every engine: synchronise before reading the clock, keep warm-up apart."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def no_sync() -> None:
+    """CPU work is finished when the Python call returns."""
+
+
+@dataclass
+class Stopwatch:
+    """Accumulates named wall-clock intervals, each closed by a device synchronisation.
+
+    Without the sync, a GPU timer would measure how fast kernels are *queued*, not run.
+    """
+
+    sync: Callable[[], None] = no_sync
+    laps: dict[str, list[float]] = field(default_factory=dict)
+
+    def start(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def stop(self, name: str, t0: float) -> float:
+        self.sync()
+        dt = time.perf_counter() - t0
+        self.laps.setdefault(name, []).append(dt)
+        return dt
+
+    def total(self, name: str) -> float:
+        return sum(self.laps.get(name, []))
+
+
+def steady(values: list[float], warmup: int) -> list[float]:
+    """Drop the first `warmup` values (compilation, autotuning, allocator growth) when more remain."""
+    return values[warmup:] if len(values) > warmup else values
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> float:
+    """Interquartile range: robust to the odd slow repeat that a mean would chase."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]

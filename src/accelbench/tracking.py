@@ -1,0 +1,168 @@
+"""One MLflow run per stage call: tags, params, buffered metrics, artifacts, honest end status."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+
+from . import devices
+from .errors import AccelbenchError, Interrupted
+
+RUNS_STARTED = 0  # lets the CLI tell a failure before any run began from one inside a run
+
+
+def project_root() -> Path:
+    """DVC sets DVC_ROOT for every stage, also in queued/temp experiments, so all log to one store."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    root = root or project_root()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def use_experiment(workload: str) -> str:
+    """Point MLflow at the project store and the workload's experiment; return its id."""
+    root = project_root()
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        (root / "mlruns").mkdir(exist_ok=True)
+    exp = mlflow.get_experiment_by_name(workload)
+    if exp is None:
+        location = (root / "mlruns" / "artifacts" / workload).as_uri() if uri.startswith("sqlite:") else None
+        try:
+            return mlflow.create_experiment(workload, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another worker created it first
+            exp = mlflow.get_experiment_by_name(workload)
+    return exp.experiment_id
+
+
+def base_tags(workload: str, stage: str, runtime_tags: dict[str, str]) -> dict[str, str]:
+    root = project_root()
+    hw = devices.hardware_info()
+    return {
+        "workload": workload,
+        "stage": stage,
+        **runtime_tags,
+        "git_commit": git_commit(root),
+        "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
+        "hardware": devices.fingerprint(hw),
+        "hw.cpu": hw["cpu"]["model"],
+        "hw.cores": str(hw["cpu"]["logical_cores"]),
+        "hw.gpus": ", ".join(g["name"] for g in hw["gpus"]) or "none",
+        "hw.cuda": str(hw["cuda"]),
+        "hw.cudnn": str(hw["cudnn"]),
+        "hw.driver": hw["gpus"][0]["driver"] if hw["gpus"] else "none",
+    }
+
+
+class Tracker:
+    """Thin handle on the active run; metrics are buffered and sent in batches.
+
+    One SQLite round trip per metric per epoch would cost more than a small model's epoch.
+    """
+
+    FLUSH_EVERY_S = 5.0
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = mlflow.MlflowClient()
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None)
+        if time.monotonic() - self._last_flush > self.FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), 1000):  # the store's batch limit
+            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + 1000])
+        self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()}, run_id=self.run_id)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+
+@contextlib.contextmanager
+def stage_run(
+    workload: str,
+    stage: str,
+    runtime_tags: dict[str, str],
+    params: dict[str, Any] | None = None,
+    *,
+    run_name: str | None = None,
+    nested: bool = False,
+    system_metrics: bool = False,
+    tags: dict[str, str] | None = None,
+) -> Iterator[Tracker]:
+    """Start a run named `<stage>-<device>-<framework>`; end it FINISHED, FAILED or KILLED with the reason."""
+    experiment_id = use_experiment(workload)
+    if system_metrics:
+        # sample every second so that runs of a few seconds still get a curve
+        mlflow.set_system_metrics_sampling_interval(1)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    name = run_name or f"{stage}-{runtime_tags.get('device', 'cpu')}-{runtime_tags.get('framework', 'none')}"
+    all_tags = {**base_tags(workload, stage, runtime_tags), **(tags or {})}
+    global RUNS_STARTED
+    RUNS_STARTED += 1
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=name, nested=nested, tags=all_tags, log_system_metrics=system_metrics
+    )
+    tracker = Tracker(run.info.run_id)
+    try:
+        if params:
+            tracker.log_params(params)
+        yield tracker
+        tracker.flush()
+    except (KeyboardInterrupt, Interrupted) as exc:
+        _end(tracker, "KILLED", f"interrupted: {exc or 'SIGINT'}")
+        raise
+    except BaseException as exc:
+        _end(tracker, "FAILED", str(exc) if isinstance(exc, AccelbenchError) else f"{type(exc).__name__}: {exc}")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def _end(tracker: Tracker, status: str, reason: str) -> None:
+    try:
+        tracker.flush()  # keep the curve up to the failure: it shows where it went wrong
+        tracker.set_tags({"failure_reason": reason[:5000]})
+    finally:
+        mlflow.end_run(status)
+
+
+def record_failed_run(workload: str, stage: str, reason: str) -> None:
+    """For failures before a stage could start its run (bad params): still leave a FAILED trace."""
+    with contextlib.suppress(BaseException):
+        with stage_run(workload, stage, {"device": "n/a", "framework": "n/a"}, run_name=f"{stage}-invalid"):
+            raise AccelbenchError(reason)

@@ -1,0 +1,54 @@
+"""Workload registry. A workload is one module here exposing `WORKLOAD`, plus one params section.
+
+Nothing in the core names a workload: stages look them up by name.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..config import WorkloadParams
+from ..errors import ConfigError
+from ..io import Prepared
+from ..tasks import Task
+
+
+class Workload:
+    """Base class: data sources, preparation, EDA and one model per framework."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[WorkloadParams]] = WorkloadParams
+    frameworks: ClassVar[tuple[str, ...]] = ("torch", "tensorflow")
+
+    def task(self, meta: dict[str, Any]) -> Task:
+        raise NotImplementedError
+
+    def ingest(self, params: WorkloadParams, out_dir: Path) -> dict[str, Any]:
+        """Fetch or read the source data into `out_dir` (raw, in the original format); return a summary."""
+        raise NotImplementedError
+
+    def eda(self, params: WorkloadParams, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
+        """Write PNG plots and return a JSON-able summary of the raw data."""
+        return {}
+
+    def prepare(self, params: WorkloadParams, raw_dir: Path, seed: int) -> Prepared:
+        raise NotImplementedError
+
+    def build_model(self, framework: str, params: WorkloadParams, meta: dict[str, Any]) -> Any:
+        if framework not in self.frameworks:
+            raise ConfigError(f"workload '{self.name}' has no {framework} model (supported: {list(self.frameworks)})")
+        return getattr(self, f"build_{framework}")(params, meta)
+
+
+@cache
+def available() -> tuple[str, ...]:
+    return tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")))
+
+
+def get_workload(name: str) -> Workload:
+    if name not in available():
+        raise ConfigError(f"unknown workload '{name}' (known: {', '.join(available())})")
+    return importlib.import_module(f".{name}", __name__).WORKLOAD

@@ -1,0 +1,116 @@
+"""A fixture shrinks the real config and runs the real entry points in a temp git + DVC repo."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+COPIED = ["dvc.yaml", "params.yaml", "stages", "src", ".gitignore"]
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def shrink(params: dict) -> dict:
+    """One config knob per thing that costs time: few epochs, two trials, CPU."""
+    params["device"] = "cpu"
+    params["tune"].update(n_trials=2, timeout_s=120, prune_warmup_epochs=1)
+    params["diabetes"]["train"]["epochs"] = 4
+    return params
+
+
+@dataclass
+class Project:
+    root: Path
+    env: dict[str, str]
+
+    def run(self, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def stage(self, stage: str, workload: str = "diabetes") -> subprocess.CompletedProcess:
+        return self.run(sys.executable, f"stages/{stage}.py", workload, check=False)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def set_params(self, params: dict) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def update(self, dotted: str, value) -> None:
+        params = self.params()
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+        self.set_params(params)
+
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=f"sqlite:///{self.root / 'mlruns' / 'mlflow.db'}")
+
+    def runs(self, experiment: str = "diabetes", filter_string: str = "") -> list:
+        client = self.client()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], filter_string, order_by=["attributes.start_time DESC"])
+
+
+def make_project(path: Path) -> Project:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, path / name)
+    for cache in path.rglob("__pycache__"):
+        shutil.rmtree(cache)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "KAGGLE_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+        PYTHONUNBUFFERED="1",
+    )  # fmt: skip
+    project = Project(path, env)
+    project.set_params(shrink(project.params()))
+    project.run("git", "init", "-q", "-b", "main")
+    project.run(sys.executable, "-m", "dvc", "init", "-q")
+    project.run(sys.executable, "-m", "dvc", "config", "core.analytics", "false")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "fixture")
+    return project
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def prepared_project(tmp_path_factory) -> Project:
+    """Raw and prepared data in place, for tests of the stages after them."""
+    project = make_project(tmp_path_factory.mktemp("prepared") / "project")
+    project.run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes")
+    return project

@@ -1,0 +1,125 @@
+"""The real `dvc repro` and `dvc exp run` in a temp repo, then the MLflow store and Optuna study read back."""
+from __future__ import annotations
+
+import json
+import sys
+
+import optuna
+import pytest
+
+from accelbench import devices
+
+STAGES = ["ingest", "eda", "prepare", "tune", "train", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    from conftest import make_project
+
+    project = make_project(tmp_path_factory.mktemp("repro") / "project")
+    project.repro = project.run(sys.executable, "-m", "dvc", "repro")
+    return project
+
+
+def test_repro_writes_every_stage_output(reproduced):
+    root = reproduced.root
+    for path in [
+        "results/hardware.json", "data/raw/diabetes/diabetes.csv", "data/prepared/diabetes/meta.json",
+        "results/diabetes/eda/eda.json", "results/diabetes/eda/class_balance.png",
+        "results/diabetes/eda/feature_distributions.png", "results/diabetes/eda/missing_values.png",
+        "results/diabetes/best_params.json", "models/diabetes/model.pt", "results/diabetes/train.json",
+        "results/diabetes/train_history.csv", "results/diabetes/evaluate.json",
+        "results/diabetes/plots/confusion_test.png",
+    ]:  # fmt: skip
+        assert (root / path).is_file(), path
+    eda = json.loads((root / "results/diabetes/eda/eda.json").read_text())
+    assert eda["rows"] == 532 and eda["class_counts"] == {"0": 355, "1": 177}  # MASS Pima.tr + Pima.te
+    assert eda["missing_as_zero"]["Insulin"] == 532  # MASS has no insulin: every row missing
+    meta = json.loads((root / "data/prepared/diabetes/meta.json").read_text())
+    assert meta["dropped_features"] == ["Insulin"]
+    history = (root / "results/diabetes/train_history.csv").read_text().splitlines()
+    assert len(history) == 1 + 4  # header + the shrunken 4 epochs
+    metrics = json.loads((root / "results/diabetes/evaluate.json").read_text())
+    assert 0.5 < metrics["test/roc_auc"] <= 1.0
+
+
+def test_every_stage_logs_a_finished_run_with_the_tags(reproduced):
+    runs = reproduced.runs()
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+    assert set(by_stage) == {*STAGES, "trial"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    head = reproduced.run("git", "rev-parse", "HEAD").stdout.strip()
+    hw = json.loads((reproduced.root / "results/hardware.json").read_text())
+    train = by_stage["train"][0]
+    tags = train.data.tags
+    assert train.info.run_name == "train-cpu-torch"
+    assert tags["workload"] == "diabetes" and tags["device"] == "cpu" and tags["framework"] == "torch"
+    assert tags["precision"] == "fp32" and tags["device_name"] == devices.cpu_name()
+    assert tags["git_commit"] == head
+    assert tags["hardware"] == devices.fingerprint(hw)
+    assert "dvc_exp" in tags
+
+
+def test_train_run_has_params_curves_timings_and_system_metrics(reproduced):
+    train = reproduced.runs(filter_string="tags.stage = 'train' and tags.framework = 'torch'")[0]
+    m = train.data.metrics
+    for key in ["val/accuracy", "val/roc_auc", "val/f1", "time/fit_s", "time/epoch_s",
+                "throughput/samples_per_s", "mem/peak_host_mb"]:  # fmt: skip
+        assert key in m, key
+    assert m["time/epoch_s"] > 0 and m["throughput/samples_per_s"] > 0
+    curve = reproduced.client().get_metric_history(train.info.run_id, "train/loss")
+    assert sorted(p.step for p in curve) == [0, 1, 2, 3]
+    assert any(k.startswith("system/") for k in m), "MLflow system metrics missing"
+    artifacts = [a.path for a in reproduced.client().list_artifacts(train.info.run_id, "model")]
+    assert "model/model.pt" in artifacts
+
+
+def test_tuned_params_reach_train(reproduced):
+    best = json.loads((reproduced.root / "results/diabetes/best_params.json").read_text())
+    assert best["study"] == "diabetes-cpu-torch" and best["trial"] is not None
+    train = reproduced.runs(filter_string="tags.stage = 'train' and tags.framework = 'torch'")[0]
+    for key, value in best["params"].items():
+        assert float(train.data.params[key]) == pytest.approx(float(value)), key
+    assert train.data.tags["tuned_from"] == "diabetes-cpu-torch"
+
+
+def test_study_and_nested_trial_runs(reproduced):
+    storage = f"sqlite:///{reproduced.root / 'mlruns' / 'optuna.db'}"
+    study = optuna.load_study(study_name="diabetes-cpu-torch", storage=storage)
+    assert len(study.trials) == 2
+    tune = reproduced.runs(filter_string="tags.stage = 'tune'")[0]
+    trials = reproduced.runs(filter_string="tags.stage = 'trial'")
+    assert len(trials) == 2
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {tune.info.run_id}
+    assert {t.data.tags["trial"] for t in trials} == {str(t.number) for t in study.trials}
+    assert tune.data.metrics["trials/complete"] + tune.data.metrics["trials/pruned"] == 2
+
+
+def test_exp_run_tensorflow_reruns_only_model_stages(reproduced):
+    out = reproduced.run(sys.executable, "-m", "dvc", "exp", "run", "-S", "framework=tensorflow").stdout
+    for stage in ["ingest", "eda", "prepare"]:
+        assert f"Stage '{stage}@diabetes' didn't change, skipping" in out
+    for stage in ["tune", "train", "evaluate"]:
+        assert f"Running stage '{stage}@diabetes'" in out
+    train = reproduced.runs(filter_string="tags.stage = 'train' and tags.framework = 'tensorflow'")
+    assert len(train) == 1 and train[0].info.status == "FINISHED"
+    assert train[0].info.run_name == "train-cpu-tensorflow"
+    assert train[0].data.tags["dvc_exp"], "DVC_EXP_NAME should reach the run"
+    assert "val/roc_auc" in train[0].data.metrics and "time/epoch_s" in train[0].data.metrics
+    shown = json.loads(reproduced.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "test/roc_auc" in text and "time/epoch_s" in text
+
+
+def test_device_change_reruns_tune_train_evaluate_only(reproduced):
+    def changed() -> set[str]:
+        status = json.loads(reproduced.run(sys.executable, "-m", "dvc", "status", "--json").stdout)
+        return {k.split("@")[0] for k in status} - {"hardware"}  # hardware is always_changed
+
+    assert changed() == set()
+    reproduced.update("device", "auto")
+    assert changed() == {"tune", "train", "evaluate"}
+    reproduced.update("precision", "bf16")
+    assert changed() == {"tune", "train", "evaluate"}
