@@ -27,9 +27,9 @@ def test_repro_writes_every_stage_output(reproduced):
         "results/hardware.json", "data/raw/diabetes/diabetes.csv", "data/prepared/diabetes/meta.json",
         "results/diabetes/eda/eda.json", "results/diabetes/eda/class_balance.png",
         "results/diabetes/eda/feature_distributions.png", "results/diabetes/eda/missing_values.png",
-        "results/diabetes/best_params.json", "models/diabetes/model.pt", "results/diabetes/train.json",
-        "results/diabetes/train_history.csv", "results/diabetes/evaluate.json",
-        "results/diabetes/plots/confusion_test.png",
+        "results/diabetes/best_params.json", "models/diabetes/mlp/model.pt", "results/diabetes/train.json",
+        "results/diabetes/history/mlp.csv", "results/diabetes/evaluate.json",
+        "results/diabetes/plots/mlp_confusion_test.png",
     ]:  # fmt: skip
         assert (root / path).is_file(), path
     eda = json.loads((root / "results/diabetes/eda/eda.json").read_text())
@@ -37,10 +37,12 @@ def test_repro_writes_every_stage_output(reproduced):
     assert eda["missing_as_zero"]["Insulin"] == 532  # MASS has no insulin: every row missing
     meta = json.loads((root / "data/prepared/diabetes/meta.json").read_text())
     assert meta["dropped_features"] == ["Insulin"]
-    history = (root / "results/diabetes/train_history.csv").read_text().splitlines()
+    history = (root / "results/diabetes/history/mlp.csv").read_text().splitlines()
     assert len(history) == 1 + 4  # header + the shrunken 4 epochs
     metrics = json.loads((root / "results/diabetes/evaluate.json").read_text())
-    assert 0.5 < metrics["test/roc_auc"] <= 1.0
+    assert 0.5 < metrics["mlp"]["test/roc_auc"] <= 1.0
+    trained = json.loads((root / "results/diabetes/train.json").read_text())
+    assert trained["mlp"]["val/roc_auc"] == pytest.approx(metrics["mlp"]["val/roc_auc"])  # same model, reloaded
 
 
 def test_every_stage_logs_a_finished_run_with_the_tags(reproduced):
@@ -56,7 +58,7 @@ def test_every_stage_logs_a_finished_run_with_the_tags(reproduced):
     tags = train.data.tags
     assert train.info.run_name == "train-cpu-torch"
     assert tags["workload"] == "diabetes" and tags["device"] == "cpu" and tags["framework"] == "torch"
-    assert tags["precision"] == "fp32" and tags["device_name"] == devices.cpu_name()
+    assert tags["variant"] == "mlp" and tags["precision"] == "fp32" and tags["device_name"] == devices.cpu_name()
     assert tags["git_commit"] == head
     assert tags["hardware"] == devices.fingerprint(hw)
     assert "dvc_exp" in tags
@@ -77,7 +79,7 @@ def test_train_run_has_params_curves_timings_and_system_metrics(reproduced):
 
 
 def test_tuned_params_reach_train(reproduced):
-    best = json.loads((reproduced.root / "results/diabetes/best_params.json").read_text())
+    best = json.loads((reproduced.root / "results/diabetes/best_params.json").read_text())["mlp"]
     assert best["study"] == "diabetes-cpu-torch" and best["trial"] is not None
     train = reproduced.runs(filter_string="tags.stage = 'train' and tags.framework = 'torch'")[0]
     for key, value in best["params"].items():

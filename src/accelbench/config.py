@@ -60,6 +60,7 @@ class DataParams:
 class WorkloadParams:
     """Shape shared by all workload sections; each workload subclasses the parts."""
 
+    framework: Framework | None = None  # None: the global `framework`; a torch-only workload says torch
     data: DataParams = field(default_factory=DataParams)
     train: TrainParams = field(default_factory=TrainParams)
     search: dict[str, SearchSpec] = field(default_factory=dict)

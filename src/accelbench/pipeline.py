@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from . import devices, tuning
-from .config import Config, as_dict, flatten, with_overrides
+from .config import Config, as_dict, flatten, parse, with_overrides
 from .devices import Runtime
 from .engines import get_engine
 from .errors import ConfigError, DataError
 from .io import SPLITS, atomic_dir, atomic_file, load_prepared, read_json, save_prepared, write_json
-from .tracking import stage_run
+from .tracking import run_name, stage_run
 from .workloads import Workload
 
 HOST_TAGS = {"device": "cpu", "framework": "none", "precision": "n/a"}
@@ -34,12 +34,16 @@ def model_dir(root: Path, name: str) -> Path:
 
 
 def runtime_for(cfg: Config, wl: Workload) -> Runtime:
-    if cfg.framework not in wl.frameworks:
-        raise ConfigError(f"params.yaml: framework: '{wl.name}' has no {cfg.framework} model (supported: {list(wl.frameworks)})")
-    device = devices.resolve(cfg.device, cfg.framework)
-    runtime = Runtime(device, cfg.framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads)
+    framework = cfg.params(wl.name).framework or cfg.framework
+    if framework not in wl.frameworks:
+        raise ConfigError(
+            f"params.yaml: framework: '{wl.name}' has no {framework} model "
+            f"(supported: {list(wl.frameworks)}; set {wl.name}.framework to override)"
+        )
+    device = devices.resolve(cfg.device, framework)
+    runtime = Runtime(device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads)
     get_engine(runtime.framework).setup(runtime)
-    devices.seed_everything(cfg.seed, cfg.framework)
+    devices.seed_everything(cfg.seed, framework)
     return runtime
 
 
@@ -78,38 +82,60 @@ def prepare(cfg: Config, wl: Workload, root: Path) -> None:
 
 def tune(cfg: Config, wl: Workload, root: Path) -> None:
     runtime = runtime_for(cfg, wl)
-    best = tuning.run_study(cfg, wl, runtime, load_prepared(prepared_dir(root, wl.name)), root)
+    prepared = load_prepared(prepared_dir(root, wl.name))
+    params = cfg.params(wl.name)
+    best = {
+        variant: tuning.run_study(cfg, wl, variant, with_overrides(params, overrides), runtime, prepared, root)
+        for variant, overrides in wl.variants(params).items()
+    }
     write_json(results_dir(root, wl.name) / "best_params.json", best)
 
 
-def _tuned_params(root: Path, cfg: Config, wl: Workload) -> tuple[Any, dict[str, Any]]:
+def variant_params(cfg: Config, wl: Workload, root: Path) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Each variant's params with its overrides and then its tuned values applied."""
     path = results_dir(root, wl.name) / "best_params.json"
-    best = read_json(path) if path.is_file() else {"params": {}}
-    return with_overrides(cfg.params(wl.name), best["params"]), best
+    tuned = read_json(path) if path.is_file() else {}
+    params = cfg.params(wl.name)
+    out = {}
+    for variant, overrides in wl.variants(params).items():
+        best = tuned.get(variant, {"params": {}})  # no study yet: the params as written
+        out[variant] = (with_overrides(with_overrides(params, overrides), best["params"]), best)
+    return out
 
 
 def train(cfg: Config, wl: Workload, root: Path) -> None:
     runtime = runtime_for(cfg, wl)
     prepared = load_prepared(prepared_dir(root, wl.name))
-    params, best = _tuned_params(root, cfg, wl)
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
-    logged = flatten({"model": as_dict(getattr(params, "model", {})), "train": as_dict(params.train)})
-    tags = {"tuned_from": best.get("study") or "defaults", "tuned_trial": str(best.get("trial")), "cpu_threads": str(engine.threads())}
-    with stage_run(wl.name, "train", runtime.tags(), logged, system_metrics=True, tags=tags) as run:
-        model = wl.build_model(runtime.framework, params, prepared.meta)
-        log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
-        result = engine.fit(model, task, prepared, params.train, runtime, log_epoch, f"{wl.name} {runtime.framework}")
-        summary = result.summary()
-        run.log_metrics(summary)  # the per-epoch curves are already in
-        metrics = {**result.history[-1], **summary}
-        with atomic_dir(model_dir(root, wl.name)) as tmp:
-            engine.save(model, tmp)
-            write_json(tmp / "model.json", {"framework": runtime.framework, "overrides": best["params"]})
-        out = results_dir(root, wl.name)
-        _write_history(out / "train_history.csv", result.history)
-        write_json(out / "train.json", metrics)
-        run.log_artifacts(model_dir(root, wl.name), "model")
+    variants = variant_params(cfg, wl, root)
+    out = results_dir(root, wl.name)
+    all_metrics = {}
+    with atomic_dir(model_dir(root, wl.name)) as models:
+        for variant, (params, best) in variants.items():
+            logged = flatten({"model": as_dict(getattr(params, "model", {})), "train": as_dict(params.train)})
+            tags = {
+                "variant": variant,
+                "tuned_from": best.get("study") or "defaults",
+                "tuned_trial": str(best.get("trial")),
+                "cpu_threads": str(engine.threads()),
+            }
+            name = run_name("train", runtime.tags(), variant if len(variants) > 1 else None)
+            with stage_run(wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run:
+                model = wl.build_model(runtime.framework, params, prepared.meta)
+                log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
+                desc = f"{wl.name}/{variant} {runtime.framework}"
+                result = engine.fit(model, task, prepared, params.train, runtime, log_epoch, desc)
+                summary = result.summary()
+                run.log_metrics(summary)  # the per-epoch curves are already in
+                folder = models / variant
+                folder.mkdir()
+                engine.save(model, folder)
+                write_json(folder / "model.json", {"framework": runtime.framework, "params": as_dict(params)})
+                run.log_artifacts(folder, "model")
+            all_metrics[variant] = {**result.history[-1], **summary}
+            _write_history(out / "history" / f"{variant}.csv", result.history)
+    write_json(out / "train.json", all_metrics)
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -124,26 +150,40 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
 def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
     runtime = runtime_for(cfg, wl)
     prepared = load_prepared(prepared_dir(root, wl.name))
-    info = read_json(model_dir(root, wl.name) / "model.json")
-    if info["framework"] != runtime.framework:
-        raise ConfigError(f"{model_dir(root, wl.name)}: model was trained with {info['framework']}, framework is {runtime.framework}; rerun train")
-    params = with_overrides(cfg.params(wl.name), info["overrides"])
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
     inputs = prepared.meta.get("inputs", ["x"])
-    with stage_run(wl.name, "evaluate", runtime.tags()) as run:
-        model = engine.load(model_dir(root, wl.name), wl.build_model(runtime.framework, params, prepared.meta), runtime)
-        metrics: dict[str, float] = {}
-        with atomic_dir(results_dir(root, wl.name) / "plots") as plots:
-            for split in ("val", "test"):
-                arrays = prepared.splits[split]
-                logits = engine.predict(model, task, arrays, inputs, runtime)
-                metrics.update(task.metrics(arrays["y"], logits, split))
-                if task.kind != "regression":
-                    _confusion_png(task, arrays["y"], logits, plots / f"confusion_{split}.png", f"{wl.name} {split}")
-        run.log_metrics(metrics)
-        run.log_artifacts(results_dir(root, wl.name) / "plots", "plots")
-        write_json(results_dir(root, wl.name) / "evaluate.json", metrics)
+    variants = wl.variants(cfg.params(wl.name))
+    all_metrics = {}
+    with atomic_dir(results_dir(root, wl.name) / "plots") as plots:
+        for variant in variants:
+            folder = model_dir(root, wl.name) / variant
+            info = read_json(folder / "model.json")
+            if info["framework"] != runtime.framework:
+                raise ConfigError(f"{folder}: trained with {info['framework']}, framework is {runtime.framework}; rerun train")
+            params = parse(wl.Params, info["params"], str(folder / "model.json"))  # exactly what was trained
+            name = run_name("evaluate", runtime.tags(), variant if len(variants) > 1 else None)
+            with stage_run(wl.name, "evaluate", runtime.tags(), name=name, tags={"variant": variant}) as run:
+                model = engine.load(folder, wl.build_model(runtime.framework, params, prepared.meta), runtime)
+                metrics: dict[str, float] = {}
+                for split in ("val", "test"):
+                    arrays = prepared.splits[split]
+                    logits = engine.predict(model, task, arrays, inputs, runtime, prepared.meta.get("eval_batch_size", 4096))
+                    metrics.update(task.metrics(arrays["y"], logits, split))
+                    metrics.update(wl.evaluate_extra(params, prepared, split, logits, plots, f"{variant}_{split}"))
+                    if task.kind != "regression":
+                        title = f"{wl.name}/{variant} {split}"
+                        _confusion_png(task, arrays["y"], logits, plots / f"{variant}_confusion_{split}.png", title)
+                run.log_metrics(metrics)
+                for png in sorted(plots.glob(f"{variant}_*")):
+                    run.log_artifact(png, "plots")
+            all_metrics[variant] = metrics
+        for baseline, metrics in wl.baselines(cfg.params(wl.name), prepared, plots).items():
+            with stage_run(wl.name, "evaluate", HOST_TAGS, name=f"baseline-{baseline}",
+                           tags={"variant": baseline, "baseline": "true"}) as run:  # fmt: skip
+                run.log_metrics(metrics)
+            all_metrics[baseline] = metrics
+    write_json(results_dir(root, wl.name) / "evaluate.json", all_metrics)
 
 
 def _confusion_png(task, y, logits, path: Path, title: str) -> None:

@@ -72,6 +72,11 @@ def base_tags(workload: str, stage: str, runtime_tags: dict[str, str]) -> dict[s
     }
 
 
+def run_name(stage: str, runtime_tags: dict[str, str], variant: str | None = None) -> str:
+    """`train-cuda-torch`; a workload comparing several models adds the variant: `train-cuda-torch-gru`."""
+    return "-".join(p for p in (stage, runtime_tags.get("device"), runtime_tags.get("framework"), variant) if p)
+
+
 class Tracker:
     """Thin handle on the active run; metrics are buffered and sent in batches.
 
@@ -119,7 +124,7 @@ def stage_run(
     runtime_tags: dict[str, str],
     params: dict[str, Any] | None = None,
     *,
-    run_name: str | None = None,
+    name: str | None = None,
     nested: bool = False,
     system_metrics: bool = False,
     tags: dict[str, str] | None = None,
@@ -130,12 +135,11 @@ def stage_run(
         # sample every second so that runs of a few seconds still get a curve
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
-    name = run_name or f"{stage}-{runtime_tags.get('device', 'cpu')}-{runtime_tags.get('framework', 'none')}"
     all_tags = {**base_tags(workload, stage, runtime_tags), **(tags or {})}
     global RUNS_STARTED
     RUNS_STARTED += 1
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=name, nested=nested, tags=all_tags, log_system_metrics=system_metrics
+        experiment_id=experiment_id, run_name=name or run_name(stage, runtime_tags), nested=nested, tags=all_tags, log_system_metrics=system_metrics
     )
     tracker = Tracker(run.info.run_id)
     try:
@@ -164,5 +168,5 @@ def _end(tracker: Tracker, status: str, reason: str) -> None:
 def record_failed_run(workload: str, stage: str, reason: str) -> None:
     """For failures before a stage could start its run (bad params): still leave a FAILED trace."""
     with contextlib.suppress(BaseException):
-        with stage_run(workload, stage, {"device": "n/a", "framework": "n/a"}, run_name=f"{stage}-invalid"):
+        with stage_run(workload, stage, {"device": "n/a", "framework": "n/a"}, name=f"{stage}-invalid"):
             raise AccelbenchError(reason)

@@ -15,17 +15,18 @@ from typing import Any
 import optuna
 
 from . import devices
-from .config import Config, SearchSpec, as_dict, get_path, with_overrides
+from .config import Config, SearchSpec, WorkloadParams, as_dict, get_path, with_overrides
 from .devices import Runtime
 from .engines import get_engine
 from .errors import ConfigError, TrainingError
 from .io import Prepared
-from .tracking import stage_run
+from .tracking import run_name, stage_run
 from .workloads import Workload
 
 
-def study_name(workload: str, runtime: Runtime) -> str:
-    return f"{workload}-{runtime.device.label}-{runtime.framework}"
+def study_name(workload: str, variant: str | None, runtime: Runtime) -> str:
+    """`diabetes-cpu-torch`; a workload comparing several models adds the variant: `rnn-gru-cuda-torch`."""
+    return "-".join(p for p in (workload, variant, runtime.device.label, runtime.framework) if p)
 
 
 def storage_url(storage: str, root: Path) -> str:
@@ -52,18 +53,20 @@ def suggest(trial: optuna.Trial, key: str, spec: SearchSpec) -> Any:
     return trial.suggest_float(key, spec.low, spec.high, log=spec.log, step=spec.step)
 
 
-def config_hash(cfg: Config, workload: str, runtime: Runtime, prepared: Prepared) -> str:
+def config_hash(params: WorkloadParams, runtime: Runtime, prepared: Prepared) -> str:
     key = {
-        "params": as_dict(cfg.params(workload)),
+        "params": as_dict(params),
         "runtime": runtime.tags() | {"seed": runtime.seed},
         "data": prepared.meta,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_study(cfg: Config, wl: Workload, runtime: Runtime, prepared: Prepared, root: Path) -> dict[str, Any]:
-    """Run the missing trials, then return the best trial's params (dotted keys) and value."""
-    params = cfg.params(wl.name)
+def run_study(
+    cfg: Config, wl: Workload, variant: str, params: WorkloadParams, runtime: Runtime, prepared: Prepared, root: Path
+) -> dict[str, Any]:
+    """Run the missing trials for one variant, then return the best trial's params (dotted keys) and value."""
+    several = len(wl.variants(cfg.params(wl.name))) > 1
     for key in params.search:
         try:
             get_path(params, key)
@@ -71,8 +74,8 @@ def run_study(cfg: Config, wl: Workload, runtime: Runtime, prepared: Prepared, r
             raise ConfigError(f"params.yaml: {wl.name}.search.{key}: no such parameter in '{wl.name}'") from None
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
-    name = study_name(wl.name, runtime)
-    h = config_hash(cfg, wl.name, runtime, prepared)
+    name = study_name(wl.name, variant if several else None, runtime)
+    h = config_hash(params, runtime, prepared)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=name,
@@ -92,16 +95,18 @@ def run_study(cfg: Config, wl: Workload, runtime: Runtime, prepared: Prepared, r
         "tune.direction": task.direction,
         **{f"search.{k}": json.dumps(as_dict(v)) for k, v in params.search.items()},
     }
-    with stage_run(wl.name, "tune", runtime.tags(), tune_params, tags={"study": name, "config_hash": h}) as parent:
+    run_tags = {"study": name, "config_hash": h, "variant": variant}
+    tune_name = run_name("tune", runtime.tags(), variant if several else None)
+    with stage_run(wl.name, "tune", runtime.tags(), tune_params, name=tune_name, tags=run_tags) as parent:
 
         def objective(trial: optuna.Trial) -> float:
             trial.set_user_attr("config_hash", h)
             overrides = {k: suggest(trial, k, spec) for k, spec in params.search.items()}
             trial_params = with_overrides(params, overrides)
             devices.seed_everything(cfg.seed, runtime.framework)
-            tags = {"study": name, "trial": str(trial.number)}
+            tags = {"study": name, "trial": str(trial.number), "variant": variant}
             pruned: optuna.TrialPruned | None = None
-            with stage_run(wl.name, "trial", runtime.tags(), overrides, run_name=f"trial-{trial.number}",
+            with stage_run(wl.name, "trial", runtime.tags(), overrides, name=f"trial-{trial.number}",
                            nested=True, tags=tags) as run:  # fmt: skip
 
                 def on_epoch(epoch: int, row: dict[str, float]) -> None:

@@ -22,7 +22,7 @@ from ..tasks import Task  # noqa: E402
 from . import FitResult, OnEpoch  # noqa: E402
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-EVAL_BATCH = 4096
+EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
 
 
 def setup(runtime: Runtime) -> None:
@@ -70,6 +70,7 @@ class _EpochCallback(keras.callbacks.Callback):
         super().__init__()
         self.task, self.val, self.inputs, self.train = task, val, inputs, train
         self.result, self.on_epoch, self.bar = result, on_epoch, bar
+        self.eval_batch = EVAL_BATCH
 
     def on_epoch_begin(self, epoch, logs=None):
         _sync()
@@ -84,7 +85,7 @@ class _EpochCallback(keras.callbacks.Callback):
                 f"training loss became {train_loss} at epoch {epoch + 1} "
                 f"(lr={self.train.lr}, batch_size={self.train.batch_size}); lower the learning rate"
             )
-        logits = _predict(self.model, self.val, self.inputs)
+        logits = _predict(self.model, self.val, self.inputs, self.eval_batch)
         row = {"train/loss": train_loss, **self.task.metrics(self.val["y"], logits, "val")}
         row["time/this_epoch_s"] = self.result.epoch_s[-1]
         self.result.history.append(row)
@@ -114,6 +115,7 @@ def fit(
     t_fit = time.perf_counter()
     with tqdm(total=train.epochs, desc=desc, unit="epoch", leave=False, disable=None) as bar:
         cb = _EpochCallback(task, va, inputs, train, result, on_epoch, bar)
+        cb.eval_batch = prepared.meta.get("eval_batch_size", EVAL_BATCH)
         model.fit(
             _inputs(tr, inputs),
             _targets(tr, task),
@@ -131,17 +133,19 @@ def fit(
     return result
 
 
-def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str]) -> np.ndarray:
+def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str], batch: int = EVAL_BATCH) -> np.ndarray:
     n = len(arrays[inputs[0]])
     outs = [
-        np.asarray(model(_inputs({k: arrays[k][i : i + EVAL_BATCH] for k in inputs}, inputs), training=False))
-        for i in range(0, n, EVAL_BATCH)
+        np.asarray(model(_inputs({k: arrays[k][i : i + batch] for k in inputs}, inputs), training=False))
+        for i in range(0, n, batch)
     ]
     return np.concatenate(outs).astype(np.float32)
 
 
-def predict(model: keras.Model, task: Task, arrays: dict[str, np.ndarray], inputs: list[str], runtime: Runtime) -> np.ndarray:
-    return _predict(model, arrays, inputs)
+def predict(
+    model: keras.Model, task: Task, arrays: dict[str, np.ndarray], inputs: list[str], runtime: Runtime, batch: int = EVAL_BATCH
+) -> np.ndarray:
+    return _predict(model, arrays, inputs, batch)
 
 
 def save(model: keras.Model, folder: Path) -> Path:

@@ -20,7 +20,7 @@ from ..timing import Stopwatch
 from . import FitResult, OnEpoch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-EVAL_BATCH = 4096
+EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
 
 
 def setup(runtime: Runtime) -> None:
@@ -109,7 +109,8 @@ def fit(
                 f"training loss became {train_loss} at epoch {epoch + 1} "
                 f"(lr={train.lr}, batch_size={bs}, precision={runtime.precision}); lower the learning rate"
             )
-        row = {"train/loss": train_loss, **task.metrics(y_val, _predict(step_model, va, inputs, runtime), "val")}
+        logits = _predict(step_model, va, inputs, runtime, prepared.meta.get("eval_batch_size", EVAL_BATCH))
+        row = {"train/loss": train_loss, **task.metrics(y_val, logits, "val")}
         row["time/this_epoch_s"] = result.epoch_s[-1]
         result.history.append(row)
         if on_epoch:
@@ -120,19 +121,23 @@ def fit(
     return result
 
 
-def _predict(model: nn.Module, arrays: dict[str, torch.Tensor], inputs: list[str], runtime: Runtime) -> np.ndarray:
+def _predict(
+    model: nn.Module, arrays: dict[str, torch.Tensor], inputs: list[str], runtime: Runtime, batch: int = EVAL_BATCH
+) -> np.ndarray:
     model.eval()
-    n = len(arrays["y"]) if "y" in arrays else len(arrays[inputs[0]])
+    n = len(arrays[inputs[0]])
     outs = []
     with torch.inference_mode(), _autocast(runtime):
-        for i in range(0, n, EVAL_BATCH):
-            outs.append(model(*(arrays[k][i : i + EVAL_BATCH] for k in inputs)).float())
+        for i in range(0, n, batch):
+            outs.append(model(*(arrays[k][i : i + batch] for k in inputs)).float())
     return torch.cat(outs).cpu().numpy()
 
 
-def predict(model: nn.Module, task: Task, arrays: dict[str, np.ndarray], inputs: list[str], runtime: Runtime) -> np.ndarray:
+def predict(
+    model: nn.Module, task: Task, arrays: dict[str, np.ndarray], inputs: list[str], runtime: Runtime, batch: int = EVAL_BATCH
+) -> np.ndarray:
     model.to(runtime.device.torch)
-    return _predict(model, _to_device(arrays, task, runtime.device.torch), inputs, runtime)
+    return _predict(model, _to_device(arrays, task, runtime.device.torch), inputs, runtime, batch)
 
 
 def save(model: nn.Module, folder: Path) -> Path:

@@ -37,6 +37,22 @@ class Workload:
     def prepare(self, params: WorkloadParams, raw_dir: Path, seed: int) -> Prepared:
         raise NotImplementedError
 
+    def variants(self, params: WorkloadParams) -> dict[str, dict[str, Any]]:
+        """The models this workload compares: name -> dotted param overrides. Each variant gets its
+        own study, MLflow run, model folder and entry in the stage's metrics JSON."""
+        return {"model": {}}
+
+    def evaluate_extra(
+        self, params: WorkloadParams, prepared: Prepared, split: str, logits: Any, out_dir: Path, prefix: str
+    ) -> dict[str, float]:
+        """Workload-specific scores and plots beside the task's (baselines, sample grids)."""
+        return {}
+
+    def baselines(self, params: WorkloadParams, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
+        """Non-neural references scored on the same splits (persistence, TF-IDF + LR): name -> metrics.
+        Each is logged as its own MLflow run and sits beside the variants in evaluate.json."""
+        return {}
+
     def build_model(self, framework: str, params: WorkloadParams, meta: dict[str, Any]) -> Any:
         if framework not in self.frameworks:
             raise ConfigError(f"workload '{self.name}' has no {framework} model (supported: {list(self.frameworks)})")

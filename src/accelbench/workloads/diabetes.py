@@ -95,6 +95,9 @@ class Diabetes(Workload):
     name = "diabetes"
     Params = Params
 
+    def variants(self, params: Params) -> dict[str, dict[str, Any]]:
+        return {"mlp": {}}
+
     def task(self, meta: dict[str, Any]) -> Task:
         return Task("binary", 1, objective="val/roc_auc", direction="maximize", class_names=("0", "1"))
 
