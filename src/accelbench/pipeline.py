@@ -119,6 +119,7 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
                 "tuned_from": best.get("study") or "defaults",
                 "tuned_trial": str(best.get("trial")),
                 "cpu_threads": str(engine.threads()),
+                **wl.run_tags(params, runtime),
             }
             name = run_name("train", runtime.tags(), variant if len(variants) > 1 else None)
             with stage_run(wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run:

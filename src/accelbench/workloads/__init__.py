@@ -48,6 +48,10 @@ class Workload:
         """Workload-specific scores and plots beside the task's (baselines, sample grids)."""
         return {}
 
+    def run_tags(self, params: WorkloadParams, runtime: Any) -> dict[str, str]:
+        """Extra tags for training runs (e.g. whether fused cuDNN kernels are eligible)."""
+        return {}
+
     def baselines(self, params: WorkloadParams, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
         """Non-neural references scored on the same splits (persistence, TF-IDF + LR): name -> metrics.
         Each is logged as its own MLflow run and sits beside the variants in evaluate.json."""
