@@ -198,6 +198,7 @@ class Diabetes(Workload):
         }
         meta = {
             "inputs": ["x"],
+            "split_rows": {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()},  # for audits
             "features": kept,
             "dropped_features": [c for c in FEATURES if c not in kept],
             "imputed_median": medians.to_dict(),

@@ -1,0 +1,115 @@
+"""Fast checks of the core pieces that the pipeline tests exercise only end to end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from accelbench import devices
+from accelbench.config import load_config, with_overrides
+from accelbench.errors import ConfigError, DeviceError
+from accelbench.io import atomic_dir
+from accelbench.timing import median, spread, steady
+from accelbench.tuning import mask_secrets, storage_url
+from accelbench.workloads import get_workload
+from accelbench.workloads.diabetes import read_kaggle_csv
+from conftest import FIXTURES, REPO
+
+
+def test_repo_params_load_and_typed():
+    cfg = load_config(REPO / "params.yaml")
+    p = cfg.params("diabetes")
+    assert p.model.hidden == [12, 8] and isinstance(p.train.lr, float)
+    assert p.search["train.batch_size"].choices == [16, 32, 64, 128]
+
+
+def test_overrides_are_type_checked_and_paths_checked():
+    p = load_config(REPO / "params.yaml").params("diabetes")
+    q = with_overrides(p, {"train.lr": 0.01, "model.dropout": 0})
+    assert q.train.lr == 0.01 and q.model.dropout == 0.0 and p.train.lr != 0.01
+    with pytest.raises(ConfigError, match="'train.lrr': no such parameter"):
+        with_overrides(p, {"train.lrr": 1})
+    with pytest.raises(ConfigError, match="train.batch_size: expected int"):
+        with_overrides(p, {"train.batch_size": "big"})
+
+
+def test_search_spec_needs_range_or_choices(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("{low: 0.0, high: 0.5}", "{low: 0.5, high: 0.1}")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"diabetes.search.model.dropout: low \(0.5\) must be below high"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_missing_workloads_key(tmp_path):
+    (tmp_path / "params.yaml").write_text("device: cpu\n")
+    with pytest.raises(ConfigError, match="missing key 'workloads'"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_device_specs():
+    assert devices.resolve("cpu", "torch").label == "cpu"
+    with pytest.raises(DeviceError, match="not one of"):
+        devices.resolve("tpu", "torch")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert devices.resolve("auto", "torch").type == "cpu"  # auto may pick the CPU; cuda may not
+        with pytest.raises(DeviceError, match="sees no CUDA GPU"):
+            devices.resolve("cuda:0", "torch")
+
+
+def _prepare(folder: Path, df: pd.DataFrame):
+    df.to_csv(folder / "diabetes.csv", index=False)
+    params = load_config(REPO / "params.yaml").params("diabetes")
+    return get_workload("diabetes").prepare(params, folder, seed=0)
+
+
+def test_test_rows_cannot_leak_into_imputation_or_scaling(tmp_path):
+    df = read_kaggle_csv(FIXTURES / "diabetes.csv")
+    before = _prepare(tmp_path, df)
+    test_rows = before.meta["split_rows"]["test"]
+    corrupted = df.copy()
+    corrupted.loc[test_rows, "Glucose"] = 0  # now missing in every test row
+    corrupted.loc[test_rows, "BMI"] += 1000.0
+    after = _prepare(tmp_path, corrupted)
+    assert after.meta["split_rows"] == before.meta["split_rows"]
+    for key in ("imputed_median", "scaler_mean", "scaler_std"):
+        assert after.meta[key] == before.meta[key], key
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(after.splits[split]["x"], before.splits[split]["x"])
+    assert not np.array_equal(after.splits["test"]["x"], before.splits["test"]["x"])
+    # and the imputed value really is the training rows' median, zeros excluded
+    train = df.loc[before.meta["split_rows"]["train"], "Glucose"].replace(0, np.nan)
+    assert before.meta["imputed_median"]["Glucose"] == pytest.approx(train.median())
+
+
+def test_splits_are_disjoint_complete_and_stratified(tmp_path):
+    prepared = _prepare(tmp_path, read_kaggle_csv(FIXTURES / "diabetes.csv"))
+    rows = prepared.meta["split_rows"]
+    assert sorted(rows["train"] + rows["val"] + rows["test"]) == list(range(90))
+    rates = [prepared.splits[s]["y"].mean() for s in ("train", "val", "test")]
+    assert max(rates) - min(rates) < 0.1
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timing_stats():
+    assert steady([9.0, 1.0, 2.0, 3.0], 1) == [1.0, 2.0, 3.0]
+    assert steady([9.0], 1) == [9.0]
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0)
+
+
+def test_storage_paths_and_secrets(tmp_path: Path):
+    assert storage_url("sqlite:///mlruns/optuna.db", tmp_path) == f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    assert storage_url("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    assert mask_secrets("postgresql://bob:s3cret@db:5432/optuna") == "postgresql://bob:***@db:5432/optuna"
