@@ -9,7 +9,7 @@ import pytest
 
 from accelbench import devices
 
-STAGES = ["ingest", "eda", "prepare", "tune", "train", "evaluate"]
+STAGES = ["ingest", "eda", "prepare", "tune", "train", "evaluate", "benchmark"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def test_repro_writes_every_stage_output(reproduced):
         "results/diabetes/eda/feature_distributions.png", "results/diabetes/eda/missing_values.png",
         "results/diabetes/best_params.json", "models/diabetes/mlp/model.pt", "results/diabetes/train.json",
         "results/diabetes/history/mlp.csv", "results/diabetes/evaluate.json",
-        "results/diabetes/plots/mlp_confusion_test.png",
+        "results/diabetes/plots/mlp_confusion_test.png", "results/diabetes/benchmark.json",
+        "reports/report.md", "reports/report.html", "reports/summary.json",
     ]:  # fmt: skip
         assert (root / path).is_file(), path
     eda = json.loads((root / "results/diabetes/eda/eda.json").read_text())
@@ -52,6 +53,7 @@ def test_every_stage_logs_a_finished_run_with_the_tags(reproduced):
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
     assert set(by_stage) == {*STAGES, "trial"}
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert {r.info.run_name for r in by_stage["benchmark"]} >= {"benchmark-cpu-torch-b32", "benchmark-cpu-torch-b64", "time_to_target-cpu-torch"}
     head = reproduced.run("git", "rev-parse", "HEAD").stdout.strip()
     hw = json.loads((reproduced.root / "results/hardware.json").read_text())
     train = by_stage["train"][0]
@@ -125,3 +127,21 @@ def test_device_change_reruns_tune_train_evaluate_only(reproduced):
     assert changed() == {"tune", "train", "evaluate"}
     reproduced.update("precision", "bf16")
     assert changed() == {"tune", "train", "evaluate"}
+
+
+def test_benchmark_records_and_cpu_only_report(reproduced):
+    records = json.loads((reproduced.root / "results/diabetes/benchmark.json").read_text())["records"]
+    tput = [r for r in records if r["kind"] == "throughput"]
+    assert sorted(r["batch_size"] for r in tput) == [32, 64]  # the sweep plus the default/tuned batch 32
+    for r in tput:
+        assert len(r["repeats_samples_per_s"]) == 2 and r["bench/samples_per_s"] > 0
+        assert r["bench/samples_per_s_ci_low"] <= r["bench/samples_per_s"] <= r["bench/samples_per_s_ci_high"]
+        assert r["bench/compute_only_samples_per_s"] > 0 and r["device"] == "cpu" and r["cpu_threads"] >= 1
+        assert r["hparams"].startswith("tuned:diabetes-cpu-torch#")
+    [target] = [r for r in records if r["kind"] == "time_to_target"]
+    assert target["target_metric"] == "val/roc_auc" and target["target_value"] == 0.8
+    assert target["bench/target_reached"] in (0.0, 1.0)
+    report = (reproduced.root / "reports/report.md").read_text()
+    assert "Only CPU runs are in this store" in report
+    for r in records:
+        assert r["run_id"] in report

@@ -17,20 +17,24 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def main(stage: str, fn: Callable[[Config, Workload, "object"], None]) -> None:
-    """`python stages/<stage>.py <workload>`: load params, run the stage, turn errors into exit codes."""
+def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = ()) -> None:
+    """`python stages/<stage>.py <workload>`: load params, run the stage, turn errors into exit codes.
+
+    `extra_args` names further positional arguments passed on to `fn` (used by the benchmark's child process).
+    """
     signal.signal(signal.SIGTERM, _raise_interrupted)
     root = tracking.project_root()
-    name = sys.argv[1] if len(sys.argv) == 2 else None
+    args = sys.argv[1:]
+    name = args[0] if len(args) == 1 + len(extra_args) else None
     try:
         if name is None:
-            raise ConfigError(f"usage: python stages/{stage}.py <workload>")
+            raise ConfigError(f"usage: python stages/{stage}.py <workload> {' '.join(extra_args)}".rstrip())
         wl = get_workload(name)
         try:
             cfg = load_config(root / "params.yaml")
             if name not in cfg.workloads:
                 raise ConfigError(f"params.yaml: workloads: '{name}' is not listed (listed: {cfg.workloads})")
-            fn(cfg, wl, root)
+            fn(cfg, wl, root, *args[1:])
         except AccelbenchError as exc:
             if not tracking.RUNS_STARTED:  # failed before its run began: still leave a FAILED trace
                 tracking.record_failed_run(name, stage, str(exc))
@@ -46,7 +50,14 @@ def main(stage: str, fn: Callable[[Config, Workload, "object"], None]) -> None:
         sys.exit(128 + exc.signum)
 
 
-def main_hardware() -> None:
-    from .pipeline import hardware
+def main_child(stage: str, fn: Callable[..., None]) -> None:
+    main(stage, fn, extra_args=("framework", "device", "out.json"))
 
-    hardware(tracking.project_root())
+
+def main_global(stage: str, fn: Callable[..., None]) -> None:
+    """Stages that span workloads (hardware, report): same error boundary, no workload argument."""
+    try:
+        fn(tracking.project_root())
+    except AccelbenchError as exc:
+        print(f"accelbench {stage}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)

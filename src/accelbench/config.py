@@ -57,6 +57,14 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class BenchTarget:
+    """Time to target quality: `metric` (default: the task's objective) reaching `value`; null value = skip."""
+
+    metric: str | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True)
 class WorkloadParams:
     """Shape shared by all workload sections; each workload subclasses the parts."""
 
@@ -64,6 +72,7 @@ class WorkloadParams:
     data: DataParams = field(default_factory=DataParams)
     train: TrainParams = field(default_factory=TrainParams)
     search: dict[str, SearchSpec] = field(default_factory=dict)
+    benchmark: BenchTarget = field(default_factory=BenchTarget)
 
 
 @dataclass(frozen=True)
@@ -76,9 +85,14 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    devices: list[str] = field(default_factory=lambda: ["cpu"])  # cpu, cuda, cuda:N; auto = every device present
+    frameworks: list[Framework] = field(default_factory=lambda: ["torch"])
+    batch_sizes: list[int] = field(default_factory=lambda: [32, 256])  # the default and tuned batches are added
+    steps: int = 20  # training steps per timed repeat
     warmup_steps: int = 5
     repeats: int = 5
+    cpu_threads: int | None = None  # null: the global cpu_threads, else the framework's default (all cores)
+    compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
 
 
 @dataclass(frozen=True)

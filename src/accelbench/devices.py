@@ -172,3 +172,32 @@ class Runtime:
             "precision": self.precision,
             "compile": str(self.compile).lower(),
         }
+
+
+def energy_counter(device: Device):
+    """A callable returning cumulative joules for `device`, or None where the hardware exposes no counter.
+
+    GPUs: NVML's total-energy counter (Volta and later). CPU: Linux RAPL package counters, when readable
+    (often root-only); they count the whole socket, so other processes' work is included.
+    """
+    if device.type == "cuda":
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index)
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        except Exception:  # older GPU or no NVML: say n/a rather than guess
+            return None
+        return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+    from pathlib import Path
+
+    zones = [p / "energy_uj" for p in Path("/sys/class/powercap").glob("intel-rapl:[0-9]")]
+    try:
+        for z in zones:
+            int(z.read_text())
+    except (OSError, ValueError):
+        return None
+    if not zones:
+        return None
+    return lambda: sum(int(z.read_text()) for z in zones) / 1e6

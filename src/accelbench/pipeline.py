@@ -187,6 +187,12 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
     write_json(results_dir(root, wl.name) / "evaluate.json", all_metrics)
 
 
+def benchmark(cfg: Config, wl: Workload, root: Path) -> None:
+    from . import benchmark as bench
+
+    bench.run(cfg, wl, root)
+
+
 def _confusion_png(task, y, logits, path: Path, title: str) -> None:
     import matplotlib
 
@@ -204,3 +210,10 @@ def _confusion_png(task, y, logits, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def report(root: Path) -> None:
+    from . import report as rep
+    from .tracking import tracking_uri
+
+    rep.build(tracking_uri(root), root / "reports")

@@ -54,6 +54,22 @@ class FitResult:
         return out
 
 
+@dataclass
+class BenchResult:
+    """Wall time of each repeat of `steps` optimiser steps at `batch_size`, the warm-up apart."""
+
+    batch_size: int
+    steps: int
+    repeat_s: list[float]
+    warmup_s: float
+    to_device_s: float
+    energy_j: list[float] | None = None
+    peak_gpu_mb: float | None = None
+
+    def samples_per_s(self) -> list[float]:
+        return [self.steps * self.batch_size / t for t in self.repeat_s]
+
+
 def _peak_rss_mb() -> float:
     import resource
 

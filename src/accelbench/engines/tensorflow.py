@@ -19,7 +19,7 @@ from ..devices import Runtime  # noqa: E402
 from ..errors import TrainingError  # noqa: E402
 from ..io import Prepared  # noqa: E402
 from ..tasks import Task  # noqa: E402
-from . import FitResult, OnEpoch  # noqa: E402
+from . import BenchResult, FitResult, OnEpoch  # noqa: E402
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
@@ -131,6 +131,64 @@ def fit(
         info = tf.config.experimental.get_memory_info(f"GPU:{0}")
         result.peak_gpu_mb = info["peak"] / 2**20
     return result
+
+
+class _RepeatTimer(keras.callbacks.Callback):
+    """Each Keras 'epoch' is one repeat of `steps` steps; epoch 0 is the warm-up (tracing, XLA)."""
+
+    def __init__(self, energy):
+        super().__init__()
+        self.energy, self.times, self.joules = energy, [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        _sync()
+        self.e0 = self.energy() if self.energy else None
+        self.t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        _sync()
+        self.times.append(time.perf_counter() - self.t0)
+        if self.energy:
+            self.joules.append(self.energy() - self.e0)
+
+
+def bench(
+    model: keras.Model,
+    task: Task,
+    prepared: Prepared,
+    train: TrainParams,
+    runtime: Runtime,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    synthetic: bool = False,
+    energy=None,
+) -> BenchResult:
+    """Same contract as the torch engine's bench, through `model.fit` on a tf.data pipeline (Keras' fast path)."""
+    inputs = prepared.meta.get("inputs", ["x"])
+    tr = prepared.splits["train"]
+    x, y = _inputs(tr, inputs), _targets(tr, task)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=train.lr, weight_decay=train.weight_decay),
+        loss=_loss(task),
+        jit_compile=runtime.compile,
+    )
+    rng = np.random.default_rng(runtime.seed)
+    if synthetic:
+        idx = rng.integers(0, len(y), batch_size)
+        xb = [a[idx] for a in x] if isinstance(x, list) else x[idx]
+        ds = tf.data.Dataset.from_tensors((xb, y[idx])).repeat()
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().shuffle(min(len(y), 10_000), seed=runtime.seed)
+        ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    timer = _RepeatTimer(energy)
+    model.fit(ds, epochs=1 + repeats, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    peak = None
+    if runtime.device.type == "cuda":
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    joules = timer.joules[1:] if energy else None
+    return BenchResult(batch_size, steps, timer.times[1:], timer.times[0], 0.0, joules, peak)
 
 
 def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str], batch: int = EVAL_BATCH) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..errors import TrainingError
 from ..io import Prepared
 from ..tasks import Task
 from ..timing import Stopwatch
-from . import FitResult, OnEpoch
+from . import BenchResult, FitResult, OnEpoch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
@@ -119,6 +119,72 @@ def fit(
     if runtime.device.type == "cuda":
         result.peak_gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
+
+
+def bench(
+    model: nn.Module,
+    task: Task,
+    prepared: Prepared,
+    train: TrainParams,
+    runtime: Runtime,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    synthetic: bool = False,
+    energy=None,
+) -> BenchResult:
+    """Time `repeats` x `steps` training steps after `warmup` steps.
+
+    Batches are drawn with replacement from the device-resident training split, so any batch size works;
+    `synthetic` reuses one pre-gathered batch: the compute-only ceiling that the real loop is compared with.
+    """
+    dev = runtime.device.torch
+    inputs = prepared.meta.get("inputs", ["x"])
+    sw = Stopwatch(_sync(runtime))
+    t0 = sw.start()
+    tr = _to_device(prepared.splits["train"], task, dev)
+    to_device_s = sw.stop("to_device", t0)
+    model.to(dev).train()
+    step_model = torch.compile(model) if runtime.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    loss_fn = _loss(task)
+    gen = torch.Generator(device=dev).manual_seed(runtime.seed)
+    n = len(tr["y"])
+    fixed = torch.randint(0, n, (batch_size,), device=dev, generator=gen)
+    fixed_batch = ([tr[k][fixed] for k in inputs], tr["y"][fixed])
+
+    def step() -> None:
+        if synthetic:
+            xb, yb = fixed_batch
+        else:
+            idx = torch.randint(0, n, (batch_size,), device=dev, generator=gen)
+            xb, yb = [tr[k][idx] for k in inputs], tr["y"][idx]
+        with _autocast(runtime):
+            loss = loss_fn(step_model(*xb), yb)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = sw.start()
+    for _ in range(max(warmup, 1)):  # compilation, cuDNN autotuning and allocator growth happen here
+        step()
+    warmup_s = sw.stop("warmup", t0)
+    repeat_s, energy_j = [], []
+    for _ in range(repeats):
+        e0 = energy() if energy else None
+        t0 = sw.start()
+        for _ in range(steps):
+            step()
+        repeat_s.append(sw.stop("repeat", t0))
+        if energy:
+            energy_j.append(energy() - e0)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if runtime.device.type == "cuda" else None
+    return BenchResult(batch_size, steps, repeat_s, warmup_s, to_device_s, energy_j if energy else None, peak)
 
 
 def _predict(

@@ -1,0 +1,199 @@
+"""benchmark@<workload>: timed training work per device, framework, variant and batch size.
+
+Each (framework, device) pair runs in its own process: TensorFlow's device visibility and dtype policy are
+process-wide, and a fresh process keeps one side's allocator, threads and peak memory out of the other's.
+Every measurement is an MLflow run (stage=benchmark) so that the report can combine machines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from . import devices, stats, tuning
+from .config import Config, with_overrides
+from .devices import Runtime
+from .engines import BenchResult, get_engine
+from .errors import AccelbenchError, ConfigError
+from .io import Prepared, load_prepared, write_json
+from .timing import median, spread
+from .tracking import run_name, stage_run
+from .workloads import Workload
+
+
+class _TargetReached(Exception):
+    pass
+
+
+def device_specs(cfg: Config) -> list[str]:
+    """`auto` means every device present: the CPU and each visible GPU."""
+    specs: list[str] = []
+    for spec in cfg.benchmark.devices:
+        if spec == "auto":
+            specs += ["cpu"] + [f"cuda:{i}" for i in range(len(devices.gpu_names()))]
+        else:
+            specs.append(spec)
+    return list(dict.fromkeys(specs))
+
+
+def frameworks(cfg: Config, wl: Workload) -> list[str]:
+    forced = cfg.params(wl.name).framework
+    return [forced] if forced else [f for f in cfg.benchmark.frameworks if f in wl.frameworks]
+
+
+def run(cfg: Config, wl: Workload, root: Path) -> None:
+    """The stage: one child process per (framework, device); records merged into results/<w>/benchmark.json."""
+    records: list[dict[str, Any]] = []
+    for framework in frameworks(cfg, wl):
+        for spec in device_specs(cfg):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "records.json"
+                cmd = [sys.executable, "-m", "accelbench.benchmark", wl.name, framework, spec, str(out)]
+                proc = subprocess.run(cmd, cwd=root, env={**os.environ, "DVC_ROOT": str(root)}, stderr=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("accelbench ")]
+                    raise AccelbenchError(lines[-1].split("error: ", 1)[-1] if lines else proc.stderr.strip()[-2000:])
+                records += json.loads(out.read_text())
+    write_json(root / "results" / wl.name / "benchmark.json", {"records": records})
+
+
+def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, root: Path) -> tuple[dict[str, Any], str]:
+    """The device's own best trial from its Optuna study, else the params as written (and say which)."""
+    several = len(wl.variants(cfg.params(wl.name))) > 1
+    name = tuning.study_name(wl.name, variant if several else None, runtime)
+    try:
+        study = optuna.load_study(study_name=name, storage=tuning.storage_url(cfg.tune.storage, root))
+        return study.best_trial.params, f"tuned:{name}#{study.best_trial.number}"
+    except (KeyError, ValueError):  # no such study, or no completed trial in it
+        return {}, "defaults"
+
+
+def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) -> list[dict[str, Any]]:
+    """Inside the child process: the batch-size sweep and the time to target on one device."""
+    b = cfg.benchmark
+    device = devices.resolve(spec, framework)
+    runtime = Runtime(device, framework, cfg.precision, cfg.compile, cfg.seed, b.cpu_threads or cfg.cpu_threads)
+    engine = get_engine(framework)
+    engine.setup(runtime)
+    prepared = load_prepared(root / "data" / "prepared" / wl.name)
+    task = wl.task(prepared.meta)
+    params = cfg.params(wl.name)
+    variants = wl.variants(params)
+    energy = devices.energy_counter(device)
+    records = []
+    for variant, overrides in variants.items():
+        base = with_overrides(params, overrides)
+        tuned, source = tuned_overrides(cfg, wl, variant, runtime, root)
+        vparams = with_overrides(base, tuned)
+        roles = {base.train.batch_size: "default", vparams.train.batch_size: "tuned"}
+        for batch in sorted(set(b.batch_sizes) | set(roles)):
+            rec = _throughput(cfg, wl, variant, vparams, runtime, prepared, task, engine, batch, energy, len(variants) > 1)
+            rec.update(batch_role=roles.get(batch, "sweep"), hparams=source)
+            _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
+            records.append(rec)
+        target = params.benchmark
+        if target.value is not None:
+            records.append(_time_to_target(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, len(variants) > 1))
+    return records
+
+
+def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch, energy, several) -> dict[str, Any]:
+    b = cfg.benchmark
+    devices.seed_everything(cfg.seed, runtime.framework)
+    real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime,
+                        batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy)  # fmt: skip
+    ceiling = None
+    if b.compute_ceiling:
+        ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
+                               runtime, batch, b.steps, b.warmup_steps, b.repeats, synthetic=True)  # fmt: skip
+    rec = _summarize(real, ceiling)
+    rec.update(kind="throughput", workload=wl.name, variant=variant, **runtime.tags(), batch_size=batch,
+               cpu_threads=engine.threads(), timed=f"{b.repeats} x {b.steps} training steps after {b.warmup_steps} warm-up; "
+               "batches drawn from the device-resident training split")  # fmt: skip
+    return rec
+
+
+def _log_throughput(wl, variant, runtime, rec, real_repeats, several) -> None:
+    name = run_name("benchmark", runtime.tags(), variant if several else None) + f"-b{rec['batch_size']}"
+    tags = {k: str(rec[k]) for k in ("kind", "variant", "batch_size", "batch_role", "hparams", "timed", "cpu_threads")}
+    with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
+        for i, tput in enumerate(real_repeats):
+            run.log_metrics({"bench/repeat_samples_per_s": tput}, step=i)
+        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
+        rec["run_id"] = run.run_id
+
+
+def _summarize(real: BenchResult, ceiling: BenchResult | None) -> dict[str, Any]:
+    tput = real.samples_per_s()
+    lo, hi = stats.median_ci(tput)
+    rec: dict[str, Any] = {
+        "bench/samples_per_s": median(tput),
+        "bench/samples_per_s_iqr": spread(tput),
+        "bench/samples_per_s_ci_low": float(lo),
+        "bench/samples_per_s_ci_high": float(hi),
+        "bench/step_ms": 1000 * median(real.repeat_s) / real.steps,
+        "bench/warmup_s": real.warmup_s,
+        "bench/to_device_s": real.to_device_s,
+        "bench/peak_gpu_mb": real.peak_gpu_mb,
+        "bench/energy_j_per_1k_samples": (
+            1000 * median(real.energy_j) / (real.steps * real.batch_size) if real.energy_j else None
+        ),
+        "repeats_samples_per_s": tput,
+    }
+    if ceiling:
+        top = median(ceiling.samples_per_s())
+        rec["bench/compute_only_samples_per_s"] = top
+        rec["bench/input_share"] = max(0.0, 1.0 - rec["bench/samples_per_s"] / top)  # time lost to batch assembly
+    return rec
+
+
+def _time_to_target(cfg, wl, variant, params, runtime, prepared, task, engine, source, several) -> dict[str, Any]:
+    target = params.benchmark
+    metric = target.metric or task.objective
+    better = (lambda v: v >= target.value) if task.direction == "maximize" else (lambda v: v <= target.value)
+    hit: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if metric not in row:
+            raise ConfigError(f"params.yaml: {wl.name}.benchmark.metric: '{metric}' is not logged (have {sorted(row)})")
+        if better(row[metric]):
+            hit.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, value=row[metric])
+            raise _TargetReached
+
+    devices.seed_everything(cfg.seed, runtime.framework)
+    model = wl.build_model(runtime.framework, params, prepared.meta)
+    try:
+        engine.fit(model, task, prepared, params.train, runtime, on_epoch, f"{wl.name} to target")
+    except _TargetReached:
+        pass
+    rec = {
+        "kind": "time_to_target", "workload": wl.name, "variant": variant, **runtime.tags(),
+        "batch_size": params.train.batch_size, "hparams": source, "target_metric": metric, "target_value": target.value,
+        "bench/target_reached": 1.0 if hit else 0.0,
+        "bench/time_to_target_s": hit.get("seconds"), "bench/epochs_to_target": hit.get("epoch"),
+        "timed": f"wall time from the start of training until {metric} reached {target.value} (validation each epoch)",
+    }  # fmt: skip
+    name = run_name("time_to_target", runtime.tags(), variant if several else None)
+    tags = {k: str(rec[k]) for k in ("kind", "variant", "batch_size", "hparams", "target_metric", "target_value", "timed")}
+    with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
+        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
+        rec["run_id"] = run.run_id
+    return rec
+
+
+def _child() -> None:
+    from .cli import main_child
+
+    main_child("benchmark", lambda cfg, wl, root, framework, spec, out: write_json(Path(out), measure(cfg, wl, framework, spec, root)))
+
+
+if __name__ == "__main__":
+    _child()

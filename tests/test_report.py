@@ -1,0 +1,118 @@
+"""The report's statistics on known inputs, and the report built from a store this test writes itself."""
+from __future__ import annotations
+
+import sys
+
+import mlflow
+import pytest
+
+from accelbench import stats
+from accelbench.report import build
+
+# ---- statistics on known inputs ----
+
+
+def test_median_ci_is_bounded_by_the_repeats():
+    assert stats.median_ci([5.0, 5.0, 5.0]) == (5.0, 5.0)
+    lo, hi = stats.median_ci([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert 1.0 <= lo <= 3.0 <= hi <= 100.0
+
+
+def test_ratio_ci():
+    assert stats.ratio_ci([4.0, 4.0], [2.0, 2.0]) == (2.0, 2.0, 2.0)
+    point, lo, hi = stats.ratio_ci([9.0, 10.0, 11.0], [1.0, 1.0, 1.0])
+    assert point == 10.0 and 9.0 <= lo < 10.0 < hi <= 11.0
+
+
+@pytest.mark.parametrize(
+    "cpu, gpu, expected",
+    [([10, 10, 10], [5, 9, 30], 512), ([10, 10, 10], [11, 20, 30], 32), ([10, 10, 10], [1, 2, 3], None),
+     ([10, 10, 10], [11, 9, 30], 512)],  # fmt: skip
+    ids=["middle", "always", "never", "must-stay-ahead"],
+)
+def test_crossover(cpu, gpu, expected):
+    assert stats.crossover([32, 128, 512], cpu, gpu) == expected
+
+
+def test_scaling_stops():
+    assert stats.scaling_stops([32, 64, 128, 256], [100, 190, 200, 205]) == 64
+    assert stats.scaling_stops([32, 64], [100, 200]) is None
+
+
+def test_verdicts():
+    assert stats.verdict(0.476, 0.45, 0.5, 32, 512, 2048) == "the GPU is 2.1x slower at batch 32 and pays off from batch 512"
+    assert stats.verdict(35.0, 30.0, 40.0, 256, 32, 2048) == "the GPU is 35.0x faster at batch 256"
+    assert stats.verdict(0.5, 0.4, 0.6, 32, None, 256) == (
+        "the GPU is 2.0x slower at batch 32 and does not pay off at any batch size measured (up to 256)"
+    )
+    assert stats.verdict(1.02, 0.9, 1.1, 32, 32, 256).startswith("the GPU and the CPU are level at batch 32")
+
+
+# ---- the report from a store written here ----
+
+
+def log_run(client, exp_id, name, device, device_name, hardware, batch, repeats, role="sweep", framework="torch"):
+    tags = {"stage": "benchmark", "kind": "throughput", "workload": "diabetes", "variant": "mlp", "device": device,
+            "device_name": device_name, "framework": framework, "precision": "fp32", "compile": "false",
+            "batch_size": str(batch), "batch_role": role, "hardware": hardware, "hparams": "defaults",
+            "hw.cpu": "Test CPU", "timed": "5 x 20 training steps"}  # fmt: skip
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    for i, v in enumerate(repeats):
+        client.log_metric(run.info.run_id, "bench/repeat_samples_per_s", v, step=i)
+    client.log_metric(run.info.run_id, "bench/samples_per_s", sorted(repeats)[len(repeats) // 2])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("diabetes", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri, client, exp_id
+
+
+def test_report_compares_same_host_cpu_and_gpu(store, tmp_path):
+    uri, client, exp = store
+    ids = {
+        "cpu32": log_run(client, exp, "benchmark-cpu-torch-b32", "cpu", "Xeon", "hostA", 32, [1000, 1000, 1000], "default"),
+        "cpu512": log_run(client, exp, "benchmark-cpu-torch-b512", "cpu", "Xeon", "hostA", 512, [4000, 4000, 4000]),
+        "gpu32": log_run(client, exp, "benchmark-cuda-torch-b32", "cuda", "NVIDIA FakeGPU", "hostA", 32, [500, 500, 500], "default"),
+        "gpu512": log_run(client, exp, "benchmark-cuda-torch-b512", "cuda", "NVIDIA FakeGPU", "hostA", 512, [40000, 40000, 40000]),
+    }
+    # a newer laptop CPU: must not be the GPU's comparison, the same host's CPU is
+    log_run(client, exp, "benchmark-cpu-torch-b32", "cpu", "Laptop", "laptop", 32, [9000, 9000, 9000], "default")
+    out = tmp_path / "reports"
+    summary = build(uri, out)
+    assert summary["has_gpu"]
+    [comp] = summary["comparisons"]
+    assert comp["speedup"] == pytest.approx(0.5) and comp["crossover"] == 512 and comp["batch"] == 32
+    assert comp["cpu_run"] == ids["cpu32"] and comp["gpu_run"] == ids["gpu32"]
+    assert comp["verdict"] == "the GPU is 2.0x slower at batch 32 and pays off from batch 512"
+    md = (out / "report.md").read_text()
+    assert "the GPU is 2.0x slower at batch 32 and pays off from batch 512" in md
+    assert "NVIDIA FakeGPU" in md and "Only CPU runs" not in md
+    for run_id in ids.values():
+        assert run_id in md  # the report names every run it used
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<img" in html and "src='speedup.png'" not in html
+    assert (out / "speedup.png").stat().st_size > 0 and (out / "sweep" / "diabetes-mlp-torch-cuda.csv").is_file()
+
+
+def test_cpu_only_store_says_so(store, tmp_path):
+    uri, client, exp = store
+    log_run(client, exp, "benchmark-cpu-torch-b32", "cpu", "Xeon", "hostA", 32, [1000, 1100, 900], "default")
+    summary = build(uri, tmp_path / "reports")
+    assert not summary["has_gpu"] and summary["comparisons"] == []
+    md = (tmp_path / "reports" / "report.md").read_text()
+    assert "Only CPU runs are in this store" in md and "1,000" in md
+
+
+def test_empty_store_gets_a_clear_message_not_a_crash(tmp_path):
+    from conftest import make_project
+
+    project = make_project(tmp_path / "project")
+    proc = project.run(sys.executable, "stages/report.py", check=False)
+    assert proc.returncode == 2
+    assert "no finished benchmark runs in this MLflow store" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (project.root / "reports").exists()
