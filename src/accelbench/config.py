@@ -81,6 +81,7 @@ class TuneConfig:
     timeout_s: float | None = 300
     storage: str = "sqlite:///mlruns/optuna.db"
     prune_warmup_epochs: int = 5
+    workers: int = 1  # processes on this host sharing the study; other hosts may point at the same storage
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every_epochs: int = 10  # 0 = never; a restarted train stage with the same params resumes from it
+
+
+@dataclass(frozen=True)
 class Config:
     workloads: list[str]
     device: Device = "cpu"
@@ -104,6 +110,8 @@ class Config:
     precision: Precision = "fp32"
     compile: bool = False
     cpu_threads: int | None = None
+    deterministic: bool = False
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     sections: dict[str, WorkloadParams] = field(default_factory=dict)

@@ -163,6 +163,7 @@ class Runtime:
     compile: bool = False
     seed: int = 42
     cpu_threads: int | None = None
+    deterministic: bool = False
 
     def tags(self) -> dict[str, str]:
         return {

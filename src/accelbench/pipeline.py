@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from . import devices, tuning
+from .checkpoint import Checkpoint, params_hash
 from .config import Config, as_dict, flatten, parse, with_overrides
 from .devices import Runtime
 from .engines import get_engine
@@ -41,7 +42,7 @@ def runtime_for(cfg: Config, wl: Workload) -> Runtime:
             f"(supported: {list(wl.frameworks)}; set {wl.name}.framework to override)"
         )
     device = devices.resolve(cfg.device, framework)
-    runtime = Runtime(device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads)
+    runtime = Runtime(device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads, cfg.deterministic)
     get_engine(runtime.framework).setup(runtime)
     devices.seed_everything(cfg.seed, framework)
     return runtime
@@ -110,6 +111,8 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
     engine = get_engine(runtime.framework)
     variants = variant_params(cfg, wl, root)
     out = results_dir(root, wl.name)
+    ckpt_dir = root / "checkpoints" / wl.name
+    ckpt_dir.mkdir(parents=True, exist_ok=True)  # a DVC persist output: it must exist even when unused
     all_metrics = {}
     with atomic_dir(model_dir(root, wl.name)) as models:
         for variant, (params, best) in variants.items():
@@ -119,14 +122,22 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
                 "tuned_from": best.get("study") or "defaults",
                 "tuned_trial": str(best.get("trial")),
                 "cpu_threads": str(engine.threads()),
+                "deterministic": str(runtime.deterministic).lower(),
+                **engine.determinism_flags(),
                 **wl.run_tags(params, runtime),
             }
+            checkpoint = Checkpoint(
+                ckpt_dir / f"{variant}-{runtime.framework}",
+                params_hash(as_dict(params), runtime.tags(), runtime.seed, runtime.deterministic, prepared.meta),
+                cfg.checkpoint.every_epochs,
+            )
             name = run_name("train", runtime.tags(), variant if len(variants) > 1 else None)
             with stage_run(wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run:
                 model = wl.build_model(runtime.framework, params, prepared.meta)
                 log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
                 desc = f"{wl.name}/{variant} {runtime.framework}"
-                result = engine.fit(model, task, prepared, params.train, runtime, log_epoch, desc)
+                result = engine.fit(model, task, prepared, params.train, runtime, log_epoch, desc, checkpoint)
+                run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
                 summary = result.summary()
                 run.log_metrics(summary)  # the per-epoch curves are already in
                 folder = models / variant

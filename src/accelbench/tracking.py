@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -53,10 +54,36 @@ def use_experiment(workload: str) -> str:
     return exp.experiment_id
 
 
+def reap_orphans(experiment_id: str) -> None:
+    """Runs still RUNNING whose process on this host is gone (SIGKILL, OOM killer) are marked KILLED.
+
+    A killed process cannot end its own run; left alone, the store would claim it is still training.
+    """
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'"):
+        pid = int(run.data.tags.get("pid", "0"))
+        if pid and not _alive(pid):
+            client.set_tag(run.info.run_id, "failure_reason", f"process {pid} died without ending its run (SIGKILL or crash)")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def base_tags(workload: str, stage: str, runtime_tags: dict[str, str]) -> dict[str, str]:
     root = project_root()
     hw = devices.hardware_info()
     return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
         "workload": workload,
         "stage": stage,
         **runtime_tags,
@@ -90,9 +117,12 @@ class Tracker:
         self.client = mlflow.MlflowClient()
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
+        self.last_step = -1  # an interrupted run records the epoch it reached
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
+        if step is not None:
+            self.last_step = max(self.last_step, step)
         self._buffer.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None)
         if time.monotonic() - self._last_flush > self.FLUSH_EVERY_S:
             self.flush()
@@ -126,11 +156,14 @@ def stage_run(
     *,
     name: str | None = None,
     nested: bool = False,
+    parent_run_id: str | None = None,
     system_metrics: bool = False,
     tags: dict[str, str] | None = None,
 ) -> Iterator[Tracker]:
     """Start a run named `<stage>-<device>-<framework>`; end it FINISHED, FAILED or KILLED with the reason."""
     experiment_id = use_experiment(workload)
+    if not parent_run_id and not nested:
+        reap_orphans(experiment_id)
     if system_metrics:
         # sample every second so that runs of a few seconds still get a curve
         mlflow.set_system_metrics_sampling_interval(1)
@@ -138,8 +171,15 @@ def stage_run(
     all_tags = {**base_tags(workload, stage, runtime_tags), **(tags or {})}
     global RUNS_STARTED
     RUNS_STARTED += 1
+    if parent_run_id:  # a tuning worker process has no active parent run of its own: name it
+        nested = mlflow.active_run() is not None
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=name or run_name(stage, runtime_tags), nested=nested, tags=all_tags, log_system_metrics=system_metrics
+        experiment_id=experiment_id,
+        run_name=name or run_name(stage, runtime_tags),
+        nested=nested,
+        parent_run_id=parent_run_id,
+        tags=all_tags,
+        log_system_metrics=system_metrics,
     )
     tracker = Tracker(run.info.run_id)
     try:
@@ -148,7 +188,8 @@ def stage_run(
         yield tracker
         tracker.flush()
     except (KeyboardInterrupt, Interrupted) as exc:
-        _end(tracker, "KILLED", f"interrupted: {exc or 'SIGINT'}")
+        tracker.set_tags({"epoch_reached": str(tracker.last_step + 1)})
+        _end(tracker, "KILLED", f"interrupted: {exc or 'SIGINT'} after {tracker.last_step + 1} epoch(s)")
         raise
     except BaseException as exc:
         _end(tracker, "FAILED", str(exc) if isinstance(exc, AccelbenchError) else f"{type(exc).__name__}: {exc}")

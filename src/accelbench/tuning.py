@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from . import devices
 from .config import Config, SearchSpec, WorkloadParams, as_dict, get_path, with_overrides
 from .devices import Runtime
 from .engines import get_engine
-from .errors import ConfigError, TrainingError
+from .errors import AccelbenchError, ConfigError, TrainingError
 from .io import Prepared
 from .tracking import run_name, stage_run
 from .workloads import Workload
@@ -62,90 +66,168 @@ def config_hash(params: WorkloadParams, runtime: Runtime, prepared: Prepared) ->
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_study(
-    cfg: Config, wl: Workload, variant: str, params: WorkloadParams, runtime: Runtime, prepared: Prepared, root: Path
-) -> dict[str, Any]:
-    """Run the missing trials for one variant, then return the best trial's params (dotted keys) and value."""
-    several = len(wl.variants(cfg.params(wl.name))) > 1
+@dataclass
+class Study:
+    """One variant's study plus what its trials need."""
+
+    cfg: Config
+    wl: Workload
+    variant: str
+    several: bool
+    params: WorkloadParams
+    runtime: Runtime
+    prepared: Prepared
+    task: Any
+    name: str
+    config_hash: str
+    optuna: optuna.Study
+
+
+def open_study(cfg: Config, wl: Workload, variant: str, params: WorkloadParams, runtime: Runtime,
+               prepared: Prepared, root: Path) -> Study:  # fmt: skip
     for key in params.search:
         try:
             get_path(params, key)
         except AttributeError:
             raise ConfigError(f"params.yaml: {wl.name}.search.{key}: no such parameter in '{wl.name}'") from None
+    several = len(wl.variants(cfg.params(wl.name))) > 1
     task = wl.task(prepared.meta)
-    engine = get_engine(runtime.framework)
     name = study_name(wl.name, variant if several else None, runtime)
-    h = config_hash(params, runtime, prepared)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url(cfg.tune.storage, root)
+    # several processes share one SQLite file: wait for the write lock instead of failing at once
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     study = optuna.create_study(
         study_name=name,
-        storage=storage_url(cfg.tune.storage, root),
+        storage=optuna.storages.RDBStorage(url, engine_kwargs=kwargs),
         load_if_exists=True,
         direction=task.direction,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         pruner=optuna.pruners.MedianPruner(n_warmup_steps=cfg.tune.prune_warmup_epochs),
     )
-    done = _matching(study, h, (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    return Study(cfg, wl, variant, several, params, runtime, prepared, task, name,
+                 config_hash(params, runtime, prepared), study)  # fmt: skip
+
+
+def objective_for(s: Study, parent_run_id: str):
+    engine = get_engine(s.runtime.framework)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("config_hash", s.config_hash)
+        overrides = {k: suggest(trial, k, spec) for k, spec in s.params.search.items()}
+        trial_params = with_overrides(s.params, overrides)
+        devices.seed_everything(s.cfg.seed, s.runtime.framework)
+        tags = {"study": s.name, "trial": str(trial.number), "variant": s.variant}
+        pruned: optuna.TrialPruned | None = None
+        with stage_run(s.wl.name, "trial", s.runtime.tags(), overrides, name=f"trial-{trial.number}",
+                       parent_run_id=parent_run_id, tags=tags) as run:  # fmt: skip
+
+            def on_epoch(epoch: int, row: dict[str, float]) -> None:
+                run.log_metrics(row, step=epoch)
+                trial.report(row.get(s.task.objective, float("nan")), epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
+
+            model = s.wl.build_model(s.runtime.framework, trial_params, s.prepared.meta)
+            try:
+                result = engine.fit(model, s.task, s.prepared, trial_params.train, s.runtime, on_epoch, f"trial {trial.number}")
+            except optuna.TrialPruned as exc:
+                pruned = exc
+                run.set_tags({"optuna.state": "PRUNED", "pruned": str(exc)})
+            else:
+                run.log_metrics(result.summary())
+                run.set_tags({"optuna.state": "COMPLETE"})
+        if pruned:
+            raise pruned
+        return result.history[-1][s.task.objective]
+
+    return objective
+
+
+def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
+    if n_trials > 0:
+        s.optuna.optimize(objective_for(s, parent_run_id), n_trials=n_trials, timeout=s.cfg.tune.timeout_s,
+                          catch=(TrainingError,), show_progress_bar=False)  # fmt: skip
+
+
+def shares(total: int, workers: int) -> list[int]:
+    """Split the missing trials exactly: no worker runs more than its share, none are lost."""
+    workers = max(1, min(workers, total)) if total else 1
+    return [total // workers + (i < total % workers) for i in range(workers)]
+
+
+def run_study(
+    cfg: Config, wl: Workload, variant: str, params: WorkloadParams, runtime: Runtime, prepared: Prepared, root: Path
+) -> dict[str, Any]:
+    """Run the missing trials for one variant (in `tune.workers` processes), then return the best trial."""
+    s = open_study(cfg, wl, variant, params, runtime, prepared, root)
+    states = optuna.trial.TrialState
+    done = _matching(s.optuna, s.config_hash, (states.COMPLETE, states.PRUNED))
     remaining = max(0, cfg.tune.n_trials - len(done))
     tune_params = {
         "tune.n_trials": cfg.tune.n_trials,
+        "tune.workers": cfg.tune.workers,
         "tune.timeout_s": cfg.tune.timeout_s,
         "tune.storage": mask_secrets(cfg.tune.storage),
-        "tune.objective": task.objective,
-        "tune.direction": task.direction,
+        "tune.objective": s.task.objective,
+        "tune.direction": s.task.direction,
         **{f"search.{k}": json.dumps(as_dict(v)) for k, v in params.search.items()},
     }
-    run_tags = {"study": name, "config_hash": h, "variant": variant}
-    tune_name = run_name("tune", runtime.tags(), variant if several else None)
+    run_tags = {"study": s.name, "config_hash": s.config_hash, "variant": variant}
+    tune_name = run_name("tune", runtime.tags(), variant if s.several else None)
     with stage_run(wl.name, "tune", runtime.tags(), tune_params, name=tune_name, tags=run_tags) as parent:
-
-        def objective(trial: optuna.Trial) -> float:
-            trial.set_user_attr("config_hash", h)
-            overrides = {k: suggest(trial, k, spec) for k, spec in params.search.items()}
-            trial_params = with_overrides(params, overrides)
-            devices.seed_everything(cfg.seed, runtime.framework)
-            tags = {"study": name, "trial": str(trial.number), "variant": variant}
-            pruned: optuna.TrialPruned | None = None
-            with stage_run(wl.name, "trial", runtime.tags(), overrides, name=f"trial-{trial.number}",
-                           nested=True, tags=tags) as run:  # fmt: skip
-
-                def on_epoch(epoch: int, row: dict[str, float]) -> None:
-                    run.log_metrics(row, step=epoch)
-                    trial.report(row.get(task.objective, float("nan")), epoch)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
-
-                model = wl.build_model(runtime.framework, trial_params, prepared.meta)
-                try:
-                    result = engine.fit(model, task, prepared, trial_params.train, runtime, on_epoch, f"trial {trial.number}")
-                except optuna.TrialPruned as exc:
-                    pruned = exc
-                    run.set_tags({"optuna.state": "PRUNED", "pruned": str(exc)})
-                else:
-                    run.log_metrics(result.summary())
-                    run.set_tags({"optuna.state": "COMPLETE"})
-            if pruned:
-                raise pruned
-            return result.history[-1][task.objective]
-
-        if remaining:
-            study.optimize(objective, n_trials=remaining, timeout=cfg.tune.timeout_s, catch=(TrainingError,),
-                           show_progress_bar=False)  # fmt: skip
-        states = optuna.trial.TrialState
-        complete = _matching(study, h, (states.COMPLETE,))
-        counts = {s.name.lower(): len(_matching(study, h, (s,))) for s in (states.COMPLETE, states.PRUNED, states.FAIL)}
+        mine, *others = shares(remaining, cfg.tune.workers)
+        workers = [_spawn_worker(wl.name, variant, n, parent.run_id, root) for n in others]
+        try:
+            optimize(s, mine, parent.run_id)
+        finally:
+            errors = [_wait(w) for w in workers]
+        if any(errors):
+            raise AccelbenchError(next(e for e in errors if e))
+        complete = _matching(s.optuna, s.config_hash, (states.COMPLETE,))
+        counts = {st.name.lower(): len(_matching(s.optuna, s.config_hash, (st,))) for st in (states.COMPLETE, states.PRUNED, states.FAIL)}
         parent.log_metrics({f"trials/{k}": v for k, v in counts.items()})
         if not complete:
             best: dict[str, Any] = {"params": {}, "value": None, "trial": None, "note": "no trial completed; defaults used"}
         else:
-            pick = max if task.direction == "maximize" else min
+            pick = max if s.task.direction == "maximize" else min
             t = pick(complete, key=lambda t: t.value)
             best = {"params": t.params, "value": t.value, "trial": t.number}
-            parent.log_metrics({"best/" + task.objective: t.value})
+            parent.log_metrics({"best/" + s.task.objective: t.value})
             parent.log_params({f"best.{k}": v for k, v in t.params.items()})
-        best.update(study=name, objective=task.objective, direction=task.direction, trials=counts, config_hash=h)
+        best.update(study=s.name, objective=s.task.objective, direction=s.task.direction, trials=counts, config_hash=s.config_hash)
         return best
+
+
+def _spawn_worker(workload: str, variant: str, n: int, parent_run_id: str, root: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelbench.tuning", workload, variant, str(n), parent_run_id]
+    return subprocess.Popen(cmd, cwd=root, env={**os.environ, "DVC_ROOT": str(root)}, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen) -> str | None:
+    _, err = proc.communicate()
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in err.splitlines() if ln.startswith("accelbench ")]
+    return lines[-1].split("error: ", 1)[-1] if lines else f"tuning worker exited {proc.returncode}: {err.strip()[-2000:]}"
+
+
+def worker(cfg: Config, wl: Workload, root: Path, variant: str, n_trials: str, parent_run_id: str) -> None:
+    """A tuning worker process: its share of one variant's trials, nested under the tune stage's run."""
+    from .pipeline import runtime_for
+    from .io import load_prepared
+
+    runtime = runtime_for(cfg, wl)
+    prepared = load_prepared(root / "data" / "prepared" / wl.name)
+    params = with_overrides(cfg.params(wl.name), wl.variants(cfg.params(wl.name))[variant])
+    optimize(open_study(cfg, wl, variant, params, runtime, prepared, root), int(n_trials), parent_run_id)
 
 
 def _matching(study: optuna.Study, h: str, states) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("config_hash") == h]
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    main("tune", worker, extra_args=("variant", "n_trials", "parent_run_id"))

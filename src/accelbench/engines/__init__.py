@@ -1,7 +1,7 @@
 """The only training loops: one per framework, the same interface.
 
     setup(runtime)                              threads, visible devices, precision policy
-    fit(model, task, prepared, train, runtime, on_epoch, desc) -> FitResult
+    fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> FitResult
     predict(model, arrays, inputs, runtime) -> logits as a NumPy array
     save(model, folder) / load(folder, model_or_builder, runtime)
 """
@@ -34,7 +34,7 @@ class FitResult:
     to_device_s: float = 0.0
     n_train: int = 0
     peak_gpu_mb: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
 
     def summary(self, warmup_epochs: int = 1) -> dict[str, float]:
         """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist."""

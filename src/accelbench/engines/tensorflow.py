@@ -14,10 +14,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from ..checkpoint import Checkpoint  # noqa: E402
 from ..config import TrainParams  # noqa: E402
 from ..devices import Runtime  # noqa: E402
 from ..errors import TrainingError  # noqa: E402
-from ..io import Prepared  # noqa: E402
+from ..io import Prepared, atomic_file, read_json, write_json  # noqa: E402
 from ..tasks import Task  # noqa: E402
 from . import BenchResult, FitResult, OnEpoch  # noqa: E402
 
@@ -35,6 +36,16 @@ def setup(runtime: Runtime) -> None:
     if runtime.cpu_threads:
         tf.config.threading.set_intra_op_parallelism_threads(runtime.cpu_threads)
     keras.mixed_precision.set_global_policy(_POLICIES[runtime.precision])
+    if runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
+        _DETERMINISM["enabled"] = True
+
+
+_DETERMINISM = {"enabled": False}  # TF offers no getter for the op-determinism switch
+
+
+def determinism_flags() -> dict[str, str]:
+    return {"tf.op_determinism": str(_DETERMINISM["enabled"])}
 
 
 def threads() -> int:
@@ -66,10 +77,10 @@ def _targets(arrays: dict[str, np.ndarray], task: Task) -> np.ndarray:
 
 
 class _EpochCallback(keras.callbacks.Callback):
-    def __init__(self, task, val, inputs, train, result, on_epoch, bar):
+    def __init__(self, task, val, inputs, train, result, on_epoch, bar, checkpoint):
         super().__init__()
         self.task, self.val, self.inputs, self.train = task, val, inputs, train
-        self.result, self.on_epoch, self.bar = result, on_epoch, bar
+        self.result, self.on_epoch, self.bar, self.checkpoint = result, on_epoch, bar, checkpoint
         self.eval_batch = EVAL_BATCH
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -90,6 +101,8 @@ class _EpochCallback(keras.callbacks.Callback):
         row["time/this_epoch_s"] = self.result.epoch_s[-1]
         self.result.history.append(row)
         self.bar.update(1)
+        if self.checkpoint and self.checkpoint.due(epoch + 1, self.train.epochs):
+            _save(self.checkpoint, epoch + 1, self.model, self.result)
         if self.on_epoch:
             self.on_epoch(epoch, row)
 
@@ -102,6 +115,7 @@ def fit(
     runtime: Runtime,
     on_epoch: OnEpoch | None = None,
     desc: str = "train",
+    checkpoint: Checkpoint | None = None,
 ) -> FitResult:
     inputs = prepared.meta.get("inputs", ["x"])
     tr, va = prepared.splits["train"], prepared.splits["val"]
@@ -111,26 +125,65 @@ def fit(
         loss=_loss(task),
         jit_compile=runtime.compile,
     )
+    start = _resume(checkpoint, model, result)
     _sync()
     t_fit = time.perf_counter()
-    with tqdm(total=train.epochs, desc=desc, unit="epoch", leave=False, disable=None) as bar:
-        cb = _EpochCallback(task, va, inputs, train, result, on_epoch, bar)
+    with tqdm(total=train.epochs, initial=start, desc=desc, unit="epoch", leave=False, disable=None) as bar:
+        cb = _EpochCallback(task, va, inputs, train, result, on_epoch, bar, checkpoint)
         cb.eval_batch = prepared.meta.get("eval_batch_size", EVAL_BATCH)
-        model.fit(
-            _inputs(tr, inputs),
-            _targets(tr, task),
-            batch_size=train.batch_size,
-            epochs=train.epochs,
-            shuffle=True,
-            verbose=0,
-            callbacks=[cb],
-        )
+        try:
+            model.fit(
+                _inputs(tr, inputs),
+                _targets(tr, task),
+                batch_size=train.batch_size,
+                epochs=train.epochs,
+                initial_epoch=start,
+                shuffle=True,
+                verbose=0,
+                callbacks=[cb],
+            )
+        except tf.errors.ResourceExhaustedError as exc:
+            from .torch import oom_message
+
+            raise TrainingError(oom_message(exc.message, train.batch_size, runtime)) from None
     _sync()
     result.fit_s = time.perf_counter() - t_fit
     if runtime.device.type == "cuda":
         info = tf.config.experimental.get_memory_info(f"GPU:{0}")
         result.peak_gpu_mb = info["peak"] / 2**20
     return result
+
+
+def _save(checkpoint: Checkpoint, epoch: int, model: keras.Model, result: FitResult) -> None:
+    """Weights and optimiser slots as one .npz (renamed into place), progress as JSON beside it."""
+    arrays = {f"w{i}": np.asarray(v) for i, v in enumerate(model.weights)}
+    arrays.update({f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+    weights = checkpoint.path.with_name(f"{checkpoint.path.name}.e{epoch}.npz")
+    with atomic_file(weights) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    # the JSON names its weights file and is renamed into place last: a kill in between keeps the old pair
+    state = {"params_hash": checkpoint.params_hash, "epoch": epoch, "weights": weights.name,
+             "history": result.history, "epoch_s": result.epoch_s}  # fmt: skip
+    write_json(checkpoint.path.with_suffix(".json"), state)
+    for old in checkpoint.path.parent.glob(f"{checkpoint.path.name}.e*.npz"):
+        if old != weights:
+            old.unlink()
+
+
+def _resume(checkpoint: Checkpoint | None, model: keras.Model, result: FitResult) -> int:
+    if checkpoint is None or not checkpoint.path.with_suffix(".json").is_file():
+        return 0
+    state = read_json(checkpoint.path.with_suffix(".json"))
+    if state["params_hash"] != checkpoint.params_hash:
+        return 0
+    with np.load(checkpoint.path.parent / state["weights"]) as z:
+        for i, v in enumerate(model.weights):
+            v.assign(z[f"w{i}"])
+        model.optimizer.build(model.trainable_variables)
+        for i, v in enumerate(model.optimizer.variables):
+            v.assign(z[f"o{i}"])
+    result.history, result.epoch_s, result.resumed_from = state["history"], state["epoch_s"], state["epoch"]
+    return state["epoch"]
 
 
 class _RepeatTimer(keras.callbacks.Callback):

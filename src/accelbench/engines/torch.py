@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,11 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
+from ..checkpoint import Checkpoint
 from ..config import TrainParams
 from ..devices import Runtime
 from ..errors import TrainingError
-from ..io import Prepared
+from ..io import Prepared, atomic_file
 from ..tasks import Task
 from ..timing import Stopwatch
 from . import BenchResult, FitResult, OnEpoch
@@ -26,9 +29,22 @@ EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
 def setup(runtime: Runtime) -> None:
     if runtime.cpu_threads:
         torch.set_num_threads(runtime.cpu_threads)
+    if runtime.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
     if runtime.device.type == "cuda":
         torch.cuda.set_device(runtime.device.index)
-        torch.backends.cudnn.benchmark = True
+    # cuDNN autotuning picks kernels by timing: fast, but not reproducible run to run
+    torch.backends.cudnn.benchmark = not runtime.deterministic
+    torch.backends.cudnn.deterministic = runtime.deterministic
+    torch.use_deterministic_algorithms(runtime.deterministic, warn_only=False)
+
+
+def determinism_flags() -> dict[str, str]:
+    return {
+        "torch.use_deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
+        "cudnn.deterministic": str(torch.backends.cudnn.deterministic),
+        "cudnn.benchmark": str(torch.backends.cudnn.benchmark),
+    }
 
 
 def threads() -> int:
@@ -69,7 +85,23 @@ def fit(
     runtime: Runtime,
     on_epoch: OnEpoch | None = None,
     desc: str = "train",
+    checkpoint: Checkpoint | None = None,
 ) -> FitResult:
+    try:
+        return _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint)
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(oom_message(str(exc), train.batch_size, runtime)) from None
+
+
+def oom_message(detail: str, batch_size: int, runtime: Runtime) -> str:
+    asked = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", detail)
+    return (
+        f"out of memory on {runtime.device.name} at batch_size={batch_size}: "
+        f"{asked.group(0) if asked else 'allocation size not reported'}; lower the batch size or use precision=bf16"
+    )
+
+
+def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> FitResult:
     dev = runtime.device.torch
     inputs = prepared.meta.get("inputs", ["x"])
     sw = Stopwatch(_sync(runtime))
@@ -88,7 +120,8 @@ def fit(
     n, bs = len(tr["y"]), train.batch_size
     result = FitResult(n_train=n, to_device_s=to_device_s)
     y_val = prepared.splits["val"]["y"]
-    for epoch in trange(train.epochs, desc=desc, unit="epoch", leave=False, disable=None):
+    start = _resume(checkpoint, model, opt, scaler, gen, result, dev)
+    for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
         model.train()
         t0 = sw.start()
         perm = torch.randperm(n, device=dev, generator=gen)
@@ -113,12 +146,54 @@ def fit(
         row = {"train/loss": train_loss, **task.metrics(y_val, logits, "val")}
         row["time/this_epoch_s"] = result.epoch_s[-1]
         result.history.append(row)
+        if checkpoint and checkpoint.due(epoch + 1, train.epochs):
+            _save(checkpoint, epoch + 1, model, opt, scaler, gen, result)
         if on_epoch:
             on_epoch(epoch, row)
     result.fit_s = sw.stop("fit", t_fit)
     if runtime.device.type == "cuda":
         result.peak_gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
+
+
+def _ckpt_file(checkpoint: Checkpoint) -> Path:
+    return checkpoint.path.with_suffix(".pt")
+
+
+def _save(checkpoint: Checkpoint, epoch: int, model, opt, scaler, gen, result: FitResult) -> None:
+    state = {
+        "params_hash": checkpoint.params_hash,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "batch_rng": gen.get_state(),  # the next epoch's permutation
+        "torch_rng": torch.get_rng_state(),  # dropout
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "history": result.history,
+        "epoch_s": result.epoch_s,
+    }
+    with atomic_file(_ckpt_file(checkpoint)) as tmp:  # a kill mid-write leaves the previous checkpoint intact
+        torch.save(state, tmp)
+
+
+def _resume(checkpoint: Checkpoint | None, model, opt, scaler, gen, result: FitResult, dev: str) -> int:
+    """Restore from a checkpoint written with the same params; return the epoch to continue from."""
+    if checkpoint is None or not _ckpt_file(checkpoint).is_file():
+        return 0
+    state = torch.load(_ckpt_file(checkpoint), map_location="cpu", weights_only=True)
+    if state["params_hash"] != checkpoint.params_hash:
+        return 0  # written for other params: start fresh (it is overwritten at the first save)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    gen.set_state(state["batch_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    result.history, result.epoch_s = list(state["history"]), list(state["epoch_s"])
+    result.resumed_from = state["epoch"]
+    return state["epoch"]
 
 
 def bench(
