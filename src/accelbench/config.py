@@ -65,6 +65,15 @@ class BenchTarget:
 
 
 @dataclass(frozen=True)
+class WorkloadTune:
+    """How this workload is tuned: one trial at a time, or populations trained as one stacked model."""
+
+    strategy: Literal["sequential", "population"] = "sequential"
+    population: int = 256  # trials asked from Optuna and trained together (torch only)
+    report_every: int = 10  # epochs between intermediate values reported for pruning
+
+
+@dataclass(frozen=True)
 class WorkloadParams:
     """Shape shared by all workload sections; each workload subclasses the parts."""
 
@@ -72,6 +81,7 @@ class WorkloadParams:
     data: DataParams = field(default_factory=DataParams)
     train: TrainParams = field(default_factory=TrainParams)
     search: dict[str, SearchSpec] = field(default_factory=dict)
+    tune: WorkloadTune = field(default_factory=WorkloadTune)
     benchmark: BenchTarget = field(default_factory=BenchTarget)
 
 

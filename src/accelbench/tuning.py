@@ -145,7 +145,11 @@ def objective_for(s: Study, parent_run_id: str):
 
 
 def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
-    if n_trials > 0:
+    if n_trials > 0 and s.params.tune.strategy == "population":
+        from . import population
+
+        population.optimize(s, n_trials, parent_run_id)
+    elif n_trials > 0:
         s.optuna.optimize(objective_for(s, parent_run_id), n_trials=n_trials, timeout=s.cfg.tune.timeout_s,
                           catch=(TrainingError,), show_progress_bar=False)  # fmt: skip
 
@@ -167,6 +171,7 @@ def run_study(
     tune_params = {
         "tune.n_trials": cfg.tune.n_trials,
         "tune.workers": cfg.tune.workers,
+        "tune.strategy": params.tune.strategy,
         "tune.timeout_s": cfg.tune.timeout_s,
         "tune.storage": mask_secrets(cfg.tune.storage),
         "tune.objective": s.task.objective,

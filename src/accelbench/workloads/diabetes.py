@@ -213,10 +213,12 @@ class Diabetes(Workload):
     def build_torch(self, params: Params, meta: dict[str, Any]):
         from torch import nn
 
+        from ..population import RateDropout  # a buffer rate: population tuning varies it per member
+
         layers: list[nn.Module] = []
         width = len(meta["features"])
         for h in params.model.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(params.model.dropout)]
+            layers += [nn.Linear(width, h), nn.ReLU(), RateDropout(params.model.dropout)]
             width = h
         layers.append(nn.Linear(width, 1))
         model = nn.Sequential(*layers)

@@ -1,0 +1,255 @@
+"""Population tuning: many small models of one shape trained at once as one stacked, vmapped model.
+
+A GPU loses to the CPU on one tiny MLP because the MLP cannot fill it; a population of hundreds can.
+Trials that share every shape-changing hyperparameter (hidden sizes, batch size, epochs) are stacked with
+`torch.func.stack_module_state`; learning rate, weight decay and dropout vary per model. AdamW is batched
+here with the same arithmetic as `torch.optim.AdamW`, so a population member follows the same trajectory
+as the same trial trained alone (given the same initialisation, batch order and dropout masks).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from .devices import Runtime
+from .io import Prepared
+from .tasks import Task
+from .timing import Stopwatch
+
+# Hyperparameters that may differ between members of one stacked population.
+PER_MEMBER = ("train.lr", "train.weight_decay", "model.dropout")
+
+
+class RateDropout(nn.Module):
+    """Dropout whose rate is a buffer: stacked populations give each member its own rate."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.register_buffer("p", torch.tensor(float(p)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
+        return x * keep / (1.0 - self.p)
+
+
+@dataclass
+class PopulationResult:
+    """Per member (index = position in the population): the epoch curves of the objective and losses."""
+
+    curves: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (epochs, N)
+    alive: torch.Tensor | None = None  # (N,) bool: False once pruned
+    fit_s: float = 0.0
+    model_steps: int = 0
+
+
+def batched_auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ROC AUC of each row of `scores` (N, n) against binary `y` (n,), on the device (Mann-Whitney U)."""
+    ordered = scores.sort(dim=1).values
+    # tied scores share their average rank, as sklearn's roc_auc_score counts them
+    below = torch.searchsorted(ordered, scores.contiguous(), right=False)
+    upto = torch.searchsorted(ordered, scores.contiguous(), right=True)
+    ranks = (below + upto + 1).to(torch.float64) / 2
+    pos = y.bool()
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    u = ranks[:, pos].sum(dim=1) - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).float()
+
+
+def _losses(task: Task):
+    if task.kind == "binary":
+        return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.reshape(-1).float(), y)
+    if task.kind == "multiclass":
+        return lambda out, y: nn.functional.cross_entropy(out.float(), y)
+    return lambda out, y: nn.functional.mse_loss(out.float(), y.view_as(out))
+
+
+def fit_population(
+    models: list[nn.Module],
+    lr: list[float],
+    weight_decay: list[float],
+    task: Task,
+    prepared: Prepared,
+    epochs: int,
+    batch_size: int,
+    runtime: Runtime,
+    on_epoch=None,
+) -> PopulationResult:
+    """Train `models` (one architecture) as one population. `on_epoch(epoch, metrics, alive) -> alive` sees
+    (N,) tensors (train/loss, val/loss, val scores) and may prune members; pruned members stop moving."""
+    from .engines.torch import _to_device  # the same device-resident splits as single-model training
+
+    dev = runtime.device.torch
+    sw = Stopwatch(torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None))
+    tr = _to_device(prepared.splits["train"], task, dev)
+    va = _to_device(prepared.splits["val"], task, dev)
+    inputs = prepared.meta.get("inputs", ["x"])
+    params, buffers = stack_module_state([m.to(dev) for m in models])
+    base = copy.deepcopy(models[0]).to("meta")
+    loss_fn = _losses(task)
+
+    def member_loss(p, b, y, *x):
+        return loss_fn(functional_call(base, (p, b), x), y)
+
+    shared = (None,) * (1 + len(inputs))  # batch and targets are the same for every member
+    step_fn = vmap(grad_and_value(member_loss), in_dims=(0, 0, *shared), randomness="different")
+    forward = vmap(lambda p, b, *x: functional_call(base, (p, b), x), in_dims=(0, 0, *shared[1:]))
+    lr_t = torch.tensor(lr, device=dev, dtype=torch.float32)
+    wd_t = torch.tensor(weight_decay, device=dev, dtype=torch.float32)
+    adam = _BatchedAdamW(params)
+    gen = torch.Generator(device=dev).manual_seed(runtime.seed)
+    alive = torch.ones(len(models), dtype=torch.bool, device=dev)
+    n = len(tr["y"])
+    curves: dict[str, list[torch.Tensor]] = {}
+    result = PopulationResult()
+    t0 = sw.start()
+    for epoch in range(epochs):
+        base.train()
+        perm = torch.randperm(n, device=dev, generator=gen)  # the batch order a single trial would see
+        loss_sum = torch.zeros(len(models), device=dev)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            g, loss = step_fn(params, buffers, tr["y"][idx], *(tr[k][idx] for k in inputs))
+            adam.step(params, g, lr_t * alive, wd_t)
+            loss_sum += loss.detach() * len(idx)
+        base.eval()
+        with torch.no_grad():
+            metrics = {"train/loss": loss_sum / n, **_val_metrics(task, forward(params, buffers, *(va[k] for k in inputs)), va["y"], loss_fn)}
+        for k, v in metrics.items():
+            curves.setdefault(k, []).append(v)
+        result.model_steps += int(alive.sum()) * -(-n // batch_size)
+        if on_epoch:
+            alive = on_epoch(epoch, metrics, alive)
+    result.fit_s = sw.stop("fit", t0)
+    result.curves = {k: torch.stack(v) for k, v in curves.items()}
+    result.alive = alive
+    return result
+
+
+class _BatchedAdamW:
+    """torch.optim.AdamW's update, each member with its own lr and weight decay (leading dim N)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.m = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.v = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.beta1, self.beta2, self.eps, self.t = betas[0], betas[1], eps, 0
+
+    @torch.no_grad()
+    def step(self, params, grads, lr: torch.Tensor, wd: torch.Tensor) -> None:
+        self.t += 1
+        bc1, bc2_sqrt = 1 - self.beta1**self.t, (1 - self.beta2**self.t) ** 0.5
+        for k, p in params.items():
+            per_member = lambda t: t.view(-1, *([1] * (p.dim() - 1)))  # noqa: E731
+            p.mul_(1 - per_member(lr * wd))
+            self.m[k].lerp_(grads[k], 1 - self.beta1)
+            self.v[k].mul_(self.beta2).addcmul_(grads[k], grads[k], value=1 - self.beta2)
+            denom = (self.v[k].sqrt() / bc2_sqrt).add_(self.eps)
+            p.sub_(per_member(lr / bc1) * self.m[k] / denom)
+
+
+def _val_metrics(task: Task, logits: torch.Tensor, y: torch.Tensor, loss_fn) -> dict[str, torch.Tensor]:
+    """Validation scores of every member at once, on the device: no host round trip per member."""
+    out = {"val/loss": vmap(lambda o: loss_fn(o, y))(logits)}
+    flat = logits.reshape(logits.shape[0], -1).float()
+    if task.kind == "binary":
+        out["val/roc_auc"] = batched_auc(flat, y)
+        out["val/accuracy"] = ((flat > 0).float() == y).float().mean(dim=1)
+    elif task.kind == "multiclass":
+        out["val/accuracy"] = (logits.argmax(dim=-1) == y).float().mean(dim=1)
+    return out
+
+
+def optimize(s, n_trials: int, parent_run_id: str) -> None:
+    """Ask Optuna for up to `tune.population` trials at a time, train each shape group as one population,
+    report intermediate values for pruning and tell every result. `s` is a tuning.Study."""
+    import optuna
+
+    from .config import with_overrides
+    from .errors import ConfigError
+    from .tuning import suggest
+
+    if s.runtime.framework != "torch":
+        raise ConfigError(f"params.yaml: {s.wl.name}.tune.strategy: population tuning needs framework torch")
+    done = 0
+    while done < n_trials:
+        trials = [s.optuna.ask() for _ in range(min(s.params.tune.population, n_trials - done))]
+        groups: dict[tuple, list] = {}
+        for trial in trials:
+            trial.set_user_attr("config_hash", s.config_hash)
+            overrides = {k: suggest(trial, k, spec) for k, spec in s.params.search.items()}
+            shape_key = tuple(sorted((k, str(v)) for k, v in overrides.items() if k not in PER_MEMBER))
+            groups.setdefault(shape_key, []).append((trial, with_overrides(s.params, overrides), overrides))
+        for members in groups.values():
+            _train_group(s, members, parent_run_id, optuna)
+        done += len(trials)
+
+
+def _train_group(s, members, parent_run_id: str, optuna) -> None:
+    from .devices import seed_everything
+
+    models = []
+    for _, params, _ in members:
+        seed_everything(s.cfg.seed, "torch")  # each member starts where the same trial alone would
+        models.append(s.wl.build_model("torch", params, s.prepared.meta))
+    train = members[0][1].train
+    every = max(1, s.params.tune.report_every)
+    pruned_at: dict[int, int] = {}
+
+    def on_epoch(epoch: int, metrics: dict[str, torch.Tensor], alive: torch.Tensor) -> torch.Tensor:
+        if (epoch + 1) % every and epoch + 1 != train.epochs:
+            return alive
+        values = metrics[s.task.objective].tolist()  # one host sync per report, not per member
+        keep = alive.tolist()
+        for i, (trial, _, _) in enumerate(members):
+            if keep[i]:
+                trial.report(values[i], epoch)
+                if trial.should_prune():
+                    keep[i], pruned_at[i] = False, epoch + 1
+        return torch.tensor(keep, device=alive.device)
+
+    result = fit_population(models, [p.train.lr for _, p, _ in members], [p.train.weight_decay for _, p, _ in members],
+                            s.task, s.prepared, train.epochs, train.batch_size, s.runtime, on_epoch)  # fmt: skip
+    curves = {k: v.cpu().numpy() for k, v in result.curves.items()}
+    finals = curves[s.task.objective][-1]
+    for i, (trial, _, overrides) in enumerate(members):
+        if i in pruned_at:
+            s.optuna.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif not np.isfinite(finals[i]) or not np.isfinite(curves["train/loss"][-1, i]):
+            s.optuna.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            s.optuna.tell(trial, float(finals[i]))
+    _log_trials(s, members, curves, pruned_at, parent_run_id, result)
+
+
+def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: PopulationResult) -> None:
+    """One nested MLflow run per trial, written in bulk: a round trip per trial, not per metric."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    from .tracking import base_tags, use_experiment
+
+    client = mlflow.MlflowClient()
+    experiment_id = use_experiment(s.wl.name)
+    common = {**base_tags(s.wl.name, "trial", s.runtime.tags()), "mlflow.parentRunId": parent_run_id,
+              "study": s.name, "variant": s.variant, "tune.strategy": "population",
+              "population.size": str(len(members)), "population.fit_s": f"{result.fit_s:.3f}"}  # fmt: skip
+    now = int(time.time() * 1000)
+    for i, (trial, _, overrides) in enumerate(members):
+        epochs = pruned_at.get(i, curves["train/loss"].shape[0])
+        state = "PRUNED" if i in pruned_at else "COMPLETE"
+        tags = {**common, "trial": str(trial.number), "optuna.state": state}
+        run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+        metrics = [Metric(k, float(v[e, i]), now, e) for k, v in curves.items() for e in range(epochs) if np.isfinite(v[e, i])]
+        params = [Param(k, str(v)) for k, v in overrides.items()]
+        for j in range(0, max(len(metrics), 1), 1000):
+            client.log_batch(run.info.run_id, metrics=metrics[j : j + 1000], params=params if j == 0 else [],
+                             tags=[RunTag("mlflow.runName", f"trial-{trial.number}")] if j == 0 else [])  # fmt: skip
+        client.set_terminated(run.info.run_id, "FINISHED")
