@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
 # Per workload, the dotted keys that make its stages take seconds, not minutes.
 SMALL: dict[str, dict[str, object]] = {
     "diabetes": {"train.epochs": 4},
+    "guava": {"data.count": 60, "data.size": 64, "prepare.image_size": 32, "train.epochs": 2},
 }
 
 

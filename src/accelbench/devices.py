@@ -163,6 +163,7 @@ class Runtime:
     compile: bool = False
     seed: int = 42
     cpu_threads: int | None = None
+    channels_last: bool = False
 
     def tags(self) -> dict[str, str]:
         return {
@@ -171,4 +172,5 @@ class Runtime:
             "framework": self.framework,
             "precision": self.precision,
             "compile": str(self.compile).lower(),
+            "channels_last": str(self.channels_last).lower(),
         }

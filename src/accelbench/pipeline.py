@@ -41,7 +41,7 @@ def runtime_for(cfg: Config, wl: Workload) -> Runtime:
             f"(supported: {list(wl.frameworks)}; set {wl.name}.framework to override)"
         )
     device = devices.resolve(cfg.device, framework)
-    runtime = Runtime(device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads)
+    runtime = Runtime(device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads, cfg.channels_last)
     get_engine(runtime.framework).setup(runtime)
     devices.seed_everything(cfg.seed, framework)
     return runtime
