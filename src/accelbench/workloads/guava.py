@@ -59,7 +59,7 @@ class Augment:
 
 @dataclass(frozen=True)
 class Model:
-    channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # one conv block per entry
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # one conv block per entry; the first has stride 2
     dropout: float = 0.2
     augment: Augment = field(default_factory=Augment)
 
@@ -401,8 +401,10 @@ def _stratified_splits(y: np.ndarray, given: dict[str, np.ndarray], p: Prepare, 
             continue
         train = splits["train"]
         frac, carved = share / (1 - carved), carved + share
+        n_classes = len(np.unique(y[train]))
+        held_out = max(math.ceil(frac * len(train)), n_classes)  # a small folder still gets every class
         try:
-            rest, held = train_test_split(train, test_size=frac, stratify=y[train], random_state=seed)
+            rest, held = train_test_split(train, test_size=held_out, stratify=y[train], random_state=seed)
         except ValueError as exc:
             counts = {int(c): int((y[train] == c).sum()) for c in np.unique(y[train])}
             raise DataError(
@@ -611,8 +613,8 @@ class Guava(Workload):
             x = layers.RandomBrightness(aug.jitter, value_range=(0, 255), dtype="float32")(x)
             x = layers.RandomContrast(aug.jitter, value_range=(0, 255), dtype="float32")(x)
         x = layers.Normalization(mean=meta["channel_mean"], variance=np.square(meta["channel_std"]).tolist(), dtype="float32")(x)
-        for width in m.channels:
-            x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        for i, width in enumerate(m.channels):
+            x = layers.Conv2D(width, 3, strides=2 if i == 0 else 1, padding="same", use_bias=False)(x)  # strided stem
             x = layers.BatchNormalization()(x)
             x = layers.ReLU()(x)
             x = layers.MaxPooling2D()(x)
@@ -706,8 +708,9 @@ def _torch_model_class():
         def __init__(self, channels, dropout, aug: Augment, mean, std, n_classes):
             super().__init__()
             blocks, width = [], 3
-            for c in channels:
-                blocks += [nn.Conv2d(width, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            for i, c in enumerate(channels):
+                stride = 2 if i == 0 else 1  # a strided stem: the full-resolution block costs a quarter
+                blocks += [nn.Conv2d(width, c, 3, stride, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
                 width = c
             self.features = nn.Sequential(*blocks)
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, n_classes))
