@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
 # Per workload, the dotted keys that make its stages take seconds, not minutes.
 SMALL: dict[str, dict[str, object]] = {
     "diabetes": {"train.epochs": 4},
+    "guava": {"data.count": 60, "data.size": 64, "prepare.image_size": 32, "train.epochs": 2},
 }
 
 
@@ -93,7 +94,8 @@ class Project:
         return client.search_runs([exp.experiment_id], filter_string, order_by=["attributes.start_time DESC"])
 
 
-def make_project(path: Path) -> Project:
+def make_project(path: Path, workloads: list[str] | None = None) -> Project:
+    """A temp git + DVC repo with the real stages and shrunken params; `workloads` narrows the foreach list."""
     path.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         src = REPO / name
@@ -107,7 +109,10 @@ def make_project(path: Path) -> Project:
         PYTHONUNBUFFERED="1",
     )  # fmt: skip
     project = Project(path, env)
-    project.set_params(shrink(project.params()))
+    params = shrink(project.params())
+    if workloads:
+        params["workloads"] = workloads
+    project.set_params(params)
     project.run("git", "init", "-q", "-b", "main")
     project.run(sys.executable, "-m", "dvc", "init", "-q")
     project.run(sys.executable, "-m", "dvc", "config", "core.analytics", "false")
@@ -124,6 +129,6 @@ def project(tmp_path) -> Project:
 @pytest.fixture(scope="module")
 def prepared_project(tmp_path_factory) -> Project:
     """Raw and prepared data in place, for tests of the stages after them."""
-    project = make_project(tmp_path_factory.mktemp("prepared") / "project")
+    project = make_project(tmp_path_factory.mktemp("prepared") / "project", ["diabetes"])
     project.run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes")
     return project

@@ -6,14 +6,15 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, make_project
 
 pytestmark = pytest.mark.gpu
 
 
-def test_diabetes_pipeline_on_cuda_records_the_gpu(project):
+def test_diabetes_pipeline_on_cuda_records_the_gpu(tmp_path):
     import torch
 
+    project = make_project(tmp_path / "project", ["diabetes"])
     project.update("diabetes.data.source", "path")
     project.update("diabetes.data.path", str(FIXTURES / "diabetes.csv"))
     project.update("device", "cuda")

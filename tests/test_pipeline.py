@@ -16,7 +16,7 @@ STAGES = ["ingest", "eda", "prepare", "tune", "train", "evaluate", "benchmark"]
 def reproduced(tmp_path_factory):
     from conftest import make_project
 
-    project = make_project(tmp_path_factory.mktemp("repro") / "project")
+    project = make_project(tmp_path_factory.mktemp("repro") / "project", ["diabetes"])
     project.repro = project.run(sys.executable, "-m", "dvc", "repro")
     return project
 

@@ -119,6 +119,7 @@ class Config:
     seed: int = 42
     precision: Precision = "fp32"
     compile: bool = False
+    channels_last: bool = False  # torch: NHWC memory layout for 4-D (image) models
     cpu_threads: int | None = None
     deterministic: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -164,6 +164,7 @@ class Runtime:
     seed: int = 42
     cpu_threads: int | None = None
     deterministic: bool = False
+    channels_last: bool = False
 
     def tags(self) -> dict[str, str]:
         return {
@@ -172,6 +173,7 @@ class Runtime:
             "framework": self.framework,
             "precision": self.precision,
             "compile": str(self.compile).lower(),
+            "channels_last": str(self.channels_last).lower(),
         }
 
 

@@ -42,7 +42,10 @@ def runtime_for(cfg: Config, wl: Workload) -> Runtime:
             f"(supported: {list(wl.frameworks)}; set {wl.name}.framework to override)"
         )
     device = devices.resolve(cfg.device, framework)
-    runtime = Runtime(device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads, cfg.deterministic)
+    runtime = Runtime(
+        device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads,
+        deterministic=cfg.deterministic, channels_last=cfg.channels_last,
+    )  # fmt: skip
     get_engine(runtime.framework).setup(runtime)
     devices.seed_everything(cfg.seed, framework)
     return runtime

@@ -32,6 +32,7 @@ class FitResult:
     epoch_s: list[float] = field(default_factory=list)
     fit_s: float = 0.0
     to_device_s: float = 0.0
+    data_epoch_s: float | None = None  # one epoch of batch assembly alone (gather + copy), no model
     n_train: int = 0
     peak_gpu_mb: float | None = None
     resumed_from: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
@@ -49,6 +50,9 @@ class FitResult:
             "throughput/samples_per_s": self.n_train / med if med > 0 else float("nan"),
             "mem/peak_host_mb": _peak_rss_mb(),
         }
+        if self.data_epoch_s is not None:
+            out["time/data_epoch_s"] = self.data_epoch_s
+            out["time/data_share"] = self.data_epoch_s / med if med > 0 else float("nan")
         if self.peak_gpu_mb is not None:
             out["mem/peak_gpu_mb"] = self.peak_gpu_mb
         return out

@@ -1,0 +1,251 @@
+"""Guava: the generator, ImageFolder ingest/prepare with bad files, and the CNN in both frameworks
+through the real stage scripts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from accelbench.workloads.guava import CLASSES, channel_means, draw_guava, generate_images
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "guava"  # 6 images per class: PNG/JPEG, RGB/RGBA/L/CMYK/P
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_generator_same_seed_same_bytes(tmp_path):
+    counts = generate_images(tmp_path / "a", 9, 48, seed=3)
+    generate_images(tmp_path / "b", 9, 48, seed=3)
+    generate_images(tmp_path / "c", 9, 48, seed=4)
+    assert counts == {c: 3 for c in CLASSES}
+    a = digests(tmp_path / "a")
+    assert len(a) == 9 and a == digests(tmp_path / "b")
+    assert set(a.values()).isdisjoint(digests(tmp_path / "c").values())
+    with Image.open(tmp_path / "a" / "Anthracnose" / "0000.png") as im:
+        assert im.size == (48, 48) and im.mode == "RGB"
+
+
+def test_classes_are_not_solved_by_channel_means():
+    """A linear model on each image's mean R, G, B stays near chance; the same linear model on six
+    local-contrast features (share of pixels much darker/lighter than their neighbourhood) does
+    not, so the classes differ in local marks, which a CNN can see, and not in colour.
+
+    300 images, 5-fold CV: a chance-level classifier's accuracy has sd sqrt(1/3 * 2/3 / 300) = 0.027,
+    so 0.45 is chance + 4.3 sd, and 0.50 is chance + 6 sd."""
+    from scipy.ndimage import uniform_filter
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.arange(300) % 3
+    x = np.stack([draw_guava(np.random.default_rng(s), CLASSES[c], 64) for s, c in zip(np.random.SeedSequence(7).spawn(300), y)])
+    linear = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    means_acc = cross_val_score(linear, channel_means(x), y, cv=5).mean()
+    gray = x.mean(axis=-1)
+    local = gray - np.stack([uniform_filter(g, 7) for g in gray])
+    marks = np.stack([(local < -t).mean((1, 2)) for t in (10, 20, 40)] + [(local > t).mean((1, 2)) for t in (10, 20, 40)], 1)
+    marks_acc = cross_val_score(linear, np.sqrt(marks), y, cv=5).mean()
+    assert means_acc < 0.45, means_acc
+    assert marks_acc > 0.50 and marks_acc > means_acc + 0.1, (marks_acc, means_acc)
+
+
+def test_torch_cnn_runs_bf16_channels_last_on_cpu():
+    """precision=bf16 (CPU autocast) and channels_last through the real engine; logits come back fp32."""
+    import torch
+
+    from accelbench.devices import Device, Runtime
+    from accelbench.engines import get_engine
+    from accelbench.io import Prepared
+    from accelbench.workloads.guava import WORKLOAD, Params
+
+    rng = np.random.default_rng(0)
+    split = lambda n: {"x": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), "y": np.arange(n) % 3}  # noqa: E731
+    prepared = Prepared({"train": split(12), "val": split(6), "test": split(6)},
+                        {"inputs": ["x"], "classes": list(CLASSES), "image_size": 32,
+                         "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3})  # fmt: skip
+    params = Params()
+    runtime = Runtime(Device("cpu"), "torch", precision="bf16", channels_last=True)
+    engine = get_engine("torch")
+    model = WORKLOAD.build_model("torch", params, prepared.meta)
+    result = engine.fit(model, WORKLOAD.task(prepared.meta), prepared, params.train, runtime)
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.memory_format() == torch.channels_last
+    assert np.isfinite(result.history[-1]["train/loss"]) and result.summary()["time/data_share"] >= 0
+    logits = engine.predict(model, WORKLOAD.task(prepared.meta), prepared.splits["test"], ["x"], runtime)
+    assert logits.shape == (6, 3) and logits.dtype == np.float32
+
+
+# ---------------------------------------------------------------- a `path` ImageFolder with bad files
+
+
+def add_bad_files(folder: Path) -> dict[str, str]:
+    """One of each file-level bad input: relative path -> the words its report line must hold."""
+    good_jpeg = (folder / "fruit_fly" / "1_guava.jpg").read_bytes()
+    (folder / "fruit_fly" / "corrupt.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])  # truncated mid-scan
+    (folder / "healthy_guava" / "notes.txt").write_text("not a photo\n")
+    Image.new("RGB", (16, 16), (90, 140, 60)).save(folder / "Anthracnose" / "tiny.png")
+    return {
+        "fruit_fly/corrupt.jpg": "truncated",
+        "healthy_guava/notes.txt": "not an image file",
+        "Anthracnose/tiny.png": "smaller than the crop",
+    }
+
+
+@pytest.fixture(scope="module")
+def path_project(tmp_path_factory):
+    """Ingest a fixture folder with three bad files; prepare fails at max_bad_fraction 0, then passes at 0.2."""
+    from conftest import make_project
+
+    base = tmp_path_factory.mktemp("guava_path")
+    images = base / "images"
+    shutil.copytree(FIXTURE, images)
+    bad = add_bad_files(images)
+    project = make_project(base / "project")
+    project.update("guava.data.source", "path")
+    project.update("guava.data.path", str(images))
+    project.update("guava.prepare.max_bad_fraction", 0.0)
+    project.bad = bad
+    project.ingest = project.stage("ingest", "guava")
+    project.strict = project.stage("prepare", "guava")
+    project.strict_run = project.runs("guava", "tags.stage = 'prepare'")[0]
+    project.strict_left = leftovers(project.root / "data" / "prepared" / "guava")
+    project.update("guava.prepare.max_bad_fraction", 0.2)
+    project.lenient = project.stage("prepare", "guava")
+    return project
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("accelbench ")]
+
+
+def leftovers(output: Path) -> list[Path]:
+    """The stage's output folder and any temp folder beside it."""
+    return [output] * output.exists() + sorted(output.parent.glob(f".{output.name}.*"))
+
+
+def assert_failed_cleanly(proc, stage: str, run, left: list[Path], *words: str) -> None:
+    """Non-zero exit, one error line holding `words`, no output left, and the MLflow run FAILED with it."""
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"accelbench {stage}: error: ")
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert left == [], left
+    assert run.info.status == "FAILED" and run.data.tags["stage"] == stage
+    assert lines[0].split("error: ", 1)[1] in run.data.tags["failure_reason"]
+
+
+def test_ingest_copies_the_folder_with_its_bad_files(path_project):
+    assert path_project.ingest.returncode == 0, path_project.ingest.stderr[-2000:]
+    raw = path_project.root / "data" / "raw" / "guava"
+    assert sorted(p.name for p in raw.iterdir() if p.is_dir()) == sorted(CLASSES)
+    for rel in path_project.bad:
+        assert (raw / rel).is_file(), rel  # raw is the original data; preparation judges it
+    source = json.loads((raw / "source.json").read_text())
+    assert source["rows"] == 21 and source["splits"] == ["whole"]
+
+
+@pytest.mark.parametrize("bad_file", ["fruit_fly/corrupt.jpg", "healthy_guava/notes.txt", "Anthracnose/tiny.png"])
+def test_bad_file_above_threshold_fails_prepare_naming_it(path_project, bad_file):
+    """corrupt JPEG, non-image file, image too small for the crop: each named with its reason."""
+    p = path_project
+    line = error_lines(p.strict)
+    assert_failed_cleanly(p.strict, "prepare", p.strict_run, p.strict_left, "3 of 21 files", "max_bad_fraction=0.0", bad_file)
+    reason = path_project.bad[bad_file]
+    assert f"{bad_file}: " in line[0] and reason in line[0].split(f"{bad_file}: ", 1)[1].split(";")[0]
+
+
+def test_bad_files_below_threshold_are_reported_and_skipped(path_project):
+    assert path_project.lenient.returncode == 0, path_project.lenient.stderr[-2000:]
+    prepared = path_project.root / "data" / "prepared" / "guava"
+    meta = json.loads((prepared / "meta.json").read_text())
+    reported = {b["file"]: b["reason"] for b in meta["skipped_files"]}
+    assert set(reported) == set(path_project.bad)
+    for rel, words in path_project.bad.items():
+        assert words in reported[rel], (rel, reported[rel])
+    splits = {s: np.load(prepared / f"{s}.npz") for s in ("train", "val", "test")}
+    assert sum(len(z["y"]) for z in splits.values()) == 18  # the 18 good images, every mode decoded
+    for z in splits.values():
+        assert z["x"].dtype == np.uint8 and z["x"].shape[1:] == (32, 32, 3)
+        assert sorted(np.unique(z["y"])) == [0, 1, 2]  # stratified: every class in every split
+    train = splits["train"]["x"].reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(meta["channel_mean"], train.mean(0), rtol=1e-9)  # from train only
+    np.testing.assert_allclose(meta["channel_std"], train.std(0), rtol=1e-6)
+    assert meta["classes"] == list(CLASSES) and meta["eval_batch_size"] >= 32
+
+
+def test_torch_and_tensorflow_train_and_evaluate(path_project):
+    """Both frameworks on the prepared folder: the task's metrics, per-class recall, the plots, timings."""
+    project = path_project
+    assert project.lenient.returncode == 0
+    results = project.root / "results" / "guava"
+    for framework in ("torch", "tensorflow"):
+        project.update("framework", framework)
+        for stage in ("train", "evaluate"):
+            proc = project.stage(stage, "guava")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        scores = json.loads((results / "evaluate.json").read_text())
+        cnn = scores["cnn"]
+        for split in ("val", "test"):
+            assert 0 <= cnn[f"{split}/accuracy"] <= 1 and 0 <= cnn[f"{split}/macro_f1"] <= 1
+            for cls in CLASSES:
+                assert 0 <= cnn[f"{split}/recall_{cls}"] <= 1
+        assert 0 <= scores["channel_means_logreg"]["test/accuracy"] <= 1
+        for png in ("cnn_confusion_test.png", "cnn_test_misclassified.png"):
+            assert (results / "plots" / png).stat().st_size > 1000, png
+        train = project.runs("guava", f"tags.stage = 'train' and tags.framework = '{framework}'")[0]
+        assert train.info.status == "FINISHED"
+        for key in ("throughput/samples_per_s", "time/epoch_s", "time/data_epoch_s", "time/data_share", "time/to_device_s"):
+            assert key in train.data.metrics, (framework, key)
+
+
+# ---------------------------------------------------------------- folder layouts that cannot work
+
+
+def make_flat(folder: Path, classes=CLASSES) -> Path:
+    for cls in classes:
+        shutil.copytree(FIXTURE / cls, folder / cls)
+    return folder
+
+
+def make_split_mismatch(folder: Path) -> Path:
+    make_flat(folder / "train")
+    make_flat(folder / "val", CLASSES[:2])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ingest_project(tmp_path_factory):
+    from conftest import make_project
+
+    return make_project(tmp_path_factory.mktemp("guava_ingest") / "project")
+
+
+@pytest.mark.parametrize(
+    "layout, words",
+    [
+        (lambda f: f, ["no class folders", "expected"]),
+        (lambda f: make_flat(f, CLASSES[:1]), ["only class ['Anthracnose']", "at least 2 class folders"]),
+        (make_split_mismatch, ["val: class folders", "differ from train/", "healthy_guava"]),
+    ],
+    ids=["empty_folder", "one_class", "splits_differ"],
+)
+def test_unusable_folder_fails_ingest(ingest_project, tmp_path, layout, words):
+    project = ingest_project
+    folder = tmp_path / "images"
+    folder.mkdir()
+    layout(folder)
+    project.update("guava.data.source", "path")
+    project.update("guava.data.path", str(folder))
+    proc = project.stage("ingest", "guava")
+    run = project.runs("guava", "tags.stage = 'ingest'")[0]
+    assert_failed_cleanly(proc, "ingest", run, leftovers(project.root / "data" / "raw" / "guava"), str(folder), *words)
