@@ -35,6 +35,10 @@ def pytest_collection_modifyitems(config, items):
 # Per workload, the dotted keys that make its stages take seconds, not minutes.
 SMALL: dict[str, dict[str, object]] = {
     "diabetes": {"train.epochs": 4},
+    "sentiment": {
+        "data.max_rows": 400, "train.epochs": 2, "model.embed_dim": 8, "model.hidden": 8, "prepare.min_freq": 1,
+        "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}},
+    },  # fmt: skip
 }
 
 

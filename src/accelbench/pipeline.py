@@ -127,7 +127,7 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
                 log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
                 desc = f"{wl.name}/{variant} {runtime.framework}"
                 result = engine.fit(model, task, prepared, params.train, runtime, log_epoch, desc)
-                summary = result.summary()
+                summary = result.summary(units_per_sample=prepared.meta.get("units_per_sample"))
                 run.log_metrics(summary)  # the per-epoch curves are already in
                 folder = models / variant
                 folder.mkdir()

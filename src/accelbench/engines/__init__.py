@@ -36,8 +36,11 @@ class FitResult:
     peak_gpu_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self, warmup_epochs: int = 1) -> dict[str, float]:
-        """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist."""
+    def summary(self, warmup_epochs: int = 1, units_per_sample: dict[str, float] | None = None) -> dict[str, float]:
+        """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist.
+
+        `units_per_sample` (prepared meta, e.g. {"tokens": 23.4}) adds `throughput/<unit>_per_s` beside samples/s.
+        """
         epochs = steady(self.epoch_s, warmup_epochs)
         med = median(epochs)
         out = {
@@ -49,6 +52,8 @@ class FitResult:
             "throughput/samples_per_s": self.n_train / med if med > 0 else float("nan"),
             "mem/peak_host_mb": _peak_rss_mb(),
         }
+        for unit, per_sample in (units_per_sample or {}).items():
+            out[f"throughput/{unit}_per_s"] = out["throughput/samples_per_s"] * per_sample
         if self.peak_gpu_mb is not None:
             out["mem/peak_gpu_mb"] = self.peak_gpu_mb
         return out
