@@ -61,7 +61,7 @@ class Data(DataParams):
     kaggle_handle: str = "jp797498e/twitter-entity-sentiment-analysis"
     text_column: str = "text"  # for a CSV with a header
     label_column: str = "label"
-    max_rows: int | None = 6000  # a seeded sample when the source has more; null = every row
+    max_rows: int | None = 4000  # a seeded sample when the source has more; null = every row
     vader_negative: float = -0.05  # bundled: compound <= this is negative
     vader_positive: float = 0.05  # bundled: compound >= this is positive, between the two neutral
 
@@ -99,7 +99,7 @@ class Params(WorkloadParams):
     data: Data = field(default_factory=Data)
     prepare: Prepare = field(default_factory=Prepare)
     model: Model = field(default_factory=Model)
-    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=4, batch_size=64, lr=3e-3))
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=3, batch_size=64, lr=3e-3))
     search: dict[str, SearchSpec] = field(default_factory=dict)
 
 
