@@ -117,6 +117,8 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
         ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
                                runtime, batch, b.steps, b.warmup_steps, b.repeats, synthetic=True)  # fmt: skip
     rec = _summarize(real, ceiling)
+    for unit, per_sample in (prepared.meta.get("units_per_sample") or {}).items():  # e.g. tokens per tweet
+        rec[f"bench/{unit}_per_s"] = rec["bench/samples_per_s"] * per_sample
     rec.update(kind="throughput", workload=wl.name, variant=variant, **runtime.tags(), batch_size=batch,
                cpu_threads=engine.threads(), timed=f"{b.repeats} x {b.steps} training steps after {b.warmup_steps} warm-up; "
                "batches drawn from the device-resident training split")  # fmt: skip

@@ -141,7 +141,7 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
                 desc = f"{wl.name}/{variant} {runtime.framework}"
                 result = engine.fit(model, task, prepared, params.train, runtime, log_epoch, desc, checkpoint)
                 run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
-                summary = result.summary()
+                summary = result.summary(units_per_sample=prepared.meta.get("units_per_sample"))
                 run.log_metrics(summary)  # the per-epoch curves are already in
                 folder = models / variant
                 folder.mkdir()

@@ -37,8 +37,11 @@ class FitResult:
     peak_gpu_mb: float | None = None
     resumed_from: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
 
-    def summary(self, warmup_epochs: int = 1) -> dict[str, float]:
-        """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist."""
+    def summary(self, warmup_epochs: int = 1, units_per_sample: dict[str, float] | None = None) -> dict[str, float]:
+        """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist.
+
+        `units_per_sample` (prepared meta, e.g. {"tokens": 23.4}) adds `throughput/<unit>_per_s` beside samples/s.
+        """
         epochs = steady(self.epoch_s, warmup_epochs)
         med = median(epochs)
         out = {
@@ -53,6 +56,8 @@ class FitResult:
         if self.data_epoch_s is not None:
             out["time/data_epoch_s"] = self.data_epoch_s
             out["time/data_share"] = self.data_epoch_s / med if med > 0 else float("nan")
+        for unit, per_sample in (units_per_sample or {}).items():
+            out[f"throughput/{unit}_per_s"] = out["throughput/samples_per_s"] * per_sample
         if self.peak_gpu_mb is not None:
             out["mem/peak_gpu_mb"] = self.peak_gpu_mb
         return out

@@ -85,10 +85,13 @@ def _time_batches(sw: Stopwatch, arrays: dict[str, torch.Tensor], keys: list[str
     return sw.stop("data", t0)
 
 
-def _to_device(arrays: dict[str, np.ndarray], task: Task, device: str) -> dict[str, torch.Tensor]:
+def _to_device(
+    arrays: dict[str, np.ndarray], task: Task, device: str, host: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """Every array onto the device, except the `host` inputs a model must read on the CPU."""
     out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     out["y"] = out["y"].long() if task.kind == "multiclass" else out["y"].float()
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+    return {k: v if k in host else v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 def _loss(task: Task):
@@ -126,12 +129,15 @@ def oom_message(detail: str, batch_size: int, runtime: Runtime) -> str:
 def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> FitResult:
     dev = runtime.device.torch
     inputs = prepared.meta.get("inputs", ["x"])
+    # e.g. sequence lengths for pack_padded_sequence, which wants them on the CPU: kept there, they cost
+    # one copy of the permutation per epoch instead of a device-to-host sync per step
+    host = frozenset(prepared.meta.get("host_inputs", ()))
     sw = Stopwatch(_sync(runtime))
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t_fit = sw.start()
-    tr = _to_device(prepared.splits["train"], task, dev)
-    va = _to_device(prepared.splits["val"], task, dev)
+    tr = _to_device(prepared.splits["train"], task, dev, host)
+    va = _to_device(prepared.splits["val"], task, dev, host)
     to_device_s = sw.stop("to_device", t_fit)
     _place(model, runtime)
     step_model = torch.compile(model) if runtime.compile else model
@@ -147,11 +153,13 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
         model.train()
         t0 = sw.start()
         perm = torch.randperm(n, device=dev, generator=gen)
+        perm_host = perm.cpu() if host else perm
         loss_sum = torch.zeros((), device=dev)
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
+            batch = [tr[k][perm_host[i : i + bs] if k in host else idx] for k in inputs]
             with _autocast(runtime):
-                loss = loss_fn(step_model(*(tr[k][idx] for k in inputs)), tr["y"][idx])
+                loss = loss_fn(step_model(*batch), tr["y"][idx])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -173,7 +181,7 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
         if on_epoch:
             on_epoch(epoch, row)
     result.fit_s = sw.stop("fit", t_fit)
-    result.data_epoch_s = _time_batches(sw, tr, [*inputs, "y"], bs, gen)
+    result.data_epoch_s = _time_batches(sw, tr, [k for k in (*inputs, "y") if k not in host], bs, gen)
     if runtime.device.type == "cuda":
         result.peak_gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
@@ -241,24 +249,27 @@ def bench(
     inputs = prepared.meta.get("inputs", ["x"])
     sw = Stopwatch(_sync(runtime))
     t0 = sw.start()
-    tr = _to_device(prepared.splits["train"], task, dev)
+    host = frozenset(prepared.meta.get("host_inputs", ()))
+    tr = _to_device(prepared.splits["train"], task, dev, host)
     to_device_s = sw.stop("to_device", t0)
     _place(model, runtime).train()
     step_model = torch.compile(model) if runtime.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     loss_fn = _loss(task)
-    gen = torch.Generator(device=dev).manual_seed(runtime.seed)
+    # indices are drawn on the host when some inputs live there (packed-sequence lengths), then copied
+    gen = torch.Generator(device="cpu" if host else dev).manual_seed(runtime.seed)
     n = len(tr["y"])
-    fixed = torch.randint(0, n, (batch_size,), device=dev, generator=gen)
-    fixed_batch = ([tr[k][fixed] for k in inputs], tr["y"][fixed])
+
+    def draw() -> tuple[list[torch.Tensor], torch.Tensor]:
+        idx_h = torch.randint(0, n, (batch_size,), device=gen.device, generator=gen)
+        idx = idx_h.to(dev, non_blocking=True)
+        return [tr[k][idx_h if k in host else idx] for k in inputs], tr["y"][idx]
+
+    fixed_batch = draw()
 
     def step() -> None:
-        if synthetic:
-            xb, yb = fixed_batch
-        else:
-            idx = torch.randint(0, n, (batch_size,), device=dev, generator=gen)
-            xb, yb = [tr[k][idx] for k in inputs], tr["y"][idx]
+        xb, yb = fixed_batch if synthetic else draw()
         with _autocast(runtime):
             loss = loss_fn(step_model(*xb), yb)
         opt.zero_grad(set_to_none=True)

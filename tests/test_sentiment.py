@@ -1,0 +1,225 @@
+"""Sentiment workload: the real stages on the bundled tweets (torch) and on fixtures in the three file
+formats (entity-level through TensorFlow), the split without leaks, the EDA artefacts, and each bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import FIXTURES, make_project
+
+from accelbench.workloads.sentiment import Prepare, clean, tokenize
+
+DATA = FIXTURES / "sentiment"
+ENTITY = DATA / "twitter_entity.csv"
+
+
+def repro(project, *targets: str) -> None:
+    project.run(sys.executable, "-m", "dvc", "repro", *targets)
+
+
+def stages(project, *names: str) -> None:
+    """The stage scripts one by one, where `dvc repro` would add stages the test does not need."""
+    for name in names:
+        proc = project.stage(name, "sentiment")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def new_project(tmp_path_factory, name: str):
+    project = make_project(tmp_path_factory.mktemp(name) / "project")
+    # tiny LSTM steps: with 2 threads on a busy 2-core box, OpenMP spin-waits made epochs 10-30x slower
+    project.update("cpu_threads", 1)
+    return project
+
+
+def read_json(project, path: str):
+    return json.loads((project.root / path).read_text())
+
+
+def use_file(project, path: Path, **data) -> None:
+    project.update("sentiment.data.source", "path")
+    project.update("sentiment.data.path", str(path))
+    for key, value in data.items():
+        project.update(f"sentiment.data.{key}", value)
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    project = new_project(tmp_path_factory, "sentiment-bundled")
+    repro(project, "eda@sentiment", "evaluate@sentiment")  # eda is a side branch: named on its own
+    return project
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """One project for the tests that only swap the input file (a fresh one costs seconds)."""
+    return new_project(tmp_path_factory, "sentiment-scratch")
+
+
+@pytest.fixture(scope="module")
+def failing(tmp_path_factory):
+    """One project for the bad files: none of them may leave an output behind."""
+    return new_project(tmp_path_factory, "sentiment-failing")
+
+
+@pytest.fixture(scope="module")
+def entity_tf(tmp_path_factory):
+    project = new_project(tmp_path_factory, "sentiment-entity")
+    use_file(project, ENTITY)
+    project.update("sentiment.framework", "tensorflow")
+    stages(project, "ingest", "eda", "prepare", "train", "evaluate")  # tune is covered by the bundled run
+    return project
+
+
+def test_bundled_eda_holds_sane_numbers(bundled):
+    eda = read_json(bundled, "results/sentiment/eda/eda.json")
+    for png in ["class_balance", "tokens_per_tweet", "top_terms", "vader_compound"]:
+        assert (bundled.root / f"results/sentiment/eda/{png}.png").stat().st_size > 5000, png
+    assert eda["rows"] == 400 and eda["rows_in_source"] == 20761  # trump_tweets, sampled to max_rows
+    assert sum(eda["class_counts"].values()) == 400
+    assert eda["vader"]["counts_at_symmetric_thresholds"]["+-0.05"] == eda["class_counts"]  # labels follow the thresholds
+    wide = eda["vader"]["counts_at_symmetric_thresholds"]["+-0.5"]
+    assert wide["neutral"] > eda["class_counts"]["neutral"]  # a wider band makes more tweets neutral
+    for stats in eda["tokens_per_tweet"].values():
+        assert 3 < stats["mean"] < 60 and stats["max"] >= stats["p95"] >= stats["median"]
+    assert eda["top_terms"]["positive"]["tokens"][0][0] in {"great", "thank", "thanks"}
+    assert eda["duplicates"]["near_duplicate_rows"] >= eda["duplicates"]["exact_duplicate_rows"]
+    eda_run = bundled.runs("sentiment", "tags.stage = 'eda'")[0]
+    logged = {a.path for a in bundled.client().list_artifacts(eda_run.info.run_id, "eda")}
+    assert "eda/vader_compound.png" in logged and "eda/eda.json" in logged
+
+
+def test_bundled_bilstm_and_baseline_side_by_side(bundled):
+    scores = read_json(bundled, "results/sentiment/evaluate.json")
+    classes = read_json(bundled, "data/prepared/sentiment/meta.json")["classes"]
+    assert classes == ["negative", "neutral", "positive"]
+    for model in ["bilstm", "tfidf_logreg"]:
+        m = scores[model]
+        assert 0.0 <= m["test/macro_f1"] <= 1.0 and 0.0 < m["test/accuracy"] <= 1.0
+        assert {f"test/f1_{c}" for c in classes} <= set(m)
+        assert m["test/macro_f1"] == pytest.approx(np.mean([m[f"test/f1_{c}"] for c in classes]))
+        assert (bundled.root / f"results/sentiment/plots/{model}_confusion_test.png").is_file()
+    assert scores["tfidf_logreg"]["test/accuracy"] > 0.45  # VADER labels are lexical: TF-IDF must beat chance
+    baseline = bundled.runs("sentiment", "tags.variant = 'tfidf_logreg'")
+    assert len(baseline) == 1 and baseline[0].info.status == "FINISHED"
+    assert baseline[0].data.metrics["test/macro_f1"] == pytest.approx(scores["tfidf_logreg"]["test/macro_f1"])
+
+
+def test_bundled_train_run_logs_tokens_per_second_and_distant_supervision(bundled):
+    run = bundled.runs("sentiment", "tags.stage = 'train'")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["framework"] == "torch"
+    assert run.data.tags["labels"].startswith("distant supervision: VADER compound <= -0.05")
+    assert "packed" in run.data.tags["rnn"]
+    with np.load(bundled.root / "data/prepared/sentiment/train.npz") as train:
+        tokens_per_tweet = train["lengths"].mean()
+        assert (train["lengths"] == (train["tokens"] != 0).sum(axis=1)).all()  # lengths count the non-pad ids
+    m = run.data.metrics
+    assert m["throughput/tokens_per_s"] == pytest.approx(m["throughput/samples_per_s"] * tokens_per_tweet, rel=1e-6)
+    assert read_json(bundled, "results/sentiment/train.json")["bilstm"]["throughput/tokens_per_s"] > 0
+
+
+def test_entity_file_runs_every_stage_in_tensorflow(entity_tf):
+    source = read_json(entity_tf, "data/raw/sentiment/source.json")
+    assert source["format"] == "entity" and source["rows"] == 210 and source["empty_texts"] == 1
+    raw = pd.read_csv(entity_tf.root / "data/raw/sentiment/tweets.csv", dtype=str, keep_default_na=False)
+    assert raw["text"].str.contains("\n").sum() == 1 and not raw["text"].str.contains("\r").any()  # CRLF rows
+    eda = read_json(entity_tf, "results/sentiment/eda/eda.json")
+    assert eda["entities"]["n_entities"] == 6 and (entity_tf.root / "results/sentiment/eda/sentiment_by_entity.png").is_file()
+    assert eda["duplicates"]["ids"]["rows_per_id_mean"] > 2
+    assert "vader" not in eda
+    meta = read_json(entity_tf, "data/prepared/sentiment/meta.json")
+    assert meta["classes"] == ["negative", "neutral", "positive", "irrelevant"]
+    scores = read_json(entity_tf, "results/sentiment/evaluate.json")
+    assert set(scores) == {"bilstm", "tfidf_logreg"} and "test/f1_irrelevant" in scores["bilstm"]
+    run = entity_tf.runs("sentiment", "tags.stage = 'train'")[0]
+    assert run.data.tags["framework"] == "tensorflow" and "cuDNN-eligible" in run.data.tags["rnn"]
+    assert run.data.tags["labels"].startswith("from the source file")
+    assert run.data.metrics["throughput/tokens_per_s"] > 0
+
+
+def test_no_tweet_id_or_text_in_two_splits(entity_tf):
+    raw = pd.read_csv(entity_tf.root / "data/raw/sentiment/tweets.csv", dtype=str, keep_default_na=False)
+    rows = read_json(entity_tf, "data/prepared/sentiment/meta.json")["raw_rows"]
+    ids = {s: set(raw.loc[r, "id"]) for s, r in rows.items()}
+    texts = {s: set(raw.loc[r, "text"].str.strip()) for s, r in rows.items()}
+    assert max(raw.loc[rows["train"], "id"].value_counts()) > 1  # several variants per id reach train together
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not ids[a] & ids[b], f"tweet ids in {a} and {b}: {sorted(ids[a] & ids[b])[:5]}"
+        assert not texts[a] & texts[b], f"texts in {a} and {b}: {sorted(texts[a] & texts[b])[:2]}"
+    shared = raw[raw["text"] == raw.loc[10, "text"]]["id"]  # the fixture repeats one text under a second id
+    assert shared.nunique() == 2 and len({s for s, i in ids.items() if set(shared) & i}) == 1
+
+
+def test_vocabulary_is_fitted_on_train_only(entity_tf):
+    raw = pd.read_csv(entity_tf.root / "data/raw/sentiment/tweets.csv", dtype=str, keep_default_na=False)
+    meta = read_json(entity_tf, "data/prepared/sentiment/meta.json")
+    seen = {s: {t for text in raw.loc[r, "text"] for t in tokenize(clean(text, Prepare()))} for s, r in meta["raw_rows"].items()}
+    vocab = set(meta["vocab"][2:])
+    assert vocab == seen["train"]  # min_freq 1 in tests: every train token, and nothing else
+    assert (seen["val"] | seen["test"]) - seen["train"], "fixture should hold tokens unseen in training"
+
+
+def test_folder_of_sentiment140_and_named_csv_ingests(scratch, tmp_path):
+    folder = tmp_path / "tweets"
+    folder.mkdir()
+    for name in ["sentiment140.csv", "named_columns.csv"]:
+        (folder / name).write_bytes((DATA / name).read_bytes())
+    use_file(scratch, folder, text_column="tweet", label_column="sentiment")
+    stages(scratch, "ingest")
+    source = read_json(scratch, "data/raw/sentiment/source.json")
+    assert source["format"] == "named+sentiment140" and source["rows"] == 300
+    assert source["class_counts"] == {"positive": 110, "neutral": 95, "negative": 95}
+    raw = pd.read_csv(scratch.root / "data/raw/sentiment/tweets.csv", dtype=str, keep_default_na=False)
+    assert raw["text"].str.contains("café crème").sum() == 22  # Sentiment140 is latin-1
+    assert raw["id"].str.startswith("14678").sum() == 150 and raw["id"].eq("").sum() == 150  # ids only in S140
+    tokens = {t for text in raw["text"] for t in tokenize(clean(text, Prepare()))}
+    assert {"<url>", "<user>", "café"} <= tokens and not any(t.startswith(("http", "@")) for t in tokens)
+
+
+# ---------------------------------------------------------------- bad input: one line, non-zero exit, FAILED run
+
+ENTITY_ROWS = "1,Amazon,Positive,love it\r\n2,Amazon,Negative,hate it\r\n"
+
+
+def assert_fails_cleanly(project, stage: str, *expected: str, output: str = "data/raw/sentiment") -> None:
+    proc = project.stage(stage, "sentiment")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("accelbench")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert not (project.root / output).exists()
+    run = project.runs("sentiment", f"tags.stage = '{stage}'")[0]
+    assert run.info.status == "FAILED" and expected[0] in run.data.tags["failure_reason"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("unknown.csv", "date,open,close\n2020-01-01,1,2\n", ("unknown tweet file format", "Sentiment140")),
+        ("no_label.csv", "text,mood\nlove it,happy\nhate it,sad\n", ("missing column 'label'", "label_column")),
+        ("empty_texts.csv", "1,Amazon,Positive,\r\n2,Amazon,Negative,\r\n", ("all 2 texts are empty", "text")),
+        ("bad_label.csv", ENTITY_ROWS + "3,Amazon,Happy,yay\r\n", ("'Happy' is not a known label", "sentiment")),
+    ],
+)
+def test_bad_file_fails_ingest_with_one_clear_line(failing, tmp_path, name, content, expected):
+    bad = tmp_path / name
+    bad.write_text(content)
+    use_file(failing, bad)
+    assert_fails_cleanly(failing, "ingest", str(bad), *expected)
+
+
+def test_split_left_with_one_class_fails_prepare(scratch, tmp_path):
+    project = scratch  # holds raw data from the folder test, but no prepared data
+    # every negative tweet shares one id, so only one split can hold negatives; the others keep one class
+    rows = [f"{i},Amazon,Positive,love this great thing number {i}" for i in range(40)]
+    rows += [f"99,Amazon,Negative,awful broken thing take {i}" for i in range(6)]
+    bad = tmp_path / "one_negative_id.csv"
+    bad.write_text("\r\n".join(rows) + "\r\n")
+    use_file(project, bad)
+    assert project.stage("ingest", "sentiment").returncode == 0
+    assert_fails_cleanly(project, "prepare", "split holds only class 'positive'", "field 'label'",
+                         output="data/prepared/sentiment")  # fmt: skip
