@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
 # Per workload, the dotted keys that make its stages take seconds, not minutes.
 SMALL: dict[str, dict[str, object]] = {
     "diabetes": {"train.epochs": 4},
+    "quantum": {"train.epochs": 3, "search": {"train.lr": {"low": 3.0e-3, "high": 3.0e-2, "log": True}}},
 }
 
 
