@@ -142,7 +142,7 @@ def digits(tmp_path_factory):
 
     project = make_project(tmp_path_factory.mktemp("quantum") / "project")
     _only_quantum(project)
-    run_stages(project, "ingest", "eda", "prepare", "tune", "train", "evaluate")
+    run_stages(project, "ingest", "eda", "prepare", "tune", "train", "evaluate", "benchmark")
     return project
 
 
@@ -167,6 +167,13 @@ def test_stages_compare_quanv_and_raw_heads(digits):
     assert "time/quantum_s" not in trained["raw"]
     best = json.loads((root / "results/quantum/best_params.json").read_text())
     assert best["quanv"]["study"] == "quantum-quanv-cpu-torch" and best["raw"]["study"] == "quantum-raw-cpu-torch"
+
+
+def test_benchmark_times_each_variant_on_its_own_inputs(digits):
+    records = json.loads((digits.root / "results/quantum/benchmark.json").read_text())["records"]
+    assert {r["variant"] for r in records if r["kind"] == "throughput"} == {"quanv", "raw"}
+    assert all(r["bench/samples_per_s"] > 0 for r in records if r["kind"] == "throughput")
+    assert {r["variant"] for r in records if r["kind"] == "time_to_target"} == {"quanv", "raw"}
 
 
 def test_each_variant_is_its_own_finished_run(digits):
