@@ -227,11 +227,10 @@ def check_unitary_fits(q: Quanv, device: str, trainable: bool) -> None:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+    unit = 0
+    while n >= 1024 and unit < 4:
+        n, unit = n / 1024, unit + 1
+    return f"{n:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
 
 
 def initial_weights(q: Quanv) -> np.ndarray:
