@@ -40,6 +40,7 @@ SMALL: dict[str, dict[str, object]] = {
         "data.max_rows": 400, "train.epochs": 2, "model.embed_dim": 8, "model.hidden": 8, "prepare.min_freq": 1,
         "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}},
     },  # fmt: skip
+    "quantum": {"train.epochs": 3, "search": {"train.lr": {"low": 3.0e-3, "high": 3.0e-2, "log": True}}},
 }
 
 

@@ -136,12 +136,14 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
             )
             name = run_name("train", runtime.tags(), variant if len(variants) > 1 else None)
             with stage_run(wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run:
+                inputs, precomputed = wl.precompute(params, prepared, runtime)
+                run.log_metrics(precomputed)
                 model = wl.build_model(runtime.framework, params, prepared.meta)
                 log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
                 desc = f"{wl.name}/{variant} {runtime.framework}"
-                result = engine.fit(model, task, prepared, params.train, runtime, log_epoch, desc, checkpoint)
+                result = engine.fit(model, task, inputs, params.train, runtime, log_epoch, desc, checkpoint)
                 run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
-                summary = result.summary(units_per_sample=prepared.meta.get("units_per_sample"))
+                summary = {**result.summary(units_per_sample=prepared.meta.get("units_per_sample")), **precomputed}
                 run.log_metrics(summary)  # the per-epoch curves are already in
                 folder = models / variant
                 folder.mkdir()
@@ -180,9 +182,10 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
             name = run_name("evaluate", runtime.tags(), variant if len(variants) > 1 else None)
             with stage_run(wl.name, "evaluate", runtime.tags(), name=name, tags={"variant": variant}) as run:
                 model = engine.load(folder, wl.build_model(runtime.framework, params, prepared.meta), runtime)
+                inputs_v, _ = wl.precompute(params, prepared, runtime)
                 metrics: dict[str, float] = {}
                 for split in ("val", "test"):
-                    arrays = prepared.splits[split]
+                    arrays = inputs_v.splits[split]
                     logits = engine.predict(model, task, arrays, inputs, runtime, prepared.meta.get("eval_batch_size", 4096))
                     metrics.update(task.metrics(arrays["y"], logits, split))
                     metrics.update(wl.evaluate_extra(params, prepared, split, logits, plots, f"{variant}_{split}"))

@@ -128,9 +128,10 @@ def objective_for(s: Study, parent_run_id: str):
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
 
+            trial_inputs, _ = s.wl.precompute(trial_params, s.prepared, s.runtime)
             model = s.wl.build_model(s.runtime.framework, trial_params, s.prepared.meta)
             try:
-                result = engine.fit(model, s.task, s.prepared, trial_params.train, s.runtime, on_epoch, f"trial {trial.number}")
+                result = engine.fit(model, s.task, trial_inputs, trial_params.train, s.runtime, on_epoch, f"trial {trial.number}")
             except optuna.TrialPruned as exc:
                 pruned = exc
                 run.set_tags({"optuna.state": "PRUNED", "pruned": str(exc)})

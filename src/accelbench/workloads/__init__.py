@@ -42,6 +42,12 @@ class Workload:
         own study, MLflow run, model folder and entry in the stage's metrics JSON."""
         return {"model": {}}
 
+    def precompute(self, params: WorkloadParams, prepared: Prepared, runtime: Any) -> tuple[Prepared, dict[str, float]]:
+        """Turn prepared arrays into the model's inputs on the runtime's device, once per variant before
+        fit and predict (a fixed feature extractor, e.g. a quantum circuit); return them and metrics to
+        log (its timings). Called by tune (per trial), train and evaluate. Default: inputs as prepared."""
+        return prepared, {}
+
     def evaluate_extra(
         self, params: WorkloadParams, prepared: Prepared, split: str, logits: Any, out_dir: Path, prefix: str
     ) -> dict[str, float]:

@@ -1,0 +1,288 @@
+"""Quanvolutional network: simulators against PennyLane, both modes training, the MNIST CSV path, bad input."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pennylane as qml
+import pytest
+import torch
+
+from accelbench.workloads.quantum import (
+    Quanv,
+    circuit_unitary,
+    initial_weights,
+    patch_qnode,
+    quanvolution,
+    random_layers,
+    read_digits_csv,
+)
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "quantum"
+HAS_LIGHTNING = importlib.util.find_spec("pennylane_lightning") is not None
+SIMULATORS = [
+    "unitary",
+    "default.qubit",
+    pytest.param("lightning.qubit", marks=pytest.mark.skipif(not HAS_LIGHTNING, reason="pennylane-lightning is not installed")),
+]
+CIRCUITS = {  # the demo's circuit, and one with fewer qubits than pixels, overlapping patches and 2 layers
+    "2x2-4q": Quanv(),
+    "3x3-4q-2l": Quanv(qubits=4, layers=2, seed=7, patch=3, stride=1),
+}
+
+
+def per_patch_reference(q: Quanv, images: np.ndarray) -> np.ndarray:
+    """One QNode call per patch: the definition every simulator must reproduce."""
+    qnode, weights = patch_qnode(q), initial_weights(q)
+    side = (images.shape[-1] - q.patch) // q.stride + 1
+    out = np.zeros((len(images), q.qubits, side, side))
+    for i, img in enumerate(images[:, 0]):
+        for r in range(side):
+            for c in range(side):
+                patch = img[r * q.stride : r * q.stride + q.patch, c * q.stride : c * q.stride + q.patch]
+                out[i, :, r, c] = [float(v) for v in qnode(patch.reshape(-1), weights)]
+    return out
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["fixed", "trainable"])
+@pytest.mark.parametrize("simulator", SIMULATORS)
+@pytest.mark.parametrize("circuit", list(CIRCUITS))
+def test_every_simulator_equals_the_per_patch_qnode(circuit, simulator, trainable):
+    q = replace(CIRCUITS[circuit], simulator=simulator)
+    images = np.random.default_rng(3).uniform(0, 1, (2, 1, 6, 6))
+    layer = quanvolution(q, trainable=trainable, dtype="float64")
+    with torch.no_grad():
+        got = layer(torch.from_numpy(images)).numpy()
+    assert got.shape == (2, q.qubits, *per_patch_reference(q, images[:1]).shape[2:])
+    np.testing.assert_allclose(got, per_patch_reference(q, images), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("circuit", list(CIRCUITS))
+def test_trainable_unitary_is_pennylanes_matrix_and_has_its_gradients(circuit):
+    q = CIRCUITS[circuit]
+    layer = quanvolution(q, trainable=True, dtype="float64")
+    weights = np.random.default_rng(11).uniform(0, 2 * np.pi, (q.layers, q.qubits))
+    with torch.no_grad():
+        layer.weights.copy_(torch.from_numpy(weights))
+    re, im = layer.unitary()
+    np.testing.assert_allclose(re.detach().numpy() + 1j * im.detach().numpy(), circuit_unitary(q, weights), atol=1e-12)
+
+    images = torch.from_numpy(np.random.default_rng(5).uniform(0, 1, (2, 1, 6, 6)))
+    coeffs = torch.from_numpy(np.random.default_rng(6).normal(size=tuple(layer(images).shape)))
+    (layer(images) * coeffs).sum().backward()
+
+    @qml.qnode(qml.device("default.qubit", wires=q.qubits), interface="torch", diff_method="parameter-shift")
+    def circuit_fn(pixels, w):
+        for j, value in enumerate(pixels):
+            qml.RY(np.pi * value, wires=j % q.qubits)
+        random_layers(q, w)
+        return [qml.expval(qml.PauliZ(k)) for k in range(q.qubits)]
+
+    w = torch.tensor(weights, requires_grad=True)
+    side = coeffs.shape[-1]
+    loss = 0
+    for i in range(2):
+        for r in range(side):
+            for c in range(side):
+                patch = images[i, 0, r * q.stride : r * q.stride + q.patch, c * q.stride : c * q.stride + q.patch]
+                loss = loss + (torch.stack(circuit_fn(patch.reshape(-1), w)) * coeffs[i, :, r, c]).sum()
+    loss.backward()
+    assert w.grad.abs().max() > 1e-3  # a real gradient, not zeros on both sides
+    np.testing.assert_allclose(layer.weights.grad.numpy(), w.grad.numpy(), atol=1e-6)
+
+
+def test_mnist_csv_with_and_without_header_reads_alike():
+    y_kaggle, x_kaggle = read_digits_csv(FIX / "train.csv")  # label,pixel0..pixel783
+    y_named, x_named = read_digits_csv(FIX / "mnist_in_csv.csv")  # label,1x1..28x28
+    y_bare, x_bare = read_digits_csv(FIX / "no_header.csv")
+    assert x_kaggle.shape == (100, 28, 28) and x_kaggle.max() <= 255
+    assert sorted(np.bincount(y_kaggle)) == [10] * 10
+    for y, x in ((y_named, x_named), (y_bare, x_bare)):
+        np.testing.assert_array_equal(y, y_kaggle[:12])
+        np.testing.assert_array_equal(x, x_kaggle[:12])
+
+
+def test_global_tensorflow_leaves_quantum_on_torch(tmp_path):
+    from accelbench.config import load_config
+    from accelbench.pipeline import runtime_for
+    from accelbench.workloads import get_workload
+
+    path = tmp_path / "params.yaml"
+    path.write_text("workloads: [quantum]\nframework: tensorflow\nquantum: {framework: torch}\n")
+    assert runtime_for(load_config(path), get_workload("quantum")).framework == "torch"
+
+
+# ---------------------------------------------------------------- the real stages
+
+
+def _only_quantum(project, **dotted) -> None:
+    """This workload alone, on one thread: tiny models on a shared 2-core machine run faster so."""
+    project.update("workloads", ["quantum"])
+    project.update("cpu_threads", 1)
+    for key, value in dotted.items():
+        project.update(key, value)
+    project.run("git", "commit", "-qam", "quantum only")
+
+
+def run_stages(project, *stages: str) -> None:
+    for stage in stages:
+        proc = project.stage(stage, "quantum")
+        assert proc.returncode == 0, f"{stage}: {proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Every stage of the workload on the bundled digits, shrunk by conftest.SMALL (the stage scripts
+    that `dvc repro` runs, called directly: test_pipeline covers DVC itself)."""
+    from conftest import make_project
+
+    project = make_project(tmp_path_factory.mktemp("quantum") / "project")
+    _only_quantum(project)
+    run_stages(project, "ingest", "eda", "prepare", "tune", "train", "evaluate", "benchmark")
+    return project
+
+
+def test_stages_compare_quanv_and_raw_heads(digits):
+    root = digits.root
+    for path in ["results/quantum/eda/digits.png", "results/quantum/eda/class_balance.png",
+                 "models/quantum/quanv/model.pt", "models/quantum/raw/model.pt",
+                 "results/quantum/plots/quanv_test_quantum_channels.png",
+                 "results/quantum/plots/quanv_confusion_test.png", "results/quantum/plots/raw_confusion_test.png"]:  # fmt: skip
+        assert (root / path).is_file(), path
+    eda = json.loads((root / "results/quantum/eda/eda.json").read_text())
+    assert eda["rows"] == 1797 and eda["image_size"] == 8 and eda["pixel_max"] == 16
+    evaluated = json.loads((root / "results/quantum/evaluate.json").read_text())
+    assert set(evaluated) == {"quanv", "raw"}
+    for variant in ("quanv", "raw"):
+        assert evaluated[variant]["test/accuracy"] > 0.5, variant  # 10 classes: chance is 0.1
+        assert 0 < evaluated[variant]["test/macro_f1"] <= 1
+    trained = json.loads((root / "results/quantum/train.json").read_text())
+    quanv = trained["quanv"]
+    assert quanv["quantum/circuits"] == 1797 * 16  # every 2x2 patch of every 8x8 image, once
+    assert quanv["time/quantum_s"] > 0 and quanv["throughput/circuits_per_s"] > 0
+    assert "time/quantum_s" not in trained["raw"]
+    best = json.loads((root / "results/quantum/best_params.json").read_text())
+    assert best["quanv"]["study"] == "quantum-quanv-cpu-torch" and best["raw"]["study"] == "quantum-raw-cpu-torch"
+
+
+def test_benchmark_times_each_variant_on_its_own_inputs(digits):
+    records = json.loads((digits.root / "results/quantum/benchmark.json").read_text())["records"]
+    assert {r["variant"] for r in records if r["kind"] == "throughput"} == {"quanv", "raw"}
+    assert all(r["bench/samples_per_s"] > 0 for r in records if r["kind"] == "throughput")
+    assert {r["variant"] for r in records if r["kind"] == "time_to_target"} == {"quanv", "raw"}
+
+
+def test_each_variant_is_its_own_finished_run(digits):
+    runs = digits.runs("quantum", "tags.stage = 'train'")
+    assert {r.info.run_name for r in runs} == {"train-cpu-torch-quanv", "train-cpu-torch-raw"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    by_variant = {r.data.tags["variant"]: r for r in runs}
+    quanv, raw = by_variant["quanv"], by_variant["raw"]
+    assert quanv.data.tags["quanv.simulator"] == "unitary" and quanv.data.tags["quanv.mode"] == "fixed"
+    assert quanv.data.params["model.quanv.qubits"] == "4" and raw.data.params["model.features"] == "raw"
+    for key in ("model.head", "model.hidden", "train.epochs", "train.batch_size"):  # the same head and budget
+        assert quanv.data.params[key] == raw.data.params[key], key
+    assert "throughput/circuits_per_s" in quanv.data.metrics
+    artifacts = [a.path for a in digits.client().list_artifacts(
+        digits.runs("quantum", "tags.stage = 'evaluate' and tags.variant = 'quanv'")[0].info.run_id, "plots")]  # fmt: skip
+    assert "plots/quanv_test_quantum_channels.png" in artifacts
+
+
+def test_trainable_mode_learns_the_circuit_weights(digits):  # after the tests reading the fixed run
+    digits.update("quantum.model.quanv.mode", "trainable")
+    try:
+        run_stages(digits, "train", "evaluate")
+    finally:
+        digits.update("quantum.model.quanv.mode", "fixed")
+    state = torch.load(digits.root / "models/quantum/quanv/model.pt", weights_only=True)
+    learned = state["0.weights"].numpy()
+    assert learned.shape == (1, 4)
+    assert np.abs(learned - initial_weights(Quanv())).max() > 1e-4  # backprop moved them
+    run = digits.runs("quantum", "tags.stage = 'train' and tags.variant = 'quanv'")[0]
+    assert run.data.tags["quanv.mode"] == "trainable" and run.info.status == "FINISHED"
+    assert "time/quantum_s" not in run.data.metrics  # nothing precomputed: the circuit runs in every step
+    evaluated = json.loads((digits.root / "results/quantum/evaluate.json").read_text())
+    assert evaluated["quanv"]["test/accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    """Raw and prepared data from the Kaggle-format MNIST CSV fixture, resized 28 -> 14."""
+    from conftest import make_project
+
+    project = make_project(tmp_path_factory.mktemp("mnist") / "project")
+    _only_quantum(project, **{"quantum.data.source": "path", "quantum.data.path": str(FIX / "train.csv"),
+                              "quantum.prepare.image_size": 14})  # fmt: skip
+    run_stages(project, "ingest", "prepare")
+    return project
+
+
+def test_csv_path_trains_on_the_fixture(mnist):
+    meta = json.loads((mnist.root / "data/prepared/quantum/meta.json").read_text())
+    assert meta["image_size"] == 14 and meta["stored_image_size"] == 28 and meta["pixel_max"] == 255
+    run_stages(mnist, "train")
+    trained = json.loads((mnist.root / "results/quantum/train.json").read_text())
+    assert trained["quanv"]["quantum/circuits"] == 100 * 7 * 7  # 2x2 patches, stride 2, on 14x14
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")) if folder.exists() else []:
+        h.update(str(f.relative_to(folder)).encode() + (f.read_bytes() if f.is_file() else b""))
+    return h.hexdigest()
+
+
+def assert_clean_failure(project, proc, stage: str, output: Path, before: str, *needles: str) -> None:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("accelbench ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert _tree_digest(output) == before, f"{output} changed"
+    assert not list(output.parent.glob(f".{output.name}.*")), "a temp folder was left behind"
+    run = project.runs("quantum", f"tags.stage = '{stage}'")[0]
+    assert run.info.status == "FAILED"
+    assert needles[-1] in run.data.tags["failure_reason"]
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        ({"patch": 3, "stride": 2}, ["quantum.model.quanv.patch/stride", "does not tile the 14x14 image"]),
+        ({"qubits": 5}, ["quantum.model.quanv.qubits", "has 4 pixels"]),
+        ({"qubits": 20, "patch": 5, "stride": 3}, ["quantum.model.quanv.qubits", "use quanv.simulator default.qubit"]),
+    ],
+    ids=["patch-does-not-tile", "more-qubits-than-pixels", "unitary-too-large"],
+)
+def test_bad_circuit_fails_cleanly(mnist, overrides, needles):
+    models = mnist.root / "models" / "quantum"
+    before = _tree_digest(models)
+    original = mnist.params()["quantum"]["model"]["quanv"]
+    mnist.update("quantum.model.quanv", {**original, **overrides})
+    try:
+        proc = mnist.stage("train", "quantum")
+    finally:
+        mnist.update("quantum.model.quanv", original)
+    assert_clean_failure(mnist, proc, "train", models, before, *needles)
+
+
+@pytest.mark.parametrize(
+    "fixture, needles",
+    [
+        ("test_no_label.csv", ["test_no_label.csv", "no 'label' column"]),
+        ("pixel_out_of_range.csv", ["pixel_out_of_range.csv", "column 'pixel300', row 5", "expected integers 0..255"]),
+    ],
+)
+def test_bad_csv_fails_at_ingest(mnist, fixture, needles):
+    raw = mnist.root / "data" / "raw" / "quantum"
+    before = _tree_digest(raw)  # the good fixture's data: a failed ingest must leave it as it was
+    mnist.update("quantum.data.path", str(FIX / fixture))
+    try:
+        proc = mnist.stage("ingest", "quantum")
+    finally:
+        mnist.update("quantum.data.path", str(FIX / "train.csv"))
+    assert_clean_failure(mnist, proc, "ingest", raw, before, *needles)
