@@ -35,6 +35,11 @@ def pytest_collection_modifyitems(config, items):
 # Per workload, the dotted keys that make its stages take seconds, not minutes.
 SMALL: dict[str, dict[str, object]] = {
     "diabetes": {"train.epochs": 4},
+    # one small layer, one epoch; the search tunes lr only, so no trial picks a large model
+    "stock": {"train.epochs": 1, "model.layers": 1, "model.units": 8,
+              "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}},
+    "rnn": {"train.epochs": 1, "model.layers": 1, "model.units": 8,
+            "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}},
 }
 
 

@@ -34,6 +34,7 @@ class FitResult:
     to_device_s: float = 0.0
     n_train: int = 0
     peak_gpu_mb: float | None = None
+    n_params: int | None = None  # trainable parameters: what a "bigger model" costs, beside its time
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, warmup_epochs: int = 1) -> dict[str, float]:
@@ -51,6 +52,8 @@ class FitResult:
         }
         if self.peak_gpu_mb is not None:
             out["mem/peak_gpu_mb"] = self.peak_gpu_mb
+        if self.n_params is not None:
+            out["model/params"] = self.n_params
         return out
 
 
