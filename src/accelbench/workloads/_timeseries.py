@@ -506,9 +506,10 @@ class SeriesWorkload(Workload):
             "last_date": series.dates[-1] if series.dates else None,
         }
 
-    def raw_series(self, raw_dir: Path) -> PriceSeries:
+    def raw_series(self, raw_dir: Path) -> tuple[PriceSeries, dict[str, Any]]:
+        """The series ingest validated, and ingest's summary (its files, target column and origin)."""
         source = read_json(raw_dir / "source.json")
-        return read_prices([raw_dir / f for f in source["files"]], source["target"], (), self.name)
+        return read_prices([raw_dir / f for f in source["files"]], source["target"], (), self.name), source
 
     def eda(self, params: SeriesParams, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
         import matplotlib
@@ -516,7 +517,7 @@ class SeriesWorkload(Workload):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        s = self.raw_series(raw_dir)
+        s, _ = self.raw_series(raw_dir)
         returns = np.diff(np.log(s.values))
         lags = range(1, min(21, len(returns) - 1))
         acf = [float(np.corrcoef(returns[:-k], returns[k:])[0, 1]) for k in lags]
@@ -531,7 +532,7 @@ class SeriesWorkload(Workload):
         left.set(title="Daily log returns", xlabel="log return", ylabel="days")
         right.bar(list(lags), acf)
         right.axhline(0, color="black", lw=0.8)
-        right.set(title="Autocorrelation of returns (near 0: hard to beat persistence)", xlabel="lag (days)")
+        right.set(title="Return autocorrelation (near 0: a random walk)", xlabel="lag (days)")
         fig.tight_layout()
         fig.savefig(out_dir / "returns.png", dpi=100)
         plt.close("all")
@@ -547,12 +548,12 @@ class SeriesWorkload(Workload):
         }
 
     def prepare(self, params: SeriesParams, raw_dir: Path, seed: int) -> Prepared:
-        s = self.raw_series(raw_dir)
+        s, source = self.raw_series(raw_dir)
         prep = params.prepare
         n = len(s.values)
         if not _enough(n, prep):
             raise DataError(
-                f"{raw_dir}: column '{s.column}' has {n} values, too few for window {prep.window} + horizon "
+                f"{source['origin']}: column '{s.column}' has {n} values, too few for window {prep.window} + horizon "
                 f"{prep.horizon} with val_size {prep.val_size} and test_size {prep.test_size}: expected at least "
                 f"{min_rows(prep)} (or lower {self.name}.prepare.window)"
             )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import TrainParams
+from ..errors import ConfigError
 from ._timeseries import Bundled, Cell, RecurrentModel, SeriesData, SeriesParams, SeriesWorkload
 
 
@@ -39,6 +40,8 @@ class Rnn(SeriesWorkload):
     default_targets = ("High", "DAX")  # High as in the Kaggle notebook's IBM file; DAX in EuStockMarkets
 
     def variants(self, params: Params) -> dict[str, dict[str, Any]]:
+        if not params.model.cells:
+            raise ConfigError("params.yaml: rnn.model.cells: empty; expected some of ['rnn', 'lstm', 'gru']")
         return {cell: {"model.cell": cell} for cell in dict.fromkeys(params.model.cells)}
 
 
