@@ -41,6 +41,11 @@ SMALL: dict[str, dict[str, object]] = {
         "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}},
     },  # fmt: skip
     "quantum": {"train.epochs": 3, "search": {"train.lr": {"low": 3.0e-3, "high": 3.0e-2, "log": True}}},
+    # one small layer, one epoch; the search tunes lr only, so no trial picks a large model
+    "stock": {"train.epochs": 1, "model.layers": 1, "model.units": 8,
+              "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}},
+    "rnn": {"train.epochs": 1, "model.layers": 1, "model.units": 8,
+            "search": {"train.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}}},
 }
 
 

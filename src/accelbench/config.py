@@ -26,10 +26,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class SearchSpec:
     """One Optuna dimension: a float/int range or a list of choices."""
 
-    low: float | None = None
-    high: float | None = None
+    low: int | float | None = None  # ints on both ends make an integer range (suggest_int)
+    high: int | float | None = None
     log: bool = False
-    step: float | None = None
+    step: int | float | None = None
     choices: list[Any] | None = None
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ class FitResult:
     n_train: int = 0
     peak_gpu_mb: float | None = None
     resumed_from: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
+    n_params: int | None = None  # trainable parameters: what a "bigger model" costs, beside its time
 
     def summary(self, warmup_epochs: int = 1, units_per_sample: dict[str, float] | None = None) -> dict[str, float]:
         """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist.
@@ -60,6 +61,8 @@ class FitResult:
             out[f"throughput/{unit}_per_s"] = out["throughput/samples_per_s"] * per_sample
         if self.peak_gpu_mb is not None:
             out["mem/peak_gpu_mb"] = self.peak_gpu_mb
+        if self.n_params is not None:
+            out["model/params"] = self.n_params
         return out
 
 

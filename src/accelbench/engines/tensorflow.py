@@ -135,7 +135,8 @@ def fit(
 ) -> FitResult:
     inputs = prepared.meta.get("inputs", ["x"])
     tr, va = prepared.splits["train"], prepared.splits["val"]
-    result = FitResult(n_train=len(tr["y"]))
+    n_params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    result = FitResult(n_train=len(tr["y"]), n_params=n_params)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=train.lr, weight_decay=train.weight_decay),
         loss=_loss(task),

@@ -146,7 +146,8 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     loss_fn = _loss(task)
     gen = torch.Generator(device=dev).manual_seed(runtime.seed)
     n, bs = len(tr["y"]), train.batch_size
-    result = FitResult(n_train=n, to_device_s=to_device_s)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params)
     y_val = prepared.splits["val"]["y"]
     start = _resume(checkpoint, model, opt, scaler, gen, result, dev)
     for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
