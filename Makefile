@@ -27,8 +27,9 @@ $(VENV)/.installed: pyproject.toml
 repro: setup
 	dvc repro
 
+# Two workers, one test file each: most of the time is single-threaded stage start-up.
 test: setup
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadfile
 
 gpu-test: setup
 	python -m pytest -q -m gpu

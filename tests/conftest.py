@@ -52,6 +52,7 @@ SMALL: dict[str, dict[str, object]] = {
 def shrink(params: dict) -> dict:
     """One config knob per thing that costs time: few epochs, two trials, CPU."""
     params["device"] = "cpu"
+    params["cpu_threads"] = 1  # two test workers share two cores: one thread each, no oversubscription
     params["tune"].update(n_trials=2, timeout_s=120, prune_warmup_epochs=1)
     params["benchmark"].update(batch_sizes=[64], steps=3, warmup_steps=1, repeats=2)
     for workload, overrides in SMALL.items():

@@ -148,8 +148,10 @@ def _summarize(real: BenchResult, ceiling: BenchResult | None) -> dict[str, Any]
         "bench/warmup_s": real.warmup_s,
         "bench/to_device_s": real.to_device_s,
         "bench/peak_gpu_mb": real.peak_gpu_mb,
+        # a counter that did not move over a repeat is below its resolution: n/a, never a made-up zero
         "bench/energy_j_per_1k_samples": (
-            1000 * median(real.energy_j) / (real.steps * real.batch_size) if real.energy_j else None
+            1000 * median(real.energy_j) / (real.steps * real.batch_size)
+            if real.energy_j and min(real.energy_j) > 0 else None
         ),
         "repeats_samples_per_s": tput,
     }
