@@ -132,7 +132,9 @@ def test_device_change_reruns_tune_train_evaluate_only(reproduced):
 def test_benchmark_records_and_cpu_only_report(reproduced):
     records = json.loads((reproduced.root / "results/diabetes/benchmark.json").read_text())["records"]
     tput = [r for r in records if r["kind"] == "throughput"]
-    assert sorted(r["batch_size"] for r in tput) == [32, 64]  # the sweep plus the default/tuned batch 32
+    tuned = json.loads((reproduced.root / "results/diabetes/best_params.json").read_text())["mlp"]["params"]
+    expected = {64, 32, tuned.get("train.batch_size", 32)}  # the sweep, the default and the tuned batch
+    assert sorted(r["batch_size"] for r in tput) == sorted(expected)
     for r in tput:
         assert len(r["repeats_samples_per_s"]) == 2 and r["bench/samples_per_s"] > 0
         assert r["bench/samples_per_s_ci_low"] <= r["bench/samples_per_s"] <= r["bench/samples_per_s_ci_high"]

@@ -95,7 +95,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         base = with_overrides(params, overrides)
         tuned, source = tuned_overrides(cfg, wl, variant, runtime, root)
         vparams = with_overrides(base, tuned)
-        roles = {base.train.batch_size: "default", vparams.train.batch_size: "tuned"}
+        roles = {vparams.train.batch_size: "tuned", base.train.batch_size: "default"}  # default wins a tie
         inputs, _ = wl.precompute(vparams, prepared, runtime)  # the training steps timed are on the model's inputs
         for batch in sorted(set(b.batch_sizes) | set(roles)):
             rec = _throughput(cfg, wl, variant, vparams, runtime, inputs, task, engine, batch, energy, len(variants) > 1)

@@ -62,14 +62,6 @@ def batched_auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (u / (n_pos * n_neg)).float()
 
 
-def _losses(task: Task):
-    if task.kind == "binary":
-        return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.reshape(-1).float(), y)
-    if task.kind == "multiclass":
-        return lambda out, y: nn.functional.cross_entropy(out.float(), y)
-    return lambda out, y: nn.functional.mse_loss(out.float(), y.view_as(out))
-
-
 def fit_population(
     models: list[nn.Module],
     lr: list[float],
@@ -83,7 +75,7 @@ def fit_population(
 ) -> PopulationResult:
     """Train `models` (one architecture) as one population. `on_epoch(epoch, metrics, alive) -> alive` sees
     (N,) tensors (train/loss, val/loss, val scores) and may prune members; pruned members stop moving."""
-    from .engines.torch import _to_device  # the same device-resident splits as single-model training
+    from .engines.torch import _to_device, loss_function  # the same splits and loss as single-model training
 
     dev = runtime.device.torch
     sw = Stopwatch(torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None))
@@ -92,7 +84,7 @@ def fit_population(
     inputs = prepared.meta.get("inputs", ["x"])
     params, buffers = stack_module_state([m.to(dev) for m in models])
     base = copy.deepcopy(models[0]).to("meta")
-    loss_fn = _losses(task)
+    loss_fn = loss_function(task)  # the single-model engine's loss: same arithmetic, same targets
 
     def member_loss(p, b, y, *x):
         return loss_fn(functional_call(base, (p, b), x), y)

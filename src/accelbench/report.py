@@ -261,7 +261,7 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
     _frameworks(doc, tput)
     doc.h(2, "Hardware")
     hosts = {}
-    for r in recs:
+    for r in tput or recs:  # throughput runs carry the thread count
         hosts.setdefault((r.t("hardware"), r.t("device_name")), r)
     doc.table(["device", "host CPU", "cores", "GPUs", "CUDA", "driver", "CPU threads used", "fingerprint"],
               [[r.t("device_name"), r.t("hw.cpu"), r.t("hw.cores"), r.t("hw.gpus"), r.t("hw.cuda"), r.t("hw.driver"),

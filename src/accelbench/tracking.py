@@ -187,6 +187,8 @@ def stage_run(
             tracker.log_params(params)
         yield tracker
         tracker.flush()
+        if system_metrics:
+            _await_first_system_sample(tracker)
     except (KeyboardInterrupt, Interrupted) as exc:
         tracker.set_tags({"epoch_reached": str(tracker.last_step + 1)})
         _end(tracker, "KILLED", f"interrupted: {exc or 'SIGINT'} after {tracker.last_step + 1} epoch(s)")
@@ -196,6 +198,15 @@ def stage_run(
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def _await_first_system_sample(tracker: Tracker, timeout_s: float = 3.0) -> None:
+    """A run shorter than the sampler's first interval would end with no system metrics: wait for one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(k.startswith("system/") for k in tracker.client.get_run(tracker.run_id).data.metrics):
+            return
+        time.sleep(0.1)
 
 
 def _end(tracker: Tracker, status: str, reason: str) -> None:

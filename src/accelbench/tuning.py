@@ -152,7 +152,7 @@ def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
         population.optimize(s, n_trials, parent_run_id)
     elif n_trials > 0:
         s.optuna.optimize(objective_for(s, parent_run_id), n_trials=n_trials, timeout=s.cfg.tune.timeout_s,
-                          catch=(TrainingError,), show_progress_bar=False)  # fmt: skip
+                          catch=(TrainingError,), show_progress_bar=True)  # fmt: skip
 
 
 def shares(total: int, workers: int) -> list[int]:

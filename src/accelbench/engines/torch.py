@@ -94,7 +94,7 @@ def _to_device(
     return {k: v if k in host else v.to(device, non_blocking=True) for k, v in out.items()}
 
 
-def _loss(task: Task):
+def loss_function(task: Task):
     if task.kind == "binary":
         return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out.reshape(-1).float(), y)
     if task.kind == "multiclass":
@@ -143,7 +143,7 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     step_model = torch.compile(model) if runtime.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    loss_fn = _loss(task)
+    loss_fn = loss_function(task)
     gen = torch.Generator(device=dev).manual_seed(runtime.seed)
     n, bs = len(tr["y"]), train.batch_size
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -257,7 +257,7 @@ def bench(
     step_model = torch.compile(model) if runtime.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    loss_fn = _loss(task)
+    loss_fn = loss_function(task)
     # indices are drawn on the host when some inputs live there (packed-sequence lengths), then copied
     gen = torch.Generator(device="cpu" if host else dev).manual_seed(runtime.seed)
     n = len(tr["y"])

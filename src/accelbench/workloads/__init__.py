@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import WorkloadParams
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io import Prepared
 from ..tasks import Task
 
@@ -78,3 +78,27 @@ def get_workload(name: str) -> Workload:
     if name not in available():
         raise ConfigError(f"unknown workload '{name}' (known: {', '.join(available())})")
     return importlib.import_module(f".{name}", __name__).WORKLOAD
+
+
+def kaggle_download(handle: str, competition: bool = False) -> Path:
+    """The local folder of a Kaggle dataset (or competition) through kagglehub, or one clear DataError."""
+    kind = "competition" if competition else "dataset"
+    try:
+        import kagglehub
+
+        fetch = kagglehub.competition_download if competition else kagglehub.dataset_download
+        return Path(fetch(handle))
+    except Exception as exc:  # credentials, network, unknown handle, rules not accepted: all end here
+        raise DataError(
+            f"kaggle {kind} '{handle}': download failed ({type(exc).__name__}: {exc}); "
+            "set KAGGLE_USERNAME/KAGGLE_KEY (and accept a competition's rules) or use data.source=path"
+        ) from exc
+
+
+def kaggle_file(handle: str, filename: str, competition: bool = False) -> Path:
+    """The first `filename` anywhere in the downloaded Kaggle folder."""
+    folder = kaggle_download(handle, competition)
+    found = sorted(folder.rglob(filename))
+    if not found:
+        raise DataError(f"kaggle {'competition' if competition else 'dataset'} '{handle}': no {filename} in {folder}")
+    return found[0]

@@ -22,7 +22,7 @@ from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import ConfigError, DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
-from . import Workload
+from . import Workload, kaggle_file
 
 Cell = Literal["rnn", "lstm", "gru"]
 DATE_FORMATS = {"m/d/Y": "%m/%d/%Y", "ISO Y-m-d": "%Y-%m-%d"}
@@ -209,22 +209,6 @@ def read_prices(files: list[Path], target: str | None, defaults: tuple[str, ...]
     values = frame["value"].ffill().to_numpy(np.float64)
     days = [f"{d:%Y-%m-%d}" for d in frame["date"]] if "date" in frame.columns else None
     return PriceSeries(values, column, days, filled, first)
-
-
-def kaggle_file(handle: str, filename: str) -> Path:
-    try:
-        import kagglehub
-
-        folder = Path(kagglehub.dataset_download(handle))
-    except Exception as exc:  # credentials, network, unknown handle: all end here
-        raise DataError(
-            f"kaggle dataset '{handle}': download failed ({type(exc).__name__}: {exc}); "
-            "set KAGGLE_USERNAME/KAGGLE_KEY or use data.source=path"
-        ) from exc
-    found = sorted(folder.rglob(filename))
-    if not found:
-        raise DataError(f"kaggle dataset '{handle}': no file {filename} in {folder} (set data.kaggle_file)")
-    return found[0]
 
 
 def with_test_file(path: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import Prepared
 from ..tasks import Task
-from . import Workload
+from . import Workload, kaggle_file
 
 FEATURES = [
     "Pregnancies", "Glucose", "BloodPressure", "SkinThickness", "Insulin",
@@ -118,7 +118,7 @@ class Diabetes(Workload):
             df = read_kaggle_csv(Path(src.path))
             origin = str(src.path)
         else:
-            df = read_kaggle_csv(_kaggle_file(src.kaggle_handle))
+            df = read_kaggle_csv(kaggle_file(src.kaggle_handle, RAW_FILE))
             origin = f"kaggle:{src.kaggle_handle}"
         df.to_csv(out_dir / RAW_FILE, index=False)
         return {"source": src.source, "origin": origin, "rows": len(df), "positives": int(df[TARGET].sum())}
@@ -237,22 +237,6 @@ class Diabetes(Workload):
             model.add(keras.layers.Dropout(params.model.dropout))
         model.add(keras.layers.Dense(1, dtype="float32"))  # logits stay fp32 under mixed precision
         return model
-
-
-def _kaggle_file(handle: str) -> Path:
-    try:
-        import kagglehub
-
-        folder = Path(kagglehub.dataset_download(handle))
-    except Exception as exc:  # credentials, network, unknown handle: all end here
-        raise DataError(
-            f"kaggle dataset '{handle}': download failed ({type(exc).__name__}: {exc}); "
-            "set KAGGLE_USERNAME/KAGGLE_KEY or use data.source=path"
-        ) from exc
-    found = sorted(folder.rglob(RAW_FILE))
-    if not found:
-        raise DataError(f"kaggle dataset '{handle}': no {RAW_FILE} in {folder}")
-    return found[0]
 
 
 WORKLOAD = Diabetes()

@@ -26,7 +26,7 @@ from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import Prepared
 from ..tasks import Task
-from . import Workload
+from . import Workload, kaggle_download
 
 CLASSES = ("Anthracnose", "fruit_fly", "healthy_guava")  # the Kaggle folder names, in sorted order
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -652,15 +652,7 @@ def _misclassified_png(x: np.ndarray, y: np.ndarray, pred: np.ndarray, classes: 
 
 def _kaggle_folder(handle: str) -> Path:
     """The downloaded dataset's ImageFolder root: the folder that holds train/ or the class folders."""
-    try:
-        import kagglehub
-
-        folder = Path(kagglehub.dataset_download(handle))
-    except Exception as exc:  # credentials, network, unknown handle: all end here
-        raise DataError(
-            f"kaggle dataset '{handle}': download failed ({type(exc).__name__}: {exc}); "
-            "set KAGGLE_USERNAME/KAGGLE_KEY or use data.source=path"
-        ) from exc
+    folder = kaggle_download(handle)
     for candidate in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
         names = {d.name.lower() for d in _subdirs(candidate)}
         if "train" in names or len(names & {c.lower() for c in CLASSES}) >= 2:

@@ -30,7 +30,7 @@ from ..config import DataParams, TrainParams, WorkloadParams, as_dict
 from ..errors import ConfigError, DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
-from . import Workload
+from . import Workload, kaggle_file
 
 RAW_FILE = "digits.csv"
 CLASSES = tuple(str(d) for d in range(10))
@@ -453,7 +453,7 @@ class Quantum(Workload):
             labels, images = read_digits_csv(Path(src.path))
             origin, pixel_max = str(src.path), 255
         else:
-            labels, images = read_digits_csv(_kaggle_file(src.kaggle_handle))
+            labels, images = read_digits_csv(kaggle_file(src.kaggle_handle, "train.csv", competition=True))
             origin, pixel_max = f"kaggle:{src.kaggle_handle}", 255
         write_digits_csv(out_dir / RAW_FILE, labels, images)
         return {"source": src.source, "origin": origin, "rows": len(labels), "image_size": images.shape[1],
@@ -650,22 +650,6 @@ def _head(m: Model, channels: int, side: int):
         layers += [nn.Linear(width, m.hidden), nn.ReLU(), nn.Dropout(m.dropout)]
         width = m.hidden
     return nn.Sequential(*layers, nn.Linear(width, 10))
-
-
-def _kaggle_file(handle: str) -> Path:
-    try:
-        import kagglehub
-
-        folder = Path(kagglehub.competition_download(handle))
-    except Exception as exc:  # credentials, network, rules not accepted: all end here
-        raise DataError(
-            f"kaggle competition '{handle}': download failed ({type(exc).__name__}: {exc}); "
-            "set KAGGLE_USERNAME/KAGGLE_KEY, accept the competition's rules, or use data.source=path"
-        ) from exc
-    found = sorted(folder.rglob("train.csv"))
-    if not found:
-        raise DataError(f"kaggle competition '{handle}': no train.csv in {folder}")
-    return found[0]
 
 
 # ---------------------------------------------------------------- circuits/s, for the closing note

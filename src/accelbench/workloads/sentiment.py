@@ -36,7 +36,7 @@ from ..config import DataParams, SearchSpec, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import SPLITS, Prepared, read_json
 from ..tasks import Task
-from . import Workload
+from . import Workload, kaggle_download
 
 RAW_FILE = "tweets.csv"
 RAW_COLUMNS = ["id", "entity", "label", "text", "compound"]
@@ -370,7 +370,7 @@ class Sentiment(Workload):
                     raise DataError("params.yaml: sentiment.data.path: required when source is 'path'")
                 files, origin = csv_files(Path(src.path)), str(src.path)
             else:
-                files, origin = _kaggle_files(src.kaggle_handle), f"kaggle:{src.kaggle_handle}"
+                files, origin = csv_files(kaggle_download(src.kaggle_handle)), f"kaggle:{src.kaggle_handle}"
             df, fmt = read_source_files(files, src.text_column, src.label_column)
             summary.update(origin=origin, format=fmt)
             df["compound"] = np.nan
@@ -734,19 +734,6 @@ def _bundled(src: Data) -> tuple[pd.DataFrame, int]:
 
 def _id_docs(arrays: dict[str, np.ndarray]) -> list[str]:
     return [" ".join(map(str, row[:n])) for row, n in zip(arrays["tokens"], arrays["lengths"])]
-
-
-def _kaggle_files(handle: str) -> list[Path]:
-    try:
-        import kagglehub
-
-        folder = Path(kagglehub.dataset_download(handle))
-    except Exception as exc:  # credentials, network, unknown handle: all end here
-        raise DataError(
-            f"kaggle dataset '{handle}': download failed ({type(exc).__name__}: {exc}); "
-            "set KAGGLE_USERNAME/KAGGLE_KEY or use data.source=path"
-        ) from exc
-    return csv_files(folder)
 
 
 WORKLOAD = Sentiment()
