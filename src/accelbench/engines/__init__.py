@@ -8,10 +8,14 @@
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..devices import Runtime
 
 from ..timing import median, spread, steady
 
@@ -80,6 +84,14 @@ class BenchResult:
 
     def samples_per_s(self) -> list[float]:
         return [self.steps * self.batch_size / t for t in self.repeat_s]
+
+
+def oom_message(detail: str, batch_size: int, runtime: "Runtime") -> str:
+    asked = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", detail)
+    return (
+        f"out of memory on {runtime.device.name} at batch_size={batch_size}: "
+        f"{asked.group(0) if asked else 'allocation size not reported'}; lower the batch size or use precision=bf16"
+    )
 
 
 def _peak_rss_mb() -> float:

@@ -20,7 +20,7 @@ from ..devices import Runtime  # noqa: E402
 from ..errors import TrainingError  # noqa: E402
 from ..io import Prepared, atomic_file, read_json, write_json  # noqa: E402
 from ..tasks import Task  # noqa: E402
-from . import BenchResult, FitResult, OnEpoch  # noqa: E402
+from . import BenchResult, FitResult, OnEpoch, oom_message  # noqa: E402
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
@@ -160,8 +160,6 @@ def fit(
                 callbacks=[cb],
             )
         except tf.errors.ResourceExhaustedError as exc:
-            from .torch import oom_message
-
             raise TrainingError(oom_message(exc.message, train.batch_size, runtime)) from None
     _sync()
     result.fit_s = time.perf_counter() - t_fit

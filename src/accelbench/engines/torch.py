@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..errors import TrainingError
 from ..io import Prepared, atomic_file
 from ..tasks import Task
 from ..timing import Stopwatch
-from . import BenchResult, FitResult, OnEpoch
+from . import BenchResult, FitResult, OnEpoch, oom_message
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
@@ -116,14 +115,6 @@ def fit(
         return _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint)
     except torch.OutOfMemoryError as exc:
         raise TrainingError(oom_message(str(exc), train.batch_size, runtime)) from None
-
-
-def oom_message(detail: str, batch_size: int, runtime: Runtime) -> str:
-    asked = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", detail)
-    return (
-        f"out of memory on {runtime.device.name} at batch_size={batch_size}: "
-        f"{asked.group(0) if asked else 'allocation size not reported'}; lower the batch size or use precision=bf16"
-    )
 
 
 def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> FitResult:
