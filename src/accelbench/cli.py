@@ -1,6 +1,7 @@
 """The one error boundary of every stage: a clear line on stderr and an exit code that says why."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -36,7 +37,9 @@ def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = ()) 
                 raise ConfigError(f"params.yaml: workloads: '{name}' is not listed (listed: {cfg.workloads})")
             fn(cfg, wl, root, *args[1:])
         except AccelbenchError as exc:
-            if not tracking.RUNS_STARTED:  # failed before its run began: still leave a FAILED trace
+            # failed before its run began: still leave a FAILED trace (relaunched ranks leave their own)
+            quiet_rank = os.environ.get("RANK", "0") != "0"  # rank 0 speaks for a data-parallel run
+            if not tracking.RUNS_STARTED and not getattr(exc, "recorded", False) and not quiet_rank:
                 tracking.record_failed_run(name, stage, str(exc))
             raise
     except AccelbenchError as exc:

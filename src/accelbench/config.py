@@ -107,6 +107,31 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Data-parallel training: torchrun + DistributedDataParallel (torch), MirroredStrategy (TensorFlow)."""
+
+    gpus: int = 1  # processes (torch) or replicas (TF) per node; device=cpu: that many CPU ranks (gloo)
+    nodes: int = 1
+    node_rank: int = 0  # this host's index, 0 on the host that serves the rendezvous
+    rdzv_endpoint: str | None = None  # host:port of node 0; needed when nodes > 1
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on cuda, gloo on cpu
+    global_batch: bool = True  # true: train.batch_size is split across ranks; false: it is each rank's batch
+    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"  # in (global batch / train.batch_size)
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1 or self.nodes < 1:
+            raise ValueError("gpus and nodes must be at least 1")
+        if not 0 <= self.node_rank < self.nodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be in [0, nodes)")
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nodes > 1 needs rdzv_endpoint (host:port of node 0)")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus * self.nodes
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_epochs: int = 10  # 0 = never; a restarted train stage with the same params resumes from it
 
@@ -123,6 +148,7 @@ class Config:
     cpu_threads: int | None = None
     deterministic: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     sections: dict[str, WorkloadParams] = field(default_factory=dict)

@@ -165,6 +165,13 @@ class Runtime:
     cpu_threads: int | None = None
     deterministic: bool = False
     channels_last: bool = False
+    world_size: int = 1  # data-parallel ranks (torch processes, TF replicas) one training step spans
+    rank: int = 0  # this process's rank; only rank 0 logs and writes outputs
+    process_group: bool = False  # torch: a torch.distributed group is up (torchrun), so the model is DDP-wrapped
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def tags(self) -> dict[str, str]:
         return {
@@ -174,6 +181,7 @@ class Runtime:
             "precision": self.precision,
             "compile": str(self.compile).lower(),
             "channels_last": str(self.channels_last).lower(),
+            "world_size": str(self.world_size),
         }
 
 

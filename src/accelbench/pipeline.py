@@ -1,18 +1,19 @@
 """One function per stage kind; stages/*.py call them through cli.main."""
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 from typing import Any
 
-from . import devices, tuning
+from . import devices, distributed, tuning
 from .checkpoint import Checkpoint, params_hash
 from .config import Config, as_dict, flatten, parse, with_overrides
 from .devices import Runtime
 from .engines import get_engine
 from .errors import ConfigError, DataError
 from .io import SPLITS, atomic_dir, atomic_file, load_prepared, read_json, save_prepared, write_json
-from .tracking import run_name, stage_run
+from .tracking import main_rank_run, run_name, stage_run
 from .workloads import Workload
 
 HOST_TAGS = {"device": "cpu", "framework": "none", "precision": "n/a"}
@@ -34,20 +35,28 @@ def model_dir(root: Path, name: str) -> Path:
     return root / "models" / name
 
 
-def runtime_for(cfg: Config, wl: Workload) -> Runtime:
+def framework_for(cfg: Config, wl: Workload) -> str:
     framework = cfg.params(wl.name).framework or cfg.framework
     if framework not in wl.frameworks:
         raise ConfigError(
             f"params.yaml: framework: '{wl.name}' has no {framework} model "
             f"(supported: {list(wl.frameworks)}; set {wl.name}.framework to override)"
         )
+    return framework
+
+
+def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False) -> Runtime:
+    """`data_parallel`: this process is (a rank of) a `distributed` run: train and benchmark, not tune/evaluate."""
+    framework = framework_for(cfg, wl)
     device = devices.resolve(cfg.device, framework)
     runtime = Runtime(
         device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads,
         deterministic=cfg.deterministic, channels_last=cfg.channels_last,
     )  # fmt: skip
+    if data_parallel:
+        runtime = distributed.join(cfg, runtime)
     get_engine(runtime.framework).setup(runtime)
-    devices.seed_everything(cfg.seed, framework)
+    devices.seed_everything(cfg.seed + runtime.rank, framework)  # rank 0 as a single process; own dropout elsewhere
     return runtime
 
 
@@ -108,7 +117,19 @@ def variant_params(cfg: Config, wl: Workload, root: Path) -> dict[str, tuple[Any
 
 
 def train(cfg: Config, wl: Workload, root: Path) -> None:
-    runtime = runtime_for(cfg, wl)
+    distributed.check_workload(cfg, wl)
+    if distributed.needs_relaunch(cfg, framework_for(cfg, wl)):
+        distributed.local_gpus_needed(cfg)
+        distributed.relaunch(cfg, "train", wl.name, root)  # the same stage, once per rank, under torchrun
+        return
+    runtime = runtime_for(cfg, wl, data_parallel=True)
+    try:
+        _train(cfg, wl, root, runtime)
+    finally:
+        distributed.leave()
+
+
+def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
     prepared = load_prepared(prepared_dir(root, wl.name))
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
@@ -116,9 +137,11 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
     out = results_dir(root, wl.name)
     ckpt_dir = root / "checkpoints" / wl.name
     ckpt_dir.mkdir(parents=True, exist_ok=True)  # a DVC persist output: it must exist even when unused
+    main = runtime.is_main  # only rank 0 of a data-parallel run logs and writes outputs
     all_metrics = {}
-    with atomic_dir(model_dir(root, wl.name)) as models:
+    with atomic_dir(model_dir(root, wl.name)) if main else contextlib.nullcontext() as models:
         for variant, (params, best) in variants.items():
+            train_params = distributed.effective_train(params.train, runtime.world_size, cfg.distributed)
             logged = flatten({"model": as_dict(getattr(params, "model", {})), "train": as_dict(params.train)})
             tags = {
                 "variant": variant,
@@ -128,6 +151,9 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
                 "deterministic": str(runtime.deterministic).lower(),
                 **engine.determinism_flags(),
                 **wl.run_tags(params, runtime),
+                **distributed.group_tags(),
+                "dist.global_batch": str(train_params.batch_size),
+                "dist.lr": str(train_params.lr),
             }
             checkpoint = Checkpoint(
                 ckpt_dir / f"{variant}-{runtime.framework}",
@@ -135,24 +161,27 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
                 cfg.checkpoint.every_epochs,
             )
             name = run_name("train", runtime.tags(), variant if len(variants) > 1 else None)
-            with stage_run(wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run:
+            with main_rank_run(main, wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run:
                 inputs, precomputed = wl.precompute(params, prepared, runtime)
                 run.log_metrics(precomputed)
                 model = wl.build_model(runtime.framework, params, prepared.meta)
                 log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
                 desc = f"{wl.name}/{variant} {runtime.framework}"
-                result = engine.fit(model, task, inputs, params.train, runtime, log_epoch, desc, checkpoint)
+                result = engine.fit(model, task, inputs, train_params, runtime, log_epoch, desc, checkpoint)
                 run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
                 summary = {**result.summary(units_per_sample=prepared.meta.get("units_per_sample")), **precomputed}
                 run.log_metrics(summary)  # the per-epoch curves are already in
-                folder = models / variant
-                folder.mkdir()
-                engine.save(model, folder)
-                write_json(folder / "model.json", {"framework": runtime.framework, "params": as_dict(params)})
-                run.log_artifacts(folder, "model")
+                if main:
+                    folder = models / variant
+                    folder.mkdir()
+                    engine.save(model, folder)
+                    write_json(folder / "model.json", {"framework": runtime.framework, "params": as_dict(params)})
+                    run.log_artifacts(folder, "model")
             all_metrics[variant] = {**result.history[-1], **summary}
-            _write_history(out / "history" / f"{variant}.csv", result.history)
-    write_json(out / "train.json", all_metrics)
+            if main:
+                _write_history(out / "history" / f"{variant}.csv", result.history)
+    if main:
+        write_json(out / "train.json", all_metrics)
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:

@@ -200,6 +200,38 @@ def stage_run(
         mlflow.end_run("FINISHED")
 
 
+class SilentTracker:
+    """What ranks other than 0 of a data-parallel run log to: nothing; rank 0's run speaks for the group."""
+
+    run_id = None
+    last_step = -1
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def main_rank_run(is_main: bool, *args: Any, **kwargs: Any) -> Iterator[Tracker | SilentTracker]:
+    """`stage_run` on rank 0 of a data-parallel run (or a single process), a SilentTracker elsewhere."""
+    if not is_main:
+        yield SilentTracker()
+        return
+    with stage_run(*args, **kwargs) as tracker:
+        yield tracker
+
+
 def _await_first_system_sample(tracker: Tracker, timeout_s: float = 3.0) -> None:
     """A run shorter than the sampler's first interval would end with no system metrics: wait for one."""
     deadline = time.monotonic() + timeout_s

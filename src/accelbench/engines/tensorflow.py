@@ -1,6 +1,7 @@
 """TensorFlow/Keras engine: `model.fit` with one callback that times, scores and reports each epoch."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from ..checkpoint import Checkpoint  # noqa: E402
 from ..config import TrainParams  # noqa: E402
 from ..devices import Runtime  # noqa: E402
-from ..errors import TrainingError  # noqa: E402
+from ..errors import DeviceError, TrainingError  # noqa: E402
 from ..io import Prepared, atomic_file, read_json, write_json  # noqa: E402
 from ..tasks import Task  # noqa: E402
 from . import BenchResult, FitResult, OnEpoch, oom_message  # noqa: E402
@@ -29,10 +30,15 @@ EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
 def setup(runtime: Runtime) -> None:
     """Must run before any model is built: device visibility and dtype policy are global in TF."""
     gpus = tf.config.list_physical_devices("GPU")
-    visible = [] if runtime.device.type == "cpu" else [gpus[runtime.device.index]]
+    local = _local_replicas(runtime)
+    visible = [] if runtime.device.type == "cpu" else gpus[runtime.device.index : runtime.device.index + local]
+    if len(visible) < local and runtime.device.type == "cuda":
+        raise DeviceError(f"params.yaml: distributed.gpus: {local} replicas asked for, {len(gpus)} GPU(s) visible to TensorFlow")
     tf.config.set_visible_devices(visible, "GPU")
     for gpu in visible:
         tf.config.experimental.set_memory_growth(gpu, True)
+    if runtime.world_size > 1:
+        _distribute(runtime, local)
     if runtime.cpu_threads:
         tf.config.threading.set_intra_op_parallelism_threads(runtime.cpu_threads)
     keras.mixed_precision.set_global_policy(_POLICIES[runtime.precision])
@@ -42,6 +48,29 @@ def setup(runtime: Runtime) -> None:
 
 
 _DETERMINISM = {"enabled": False}  # TF offers no getter for the op-determinism switch
+
+
+def _local_replicas(runtime: Runtime) -> int:
+    """Replicas on this host: the world size over the workers TF_CONFIG lists (one worker per host)."""
+    workers = len(json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"]) if "TF_CONFIG" in os.environ else 1
+    return runtime.world_size // workers
+
+
+def _distribute(runtime: Runtime, local: int) -> None:
+    """Make a MirroredStrategy (one host) or MultiWorkerMirroredStrategy (TF_CONFIG) the global default, so that
+    the models the workloads build and `model.fit` are replicated without any workload knowing. On the CPU
+    the replicas are logical CPU devices (how data parallelism is tested without GPUs)."""
+    if runtime.device.type == "cpu":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * local)
+        names = [d.name for d in tf.config.list_logical_devices("CPU")]
+    else:
+        names = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if "TF_CONFIG" in os.environ:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.MirroredStrategy(names)
+    tf.distribute.experimental_set_strategy(strategy)
 
 
 def determinism_flags() -> dict[str, str]:
@@ -146,7 +175,8 @@ def fit(
     _sync()
     t_fit = time.perf_counter()
     with tqdm(total=train.epochs, initial=start, desc=desc, unit="epoch", leave=False, disable=None) as bar:
-        cb = _EpochCallback(task, va, inputs, train, result, on_epoch, bar, checkpoint)
+        # every worker resumes from the checkpoint; only the chief (rank 0) writes it
+        cb = _EpochCallback(task, va, inputs, train, result, on_epoch, bar, checkpoint if runtime.is_main else None)
         cb.eval_batch = prepared.meta.get("eval_batch_size", EVAL_BATCH)
         try:
             model.fit(

@@ -71,6 +71,37 @@ def _place(model: nn.Module, runtime: Runtime) -> nn.Module:
     return model
 
 
+def _data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """DistributedDataParallel around the placed model when a process group is up (torchrun); else the model."""
+    if not runtime.process_group:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def _shard(perm: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """This rank's share of the epoch's permutation (the same on every rank: one seed), interleaved so that
+    step i of all ranks together covers the single-process batch i. Padded by wrapping, like
+    DistributedSampler, so that every rank takes as many steps (DDP's all-reduces must pair up)."""
+    world = runtime.world_size
+    if world == 1:
+        return perm
+    pad = (-len(perm)) % world
+    if pad:
+        perm = torch.cat([perm, perm[:pad]])
+    return perm[runtime.rank :: world]
+
+
+def _all_ranks(t: torch.Tensor, runtime: Runtime, op: str = "SUM") -> torch.Tensor:
+    if runtime.process_group:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t
+
+
 def _time_batches(sw: Stopwatch, arrays: dict[str, torch.Tensor], keys: list[str], bs: int, gen: torch.Generator) -> float:
     """One epoch of what the loop does to get its batches (shuffle, gather), without the model:
     the data side of the step time, timed apart so that it cannot hide inside the compute."""
@@ -131,12 +162,15 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     va = _to_device(prepared.splits["val"], task, dev, host)
     to_device_s = sw.stop("to_device", t_fit)
     _place(model, runtime)
-    step_model = torch.compile(model) if runtime.compile else model
+    wrapped = _data_parallel(model, runtime)
+    step_model = torch.compile(wrapped) if runtime.compile else wrapped
+    # DDP's forward may broadcast buffers (a collective): rank 0 alone validates on the bare module
+    eval_model = model if runtime.process_group else step_model
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     loss_fn = loss_function(task)
-    gen = torch.Generator(device=dev).manual_seed(runtime.seed)
-    n, bs = len(tr["y"]), train.batch_size
+    gen = torch.Generator(device=dev).manual_seed(runtime.seed)  # the same permutation on every rank
+    n, bs = len(tr["y"]), train.batch_size // runtime.world_size  # train.batch_size is the global batch
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params)
     y_val = prepared.splits["val"]["y"]
@@ -144,10 +178,10 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
         model.train()
         t0 = sw.start()
-        perm = torch.randperm(n, device=dev, generator=gen)
+        perm = _shard(torch.randperm(n, device=dev, generator=gen), runtime)
         perm_host = perm.cpu() if host else perm
         loss_sum = torch.zeros((), device=dev)
-        for i in range(0, n, bs):
+        for i in range(0, len(perm), bs):
             idx = perm[i : i + bs]
             batch = [tr[k][perm_host[i : i + bs] if k in host else idx] for k in inputs]
             with _autocast(runtime):
@@ -158,17 +192,20 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
             scaler.update()
             loss_sum += loss.detach() * len(idx)  # stays on the device: no sync per step
         result.epoch_s.append(sw.stop("epoch", t0))
-        train_loss = (loss_sum / n).item()  # the one host sync of the epoch
+        train_loss = (_all_ranks(loss_sum, runtime) / (len(perm) * runtime.world_size)).item()  # the one host sync
+
         if not math.isfinite(train_loss):
             raise TrainingError(
                 f"training loss became {train_loss} at epoch {epoch + 1} "
                 f"(lr={train.lr}, batch_size={bs}, precision={runtime.precision}); lower the learning rate"
             )
-        logits = _predict(step_model, va, inputs, runtime, prepared.meta.get("eval_batch_size", EVAL_BATCH))
-        row = {"train/loss": train_loss, **task.metrics(y_val, logits, "val")}
+        row = {"train/loss": train_loss}
+        if runtime.is_main:  # the weights are the same on every rank: one validation is enough
+            logits = _predict(eval_model, va, inputs, runtime, prepared.meta.get("eval_batch_size", EVAL_BATCH))
+            row.update(task.metrics(y_val, logits, "val"))
         row["time/this_epoch_s"] = result.epoch_s[-1]
         result.history.append(row)
-        if checkpoint and checkpoint.due(epoch + 1, train.epochs):
+        if checkpoint and runtime.is_main and checkpoint.due(epoch + 1, train.epochs):
             _save(checkpoint, epoch + 1, model, opt, scaler, gen, result)
         if on_epoch:
             on_epoch(epoch, row)
@@ -234,6 +271,7 @@ def bench(
 ) -> BenchResult:
     """Time `repeats` x `steps` training steps after `warmup` steps.
 
+    `batch_size` is the global batch: with a process group each rank draws its share and the step is DDP's.
     Batches are drawn with replacement from the device-resident training split, so any batch size works;
     `synthetic` reuses one pre-gathered batch: the compute-only ceiling that the real loop is compared with.
     """
@@ -245,16 +283,18 @@ def bench(
     tr = _to_device(prepared.splits["train"], task, dev, host)
     to_device_s = sw.stop("to_device", t0)
     _place(model, runtime).train()
-    step_model = torch.compile(model) if runtime.compile else model
+    wrapped = _data_parallel(model, runtime)
+    step_model = torch.compile(wrapped) if runtime.compile else wrapped
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     loss_fn = loss_function(task)
-    # indices are drawn on the host when some inputs live there (packed-sequence lengths), then copied
-    gen = torch.Generator(device="cpu" if host else dev).manual_seed(runtime.seed)
-    n = len(tr["y"])
+    # indices are drawn on the host when some inputs live there (packed-sequence lengths), then copied;
+    # each rank draws its own share of the global batch
+    gen = torch.Generator(device="cpu" if host else dev).manual_seed(runtime.seed + runtime.rank)
+    n, per_rank = len(tr["y"]), batch_size // runtime.world_size
 
     def draw() -> tuple[list[torch.Tensor], torch.Tensor]:
-        idx_h = torch.randint(0, n, (batch_size,), device=gen.device, generator=gen)
+        idx_h = torch.randint(0, n, (per_rank,), device=gen.device, generator=gen)
         idx = idx_h.to(dev, non_blocking=True)
         return [tr[k][idx_h if k in host else idx] for k in inputs], tr["y"][idx]
 
@@ -285,6 +325,8 @@ def bench(
         if energy:
             energy_j.append(energy() - e0)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if runtime.device.type == "cuda" else None
+    if runtime.process_group:  # the group's throughput is set by its slowest rank
+        repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
     return BenchResult(batch_size, steps, repeat_s, warmup_s, to_device_s, energy_j if energy else None, peak)
 
 

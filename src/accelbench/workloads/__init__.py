@@ -22,6 +22,9 @@ class Workload:
     name: ClassVar[str]
     Params: ClassVar[type[WorkloadParams]] = WorkloadParams
     frameworks: ClassVar[tuple[str, ...]] = ("torch", "tensorflow")
+    # Data-parallel training (distributed.gpus/nodes > 1); a workload that cannot gain from it says why
+    data_parallel: ClassVar[bool] = True
+    single_device_reason: ClassVar[str] = ""
 
     def task(self, meta: dict[str, Any]) -> Task:
         raise NotImplementedError

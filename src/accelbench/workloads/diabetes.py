@@ -94,6 +94,11 @@ def read_kaggle_csv(path: Path) -> pd.DataFrame:
 class Diabetes(Workload):
     name = "diabetes"
     Params = Params
+    data_parallel = False
+    single_device_reason = (
+        "a few hundred rows through a 12-8 MLP: a step is microseconds of compute, so a gradient all-reduce per "
+        "step would cost more than the step it shares out"
+    )
 
     def variants(self, params: Params) -> dict[str, dict[str, Any]]:
         return {"mlp": {}}

@@ -429,6 +429,11 @@ class Quantum(Workload):
     name = "quantum"
     Params = Params
     frameworks = ("torch",)
+    data_parallel = False
+    single_device_reason = (
+        "the quanvolution features are computed once, before training, as one batched circuit unitary on one "
+        "device, and the head that trains on them is too small for a gradient all-reduce to pay"
+    )
 
     def __init__(self) -> None:
         self._features: dict[tuple, tuple[Prepared, Prepared, dict[str, float]]] = {}
