@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from . import devices, stats, tuning
+from . import devices, distributed, scaling, stats, tuning
 from .config import Config, with_overrides
 from .devices import Runtime
 from .engines import BenchResult, get_engine
@@ -49,7 +49,9 @@ def frameworks(cfg: Config, wl: Workload) -> list[str]:
 
 
 def run(cfg: Config, wl: Workload, root: Path) -> None:
-    """The stage: one child process per (framework, device); records merged into results/<w>/benchmark.json."""
+    """The stage: one child process per (framework, device); records merged into results/<w>/benchmark.json.
+    With several ranks (`distributed`), the scaling points (kind=scaling) are measured after them."""
+    distributed.check_workload(cfg, wl)
     records: list[dict[str, Any]] = []
     for framework in frameworks(cfg, wl):
         for spec in device_specs(cfg):
@@ -61,6 +63,8 @@ def run(cfg: Config, wl: Workload, root: Path) -> None:
                     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("accelbench ")]
                     raise AccelbenchError(lines[-1].split("error: ", 1)[-1] if lines else proc.stderr.strip()[-2000:])
                 records += json.loads(out.read_text())
+    if cfg.distributed.world_size > 1:
+        records += scaling.run(cfg, wl, root, frameworks(cfg, wl))
     write_json(root / "results" / wl.name / "benchmark.json", {"records": records})
 
 

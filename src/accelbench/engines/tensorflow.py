@@ -37,14 +37,14 @@ def setup(runtime: Runtime) -> None:
     tf.config.set_visible_devices(visible, "GPU")
     for gpu in visible:
         tf.config.experimental.set_memory_growth(gpu, True)
-    if runtime.world_size > 1:
-        _distribute(runtime, local)
     if runtime.cpu_threads:
         tf.config.threading.set_intra_op_parallelism_threads(runtime.cpu_threads)
     keras.mixed_precision.set_global_policy(_POLICIES[runtime.precision])
     if runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
         _DETERMINISM["enabled"] = True
+    if runtime.world_size > 1:  # last: the strategy initialises the runtime, after which threads are fixed
+        _distribute(runtime, local)
 
 
 _DETERMINISM = {"enabled": False}  # TF offers no getter for the op-determinism switch

@@ -428,6 +428,7 @@ def cudnn_probe(model: RecurrentModel, runtime: Any) -> tuple[bool, str]:
     import tensorflow as tf
 
     layer = keras_layer(model.cell, model.units, False, kernel_initializer="zeros", recurrent_initializer="zeros")
+    layer.build((2, 4, 1))  # weights made eagerly: a tf.function may not create them under a MirroredStrategy
     graph = tf.function(lambda x: layer(x, training=True)).get_concrete_function(tf.TensorSpec((2, 4, 1))).graph
     if any(op.type.startswith("CudnnRNN") for op in graph.get_operations()):
         return True, "fused cuDNN kernel (CudnnRNNV3) in the traced graph of a probe layer"
