@@ -20,7 +20,8 @@ from . import stats
 from .errors import AccelbenchError
 from .io import atomic_dir, write_json
 
-KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "batch_size", "hardware")
+KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "batch_size", "hardware",
+            "world_size")
 
 
 @dataclass
@@ -61,7 +62,7 @@ def collect(uri: str) -> list[Rec]:
     recs = []
     for run in newest.values():
         rec = Rec(run.info.run_id, run.info.run_name, run.info.start_time, dict(run.data.tags), dict(run.data.metrics))
-        if rec.t("kind") == "throughput":
+        if rec.t("kind") in ("throughput", "scaling"):
             history = client.get_metric_history(rec.run_id, "bench/repeat_samples_per_s")
             rec.repeats = [m.value for m in sorted(history, key=lambda m: m.step)]
         recs.append(rec)
@@ -259,6 +260,7 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
                 if r.metrics.get("bench/target_reached"):
                     w.writerow([f"{r.t('workload')}/{r.t('variant')} {r.t('framework')} {r.t('device_name')}", r.metrics["bench/time_to_target_s"]])
     _frameworks(doc, tput)
+    _scaling(doc, [r for r in recs if r.t("kind") == "scaling"], out)
     doc.h(2, "Hardware")
     hosts = {}
     for r in tput or recs:  # throughput runs carry the thread count
@@ -286,6 +288,56 @@ def _frameworks(doc: Doc, tput: list[Rec]) -> None:
     if rows:
         doc.h(2, "PyTorch against TensorFlow")
         doc.table(["workload", "variant", "device", "batch", "torch samples/s", "tensorflow samples/s"], rows)
+
+
+def _scaling(doc: Doc, recs: list[Rec], out: Path) -> None:
+    """Samples/s and efficiency (N-rank / N x 1-rank throughput) against the number of data-parallel ranks."""
+    if not recs:
+        return
+    lines: dict[tuple, list[Rec]] = defaultdict(list)
+    for r in recs:
+        lines[(r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), r.t("hardware"))].append(r)
+    doc.h(2, "Scaling")
+    doc.p("Data-parallel training throughput on one host: torch DDP ranks under torchrun, TensorFlow MirroredStrategy "
+          "replicas. Efficiency = N-rank samples/s / (N x 1-rank samples/s); the 1-rank point runs the same code path.")  # fmt: skip
+    rows = []
+    for key, rs in sorted(lines.items()):
+        for r in sorted(rs, key=lambda r: int(r.t("world_size"))):
+            rows.append([r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), r.t("world_size"),
+                         r.t("dist.backend") or "none", str(r.batch), r.t("per_rank_batch"), _fmt(r.tput),
+                         f"{r.metrics.get('bench/scaling_speedup', float('nan')):.2f}x",
+                         _fmt(100 * r.metrics.get("bench/scaling_efficiency", float("nan")), 1) + "%"])  # fmt: skip
+    doc.table(["workload", "variant", "framework", "device", "ranks", "backend", "global batch", "batch per rank",
+               "samples/s", "speedup", "efficiency"], rows)  # fmt: skip
+    _scaling_png(lines, out / "scaling.png")
+    doc.img(out / "scaling.png", "data-parallel scaling")
+
+
+def _scaling_png(lines: dict[tuple, list[Rec]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (tp, eff) = plt.subplots(1, 2, figsize=(10, 4))
+    for (workload, variant, framework, device, _), rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: int(r.t("world_size")))
+        ranks = [int(r.t("world_size")) for r in rs]
+        label = f"{workload}/{variant} {framework} {device}"
+        line = tp.plot(ranks, [r.tput for r in rs], marker="o", label=label)[0]
+        one = next((r.tput for r in rs if r.t("world_size") == "1"), None)
+        if one:
+            tp.plot(ranks, [one * n for n in ranks], ls=":", color=line.get_color())  # ideal: N x 1-rank
+        eff.plot(ranks, [100 * r.metrics.get("bench/scaling_efficiency", float("nan")) for r in rs], marker="o", label=label)
+    tp.set(xlabel="ranks (GPUs or CPU processes)", ylabel="training samples/s", title="Throughput (dotted: ideal)")
+    eff.axhline(100, color="k", lw=0.8)
+    eff.set(xlabel="ranks (GPUs or CPU processes)", ylabel="efficiency %", title="N-rank / (N x 1-rank) throughput")
+    ticks = sorted({int(r.t("world_size")) for rs in lines.values() for r in rs})
+    for ax in (tp, eff):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+    eff.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _speedup_png(comps: list[Comparison], path: Path) -> None:
