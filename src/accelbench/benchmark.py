@@ -63,7 +63,7 @@ def run(cfg: Config, wl: Workload, root: Path) -> None:
                     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("accelbench ")]
                     raise AccelbenchError(lines[-1].split("error: ", 1)[-1] if lines else proc.stderr.strip()[-2000:])
                 records += json.loads(out.read_text())
-    if cfg.distributed.world_size > 1:
+    if scaling.rank_counts(cfg):
         records += scaling.run(cfg, wl, root, frameworks(cfg, wl))
     write_json(root / "results" / wl.name / "benchmark.json", {"records": records})
 

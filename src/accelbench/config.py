@@ -104,6 +104,7 @@ class BenchmarkConfig:
     repeats: int = 5
     cpu_threads: int | None = None  # null: the global cpu_threads, else the framework's default (all cores)
     compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
+    scaling: list[int] | None = None  # data-parallel rank counts timed; null: 1, 2, 4 ... distributed.gpus when > 1
 
 
 @dataclass(frozen=True)

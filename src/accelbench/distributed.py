@@ -188,11 +188,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_gpus_needed(cfg: Config) -> None:
+def local_gpus_needed(cfg: Config, ranks: int | None = None) -> None:
     """Fail before launching ranks that would find no GPU of their own."""
     from .devices import gpu_names
 
-    if cfg.device == "cuda" and len(gpu_names()) < cfg.distributed.gpus:
-        raise DeviceError(
-            f"params.yaml: distributed.gpus: {cfg.distributed.gpus} ranks asked for, {len(gpu_names())} GPU(s) on this host"
-        )
+    ranks = ranks or cfg.distributed.gpus
+    if cfg.device == "cuda" and len(gpu_names()) < ranks:
+        raise DeviceError(f"params.yaml: distributed.gpus: {ranks} ranks asked for, {len(gpu_names())} GPU(s) on this host")

@@ -27,13 +27,16 @@ from .workloads import Workload
 RANKS_ENV = "ACCELBENCH_RANKS"
 
 
-def rank_counts(gpus: int) -> list[int]:
-    """1, 2, 4 ... below `gpus`, then `gpus` itself."""
+def rank_counts(cfg: Config) -> list[int]:
+    """benchmark.scaling as written, else 1, 2, 4 ... below distributed.gpus and gpus itself (none for one rank)."""
+    if cfg.benchmark.scaling is not None:
+        return sorted(set(cfg.benchmark.scaling))
+    gpus = cfg.distributed.gpus
     counts, k = [], 1
     while k < gpus:
         counts.append(k)
         k *= 2
-    return counts + [gpus]
+    return counts + [gpus] if gpus > 1 else []
 
 
 def run(cfg: Config, wl: Workload, root: Path, frameworks: list[str]) -> list[dict[str, Any]]:
@@ -42,10 +45,15 @@ def run(cfg: Config, wl: Workload, root: Path, frameworks: list[str]) -> list[di
     if d.nodes > 1:
         raise ConfigError("params.yaml: distributed.nodes: the scaling benchmark runs on one host; set nodes: 1 "
                           "(several hosts are for train@<w>)")  # fmt: skip
-    distributed.local_gpus_needed(cfg)
+    counts = rank_counts(cfg)
+    if counts[0] < 1:
+        raise ConfigError(f"params.yaml: benchmark.scaling: {cfg.benchmark.scaling}: rank counts start at 1")
+    if max(counts) > 1 and not wl.data_parallel:
+        raise ConfigError(f"params.yaml: benchmark.scaling: '{wl.name}' stays on one device: {wl.single_device_reason}")
+    distributed.local_gpus_needed(cfg, max(counts))
     records: list[dict[str, Any]] = []
     for framework in frameworks:
-        points = [rec for k in rank_counts(d.gpus) for rec in _measure_in_child(cfg, wl, framework, k, root)]
+        points = [rec for k in counts for rec in _measure_in_child(cfg, wl, framework, k, root)]
         records += _with_efficiency(points)
     for rec in records:
         _log(wl, rec)
@@ -66,7 +74,6 @@ def _measure_in_child(cfg: Config, wl: Workload, framework: str, ranks: int, roo
 
 def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) -> list[dict[str, Any]]:
     """Inside a child (each torch rank): time the workload's training steps at this child's rank count."""
-    from . import benchmark as bench
     from .pipeline import runtime_for
 
     ranks = int(os.environ[RANKS_ENV])
@@ -83,8 +90,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         params = cfg.params(wl.name)
         records = []
         for variant, overrides in wl.variants(params).items():
-            tuned, source = bench.tuned_overrides(cfg, wl, variant, runtime, root)
-            vparams = with_overrides(with_overrides(params, overrides), tuned)
+            vparams = with_overrides(params, overrides)  # as written: the batch is the user's, not a trial's
             train = distributed.effective_train(vparams.train, runtime.world_size, dist_cfg)
             inputs, _ = wl.precompute(vparams, prepared, runtime)
             model = wl.build_model(framework, vparams, prepared.meta)
@@ -93,7 +99,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
             records.append({
                 "kind": "scaling", "workload": wl.name, "variant": variant, **runtime.tags(), **distributed.group_tags(),
                 "batch_size": train.batch_size, "per_rank_batch": train.batch_size // runtime.world_size,
-                "hparams": source, "several_variants": len(wl.variants(params)) > 1,
+                "hparams": "defaults", "several_variants": len(wl.variants(params)) > 1,
                 "bench/samples_per_s": median(tput), "bench/samples_per_s_iqr": spread(tput),
                 "bench/step_ms": 1000 * median(res.repeat_s) / res.steps, "bench/peak_gpu_mb": res.peak_gpu_mb,
                 "repeats_samples_per_s": tput,
@@ -107,10 +113,12 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
 
 
 def _with_efficiency(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Speedup and efficiency of each point against the 1-rank point of the same variant."""
+    """Speedup and efficiency of each point against the 1-rank point of the same variant (when it was timed)."""
     one = {p["variant"]: p["bench/samples_per_s"] for p in points if int(p["world_size"]) == 1}
     for p in points:
-        n, base = int(p["world_size"]), one[p["variant"]]
+        n, base = int(p["world_size"]), one.get(p["variant"])
+        if base is None:
+            continue
         p["bench/scaling_speedup"] = p["bench/samples_per_s"] / base
         p["bench/scaling_efficiency"] = p["bench/samples_per_s"] / (n * base)
     return points
