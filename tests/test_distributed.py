@@ -12,7 +12,6 @@ the validation loss by whole percents.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -191,3 +190,20 @@ def test_torchrun_command_and_child_environment(tmp_path):
     assert two[5:] == ["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node0.example:29500"]
     env = child_env(tmp_path)
     assert (env["NCCL_NVLS_ENABLE"], env["TORCH_SYMM_MEM_DISABLE_MULTICAST"], env["NVSHMEM_DISABLE_NVLS"]) == ("0", "1", "1")
+
+
+def test_tensorflow_workers_swap_addresses_through_the_rendezvous_store():
+    """What MultiWorkerMirroredStrategy's TF_CONFIG is built from: two 'hosts' (threads, loopback only)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from accelbench.distributed import swap_addresses
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    configs = [DistributedConfig(gpus=1, nodes=2, node_rank=r, rdzv_endpoint=f"127.0.0.1:{port}") for r in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        seen = list(pool.map(swap_addresses, configs))
+    assert seen[0] == seen[1] and len(seen[0]) == 2
+    assert all(w.startswith("127.0.0.1:") for w in seen[0]) and seen[0][0] != seen[0][1]

@@ -163,6 +163,13 @@ def _tf_cluster(d: DistributedConfig, runtime: Runtime) -> dict[str, str]:
             "dist.devices": "; ".join(f"{i}:{n}" for i, n in enumerate(names))}  # fmt: skip
     if d.nodes == 1:
         return tags
+    workers = swap_addresses(d)
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": d.node_rank}})
+    return {**tags, "dist.workers": ", ".join(workers)}
+
+
+def swap_addresses(d: DistributedConfig) -> list[str]:
+    """Each host's `address:port` for its TF worker, in node_rank order, through a TCPStore that node 0 serves."""
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -170,9 +177,7 @@ def _tf_cluster(d: DistributedConfig, runtime: Runtime) -> dict[str, str]:
     host, port = str(d.rdzv_endpoint).rsplit(":", 1)
     store = TCPStore(host, int(port), d.nodes, is_master=d.node_rank == 0, timeout=timedelta(minutes=10))
     store.set(f"worker{d.node_rank}", f"{_reachable_address(host)}:{_free_port()}")
-    workers = [store.get(f"worker{i}").decode() for i in range(d.nodes)]
-    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": d.node_rank}})
-    return {**tags, "dist.workers": ", ".join(workers)}
+    return [store.get(f"worker{i}").decode() for i in range(d.nodes)]
 
 
 def _reachable_address(peer: str) -> str:
