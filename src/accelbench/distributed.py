@@ -177,7 +177,11 @@ def swap_addresses(d: DistributedConfig) -> list[str]:
     host, port = str(d.rdzv_endpoint).rsplit(":", 1)
     store = TCPStore(host, int(port), d.nodes, is_master=d.node_rank == 0, timeout=timedelta(minutes=10))
     store.set(f"worker{d.node_rank}", f"{_reachable_address(host)}:{_free_port()}")
-    return [store.get(f"worker{i}").decode() for i in range(d.nodes)]
+    workers = [store.get(f"worker{i}").decode() for i in range(d.nodes)]
+    store.set(f"read{d.node_rank}", "1")
+    if d.node_rank == 0:  # node 0 serves the store: it may leave only once every host has read it
+        store.wait([f"read{i}" for i in range(d.nodes)])
+    return workers
 
 
 def _reachable_address(peer: str) -> str:
