@@ -143,19 +143,20 @@ def test_scaling_benchmark_at_one_and_two_gloo_ranks(dp):
     assert "![data-parallel scaling](scaling.png)" in section and (dp.root / "reports/scaling.png").stat().st_size > 0
 
 
-def test_single_device_workloads_refuse_several_ranks(dp):
-    """train@ and benchmark@ say why before anything starts (in this process: the stage's exit path is the
-    same one-line error every ConfigError takes, tested with the stages elsewhere)."""
-    from accelbench import benchmark, pipeline
+def test_single_device_workloads_stay_on_one_device_and_say_why(dp, capfd):
+    """A pipeline-wide distributed.gpus=2 spreads the workloads that can use it; diabetes and quantum run
+    whole on one device, print why, and benchmark no scaling points (in this process, to save stage start-up)."""
+    from accelbench import distributed, scaling
     from accelbench.workloads import get_workload
 
     dp.update("distributed.gpus", 2)
     cfg = load_config(dp.root / "params.yaml")
-    with pytest.raises(ConfigError, match="params.yaml: distributed.gpus: 'diabetes' stays on one device: a few hundred rows"):
-        pipeline.train(cfg, get_workload("diabetes"), dp.root)
-    with pytest.raises(ConfigError, match="distributed.gpus: 'quantum' stays on one device: the quanvolution features"):
-        benchmark.run(cfg, get_workload("quantum"), dp.root)
-    assert not (dp.root / "models/diabetes").exists() and not (dp.root / "results/quantum").exists()
+    for name, reason in (("diabetes", "a few hundred rows"), ("quantum", "the quanvolution features")):
+        single = distributed.for_workload(cfg, get_workload(name))
+        assert single.distributed.world_size == 1 and distributed.group_tags()["dist.single_device_reason"].startswith(reason)
+        assert f"{name} stays on one device (2 ranks asked): {reason}" in capfd.readouterr().err
+        assert scaling.run(cfg, get_workload(name), dp.root, ["torch"]) == []
+    assert distributed.for_workload(cfg, get_workload("stock")) is cfg
     dp.update("distributed.gpus", 1)
 
 

@@ -51,7 +51,7 @@ def frameworks(cfg: Config, wl: Workload) -> list[str]:
 def run(cfg: Config, wl: Workload, root: Path) -> None:
     """The stage: one child process per (framework, device); records merged into results/<w>/benchmark.json.
     With several ranks (`distributed`), the scaling points (kind=scaling) are measured after them."""
-    distributed.check_workload(cfg, wl)
+    cfg = distributed.for_workload(cfg, wl)
     records: list[dict[str, Any]] = []
     for framework in frameworks(cfg, wl):
         for spec in device_specs(cfg):

@@ -41,14 +41,15 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def check_workload(cfg: Config, wl) -> None:
-    """A workload that stays on one device says why, naming the param that asked for more."""
-    if cfg.distributed.world_size > 1 and not wl.data_parallel:
-        key = "distributed.gpus" if cfg.distributed.gpus > 1 else "distributed.nodes"
-        raise ConfigError(
-            f"params.yaml: {key}: '{wl.name}' stays on one device: {wl.single_device_reason}; "
-            f"run it with {key}=1 (e.g. dvc exp run -S distributed.gpus=2 train@guava benchmark@guava)"
-        )
+def for_workload(cfg: Config, wl) -> Config:
+    """A workload that stays on one device runs there and says why (stderr and its train run's tags), so a
+    pipeline-wide `-S distributed.gpus=N` spreads the workloads that can use it and leaves the rest whole."""
+    if cfg.distributed.world_size == 1 or wl.data_parallel:
+        return cfg
+    _GROUP_TAGS["dist.single_device_reason"] = wl.single_device_reason
+    print(f"accelbench: {wl.name} stays on one device ({cfg.distributed.world_size} ranks asked): "
+          f"{wl.single_device_reason}", file=sys.stderr)  # fmt: skip
+    return dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, gpus=1, nodes=1, node_rank=0))
 
 
 def needs_relaunch(cfg: Config, framework: str) -> bool:

@@ -117,7 +117,7 @@ def variant_params(cfg: Config, wl: Workload, root: Path) -> dict[str, tuple[Any
 
 
 def train(cfg: Config, wl: Workload, root: Path) -> None:
-    distributed.check_workload(cfg, wl)
+    cfg = distributed.for_workload(cfg, wl)
     if distributed.needs_relaunch(cfg, framework_for(cfg, wl)):
         distributed.local_gpus_needed(cfg)
         distributed.relaunch(cfg, "train", wl.name, root)  # the same stage, once per rank, under torchrun

@@ -49,7 +49,8 @@ def run(cfg: Config, wl: Workload, root: Path, frameworks: list[str]) -> list[di
     if counts[0] < 1:
         raise ConfigError(f"params.yaml: benchmark.scaling: {cfg.benchmark.scaling}: rank counts start at 1")
     if max(counts) > 1 and not wl.data_parallel:
-        raise ConfigError(f"params.yaml: benchmark.scaling: '{wl.name}' stays on one device: {wl.single_device_reason}")
+        print(f"accelbench: no scaling points for {wl.name}, it stays on one device: {wl.single_device_reason}", file=sys.stderr)
+        return []
     distributed.local_gpus_needed(cfg, max(counts))
     records: list[dict[str, Any]] = []
     for framework in frameworks:
