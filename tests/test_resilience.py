@@ -132,7 +132,8 @@ def test_deterministic_runs_are_identical(long_training):
     run = project.runs(filter_string="tags.stage = 'train'")[0]
     assert run.data.tags["deterministic"] == "true"
     assert run.data.tags["torch.use_deterministic_algorithms"] == "True"
-    assert run.data.tags["cudnn.benchmark"] == "False"
+    assert run.data.tags["cudnn.benchmark"] == "False" and run.data.tags["cudnn.deterministic"] == "True"
+    assert run.data.tags["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")  # set before CUDA starts: cuBLAS honours it
 
 
 def test_four_tuning_workers_share_one_sqlite_study(prepared_project):
@@ -154,6 +155,40 @@ def test_four_tuning_workers_share_one_sqlite_study(prepared_project):
         assert sorted(int(r.data.tags["trial"]) for r in trials) == sorted(t.number for t in mine)
         assert len({r.data.tags["pid"] for r in trials}) == 4  # really four processes
         assert all(r.info.status == "FINISHED" for r in trials)
+    finally:
+        project.set_params(original)
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(prepared_project):
+    """A real failure (a learning rate that blows the loss up: TrainingError, the path an out-of-memory
+    error takes too) fails its trial in Optuna and in MLflow with the reason; the other trials run."""
+    project = prepared_project
+    original = project.params()
+    try:
+        project.update("tune.n_trials", 4)
+        project.update("tune.prune_warmup_epochs", 100)
+        project.update("diabetes.search", {"train.lr": {"choices": [1.0e-3, 1.0e+30]}})
+        proc = project.stage("tune")
+        assert proc.returncode == 0, proc.stderr
+        best = json.loads((project.root / "results/diabetes/best_params.json").read_text())["mlp"]
+        study = optuna.load_study(study_name="diabetes-cpu-torch", storage=f"sqlite:///{project.root}/mlruns/optuna.db")
+        mine = [t for t in study.trials if t.user_attrs.get("config_hash") == best["config_hash"]]
+        failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
+        assert len(mine) == 4 and failed and len(failed) < 4, [(t.params, t.state) for t in mine]
+        assert all(t.params["train.lr"] == 1e30 for t in failed)
+        assert all("training loss became" in t.user_attrs["fail_reason"] and "lr=1e+30" in t.user_attrs["fail_reason"] for t in failed)
+        assert best["trials"] == {"complete": 4 - len(failed), "pruned": 0, "fail": len(failed)}
+        assert best["params"]["train.lr"] == 1e-3
+        tune = project.runs(filter_string="tags.stage = 'tune'")[0]
+        runs = {int(r.data.tags["trial"]): r for r in project.runs(
+            filter_string=f"tags.stage = 'trial' and tags.`mlflow.parentRunId` = '{tune.info.run_id}'")}  # fmt: skip
+        assert sorted(runs) == sorted(t.number for t in mine)
+        for t in mine:
+            run = runs[t.number]
+            if t in failed:
+                assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == t.user_attrs["fail_reason"]
+            else:
+                assert run.info.status == "FINISHED"
     finally:
         project.set_params(original)
 
@@ -203,6 +238,12 @@ def postgres_url():
     pytest.importorskip("psycopg", reason="psycopg (the dev extra psycopg[binary], the driver SQLAlchemy uses for postgresql://) is not installed")
     as_pg: list[str] = []
     if os.geteuid() == 0:  # postgres refuses to run as root
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no 'postgres' user to run the server as (postgres refuses root)")
         if not shutil.which("runuser"):
             pytest.skip("running as root without runuser: cannot start postgres as its own user")
         as_pg = ["runuser", "-u", "postgres", "--"]
