@@ -55,7 +55,7 @@ def long_training(prepared_project):
     subprocess.run(["rm", "-rf", str(project.root / "checkpoints")], check=True)
 
 
-@pytest.mark.parametrize("framework, epochs, kill_after", [("torch", 40, 10), ("tensorflow", 12, 4)])
+@pytest.mark.parametrize("framework, epochs, kill_after", [("torch", 40, 10), ("tensorflow", 8, 4)])
 def test_sigkill_then_restart_gives_the_uninterrupted_result(long_training, framework, epochs, kill_after):
     project = long_training
     project.update("framework", framework)
@@ -167,11 +167,12 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(prepa
     try:
         project.update("tune.n_trials", 4)
         project.update("tune.prune_warmup_epochs", 100)
+        project.update("tune.storage", "sqlite:///mlruns/failing.db")  # a fresh study: lr becomes a categorical
         project.update("diabetes.search", {"train.lr": {"choices": [1.0e-3, 1.0e+30]}})
         proc = project.stage("tune")
         assert proc.returncode == 0, proc.stderr
         best = json.loads((project.root / "results/diabetes/best_params.json").read_text())["mlp"]
-        study = optuna.load_study(study_name="diabetes-cpu-torch", storage=f"sqlite:///{project.root}/mlruns/optuna.db")
+        study = optuna.load_study(study_name="diabetes-cpu-torch", storage=f"sqlite:///{project.root}/mlruns/failing.db")
         mine = [t for t in study.trials if t.user_attrs.get("config_hash") == best["config_hash"]]
         failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
         assert len(mine) == 4 and failed and len(failed) < 4, [(t.params, t.state) for t in mine]
@@ -262,7 +263,7 @@ def postgres_url():
     pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
        "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8")  # fmt: skip
     pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "server.log"), "-w", "-t", "60", "start",
-       "-o", f"-p {port} -k {tmp} -h 127.0.0.1 -c fsync=off -c max_connections=50")  # fmt: skip
+       "-o", f"-p {port} -k {tmp} -h 127.0.0.1 -c fsync=off -c max_connections=200")  # fmt: skip
     try:
         psql = [str(bindir / "psql"), "-h", str(tmp), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
         pg(*psql, "-c", f"CREATE USER tuner WITH PASSWORD '{PASSWORD}'")
@@ -280,9 +281,9 @@ def test_two_hosts_share_one_postgres_study(prepared_project, postgres_url):
     original = project.params()
     try:
         project.update("tune.storage", postgres_url)
-        project.update("tune.n_trials", 6)
+        project.update("tune.n_trials", 4)
         project.update("tune.prune_warmup_epochs", 100)  # no pruning: every trial runs to the end
-        optuna.storages.RDBStorage(postgres_url)  # the schema, created once as on a shared server
+        optuna.storages.RDBStorage(postgres_url).engine.dispose()  # the schema, created once as on a shared server
         hosts = []
         for workers in (2, 1):
             project.update("tune.workers", workers)  # read at start-up: each host keeps its own value
@@ -296,7 +297,7 @@ def test_two_hosts_share_one_postgres_study(prepared_project, postgres_url):
 
         study = optuna.load_study(study_name="diabetes-cpu-torch", storage=postgres_url)
         trials = study.get_trials(deepcopy=False)
-        assert sorted(t.number for t in trials) == list(range(6))  # none lost, none duplicated, none extra
+        assert sorted(t.number for t in trials) == list(range(4))  # none lost, none duplicated, none extra
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]
         assert len({t.user_attrs["config_hash"] for t in trials}) == 1
 
@@ -304,9 +305,9 @@ def test_two_hosts_share_one_postgres_study(prepared_project, postgres_url):
         assert {r.data.params["tune.storage"] for r in tunes} == {postgres_url.replace(PASSWORD, "***")}
         runs = [r for tune in tunes for r in project.runs(
             filter_string=f"tags.stage = 'trial' and tags.`mlflow.parentRunId` = '{tune.info.run_id}'")]  # fmt: skip
-        assert sorted(int(r.data.tags["trial"]) for r in runs) == list(range(6))  # one nested run per trial
+        assert sorted(int(r.data.tags["trial"]) for r in runs) == list(range(4))  # one nested run per trial
         assert all(r.info.status == "FINISHED" for r in runs)
-        assert len({r.data.tags["pid"] for r in runs}) >= 2  # shared: each of the first host's processes runs 3 at most
+        assert len({r.data.tags["pid"] for r in runs}) >= 2  # shared: each of the first host's processes runs 2 at most
 
         blobs = [text for pair in logs for text in pair]
         blobs += [p.read_bytes().decode("latin-1") for p in (project.root / "mlruns").rglob("*") if p.is_file()]
@@ -317,10 +318,12 @@ def test_two_hosts_share_one_postgres_study(prepared_project, postgres_url):
 
 
 def _wait_for_a_trial(url: str, timeout: float = 300) -> None:
+    storage = optuna.storages.RDBStorage(url)  # one engine: a new one per poll would leak server connections
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if optuna.load_study(study_name="diabetes-cpu-torch", storage=url).get_trials(deepcopy=False):
+            if optuna.load_study(study_name="diabetes-cpu-torch", storage=storage).get_trials(deepcopy=False):
+                storage.engine.dispose()
                 return
         except KeyError:  # the first host has not created the study yet
             pass
