@@ -9,7 +9,7 @@ EXTRA := $(if $(HAS_GPU),gpu,cpu)
 # PyTorch's CPU wheel index, used only when it answers (offline mirrors serve the CPU build by name).
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: setup repro test gpu-test ui clean
+.PHONY: setup repro test postgres-server gpu-test ui clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,17 @@ repro: setup
 	dvc repro
 
 # Two workers, one test file each: most of the time is single-threaded stage start-up.
-test: setup
+test: setup postgres-server
 	python -m pytest -q -n 2 --dist loadfile
+
+# The shared-storage test starts a throwaway PostgreSQL server from Debian's package: installed here when
+# missing, apt-get exists and we are root. Never fatal: without it that one test skips, saying why.
+postgres-server:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's postgresql for the shared-storage test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql) >/dev/null 2>&1 \
+	    || echo "postgresql could not be installed: the shared-storage test will skip"; \
+	fi
 
 gpu-test: setup
 	python -m pytest -q -m gpu

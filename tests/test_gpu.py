@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -60,3 +61,54 @@ def test_guava_ddp_on_one_gpu_through_torchrun_and_its_scaling_point(tmp_path):
     records = json.loads((project.root / "results/guava/benchmark.json").read_text())["records"]
     assert len(records) == 1 and records[0]["kind"] == "scaling" and records[0]["dist.backend"] == "nccl"
     assert records[0]["bench/scaling_efficiency"] == 1.0 and records[0]["bench/samples_per_s"] > 0
+def test_out_of_memory_fails_its_tuning_trial_and_the_study_goes_on(tmp_path):
+    """guava at 512 px with one 2,048-channel block: ~1.6 GB of saved activations per image, so a batch of
+    128 (all 84 training images) asks for more than an 80 GB GPU has, a batch of 2 does not."""
+    import optuna
+
+    project = make_project(tmp_path / "project", ["guava"])
+    project.update("device", "cuda")
+    project.update("guava.data.count", 120)
+    project.update("guava.prepare.image_size", 512)
+    project.update("guava.model.channels", [2048])
+    project.update("guava.train.epochs", 1)
+    project.update("guava.search", {"train.batch_size": {"choices": [2, 128]}})
+    project.update("tune.n_trials", 4)
+    project.update("tune.prune_warmup_epochs", 100)
+    project.run(sys.executable, "-m", "dvc", "repro", "tune@guava")
+    best = json.loads((project.root / "results/guava/best_params.json").read_text())["cnn"]
+    study = optuna.load_study(study_name="guava-cuda-torch", storage=f"sqlite:///{project.root}/mlruns/optuna.db")
+    assert len(study.trials) == 4  # as asked: the failure did not stop the study
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert failed and complete, [(t.params, t.state) for t in study.trials]
+    assert all(t.params["train.batch_size"] == 128 for t in failed)
+    for t in failed:
+        reason = t.user_attrs["fail_reason"]
+        assert reason.startswith("out of memory on ") and "batch_size=128" in reason, reason
+        assert re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", reason), reason  # the memory asked for
+    assert best["trials"]["fail"] == len(failed) and best["params"]["train.batch_size"] == 2
+    runs = {int(r.data.tags["trial"]): r for r in project.runs("guava", "tags.stage = 'trial'")}
+    for t in failed:
+        assert runs[t.number].info.status == "FAILED"
+        assert runs[t.number].data.tags["failure_reason"] == t.user_attrs["fail_reason"]
+
+
+def test_deterministic_flags_are_set_and_recorded_on_cuda(tmp_path):
+    project = make_project(tmp_path / "project", ["diabetes"])
+    project.update("diabetes.data.source", "path")
+    project.update("diabetes.data.path", str(FIXTURES / "diabetes.csv"))
+    project.update("device", "cuda")
+    project.update("deterministic", True)
+    project.run(sys.executable, "-m", "dvc", "repro", "train@diabetes")
+    tags = project.runs(filter_string="tags.stage = 'train'")[0].data.tags
+    assert tags["deterministic"] == "true" and tags["device"] == "cuda"
+    assert tags["torch.use_deterministic_algorithms"] == "True"
+    assert tags["cudnn.deterministic"] == "True" and tags["cudnn.benchmark"] == "False"
+    assert tags["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
+    first = json.loads((project.root / "results/diabetes/train.json").read_text())["mlp"]
+    project.run(sys.executable, "-m", "dvc", "repro", "--force", "train@diabetes")
+    second = json.loads((project.root / "results/diabetes/train.json").read_text())["mlp"]
+    assert {k: v for k, v in first.items() if k.startswith(("train/", "val/"))} == {
+        k: v for k, v in second.items() if k.startswith(("train/", "val/"))
+    }  # the same seed on the GPU: the same numbers

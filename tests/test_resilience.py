@@ -1,12 +1,17 @@
-"""Runs that survive: SIGKILL and resume, SIGTERM, determinism, parallel tuning workers, secrets."""
+"""Runs that survive: SIGKILL and resume, SIGTERM, determinism, parallel tuning workers and hosts, secrets."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -19,19 +24,17 @@ def train_popen(project):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def wait_for_checkpoint(project, proc, min_epoch: int, timeout: float = 300) -> int:
-    """Poll the torch checkpoint until it holds at least `min_epoch` epochs; return the epoch seen."""
+def wait_for_checkpoint(project, proc, min_epoch: int, timeout: float = 300, framework: str = "torch") -> int:
+    """Poll the checkpoint until it holds at least `min_epoch` epochs; return the epoch seen."""
     import torch
 
-    path = project.root / "checkpoints/diabetes/mlp-torch.pt"
+    path = project.root / ("checkpoints/diabetes/mlp-torch.pt" if framework == "torch" else "checkpoints/diabetes/mlp-tensorflow.json")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         if path.is_file():
-            try:
-                epoch = torch.load(path, weights_only=True)["epoch"]
-            except (EOFError, RuntimeError):  # cannot happen with the atomic rename; would fail below if it did
-                raise
+            # the atomic rename means a half-written file is never seen: a read error here fails the test
+            epoch = torch.load(path, weights_only=True)["epoch"] if framework == "torch" else json.loads(path.read_text())["epoch"]
             if epoch >= min_epoch:
                 return epoch
         time.sleep(0.05)
@@ -52,8 +55,11 @@ def long_training(prepared_project):
     subprocess.run(["rm", "-rf", str(project.root / "checkpoints")], check=True)
 
 
-def test_sigkill_then_restart_gives_the_uninterrupted_result(long_training):
+@pytest.mark.parametrize("framework, epochs, kill_after", [("torch", 40, 10), ("tensorflow", 8, 4)])
+def test_sigkill_then_restart_gives_the_uninterrupted_result(long_training, framework, epochs, kill_after):
     project = long_training
+    project.update("framework", framework)
+    project.update("diabetes.train.epochs", epochs)
     t0 = time.monotonic()
     assert project.stage("train").returncode == 0
     uninterrupted_s = time.monotonic() - t0
@@ -63,7 +69,7 @@ def test_sigkill_then_restart_gives_the_uninterrupted_result(long_training):
 
     t0 = time.monotonic()
     proc = train_popen(project)
-    killed_at = wait_for_checkpoint(project, proc, min_epoch=10)
+    killed_at = wait_for_checkpoint(project, proc, min_epoch=kill_after, framework=framework)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first_s = time.monotonic() - t0
@@ -76,11 +82,12 @@ def test_sigkill_then_restart_gives_the_uninterrupted_result(long_training):
     resumed = json.loads((project.root / "results/diabetes/train.json").read_text())["mlp"]
     for key in ("train/loss", "val/loss", "val/roc_auc", "val/accuracy"):
         assert resumed[key] == reference[key], key  # bit-identical: RNG, optimiser and scaler state restored
+    assert killed_at < epochs  # it really was cut short
     runs = project.runs(filter_string="tags.stage = 'train'")
     assert int(runs[0].data.tags["resumed_from_epoch"]) >= killed_at
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert killed and "died without ending its run" in killed[0].data.tags["failure_reason"]  # no RUNNING lie
-    print(f"\nuninterrupted {uninterrupted_s:.1f}s; killed after {first_s:.1f}s at epoch >= {killed_at}; "
+    print(f"\n{framework}: uninterrupted {uninterrupted_s:.1f}s; killed after {first_s:.1f}s at epoch >= {killed_at}; "
           f"resumed run {resumed_s:.1f}s; lost {first_s + resumed_s - uninterrupted_s:.1f}s")  # fmt: skip
 
 
@@ -125,7 +132,8 @@ def test_deterministic_runs_are_identical(long_training):
     run = project.runs(filter_string="tags.stage = 'train'")[0]
     assert run.data.tags["deterministic"] == "true"
     assert run.data.tags["torch.use_deterministic_algorithms"] == "True"
-    assert run.data.tags["cudnn.benchmark"] == "False"
+    assert run.data.tags["cudnn.benchmark"] == "False" and run.data.tags["cudnn.deterministic"] == "True"
+    assert run.data.tags["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")  # set before CUDA starts: cuBLAS honours it
 
 
 def test_four_tuning_workers_share_one_sqlite_study(prepared_project):
@@ -151,6 +159,41 @@ def test_four_tuning_workers_share_one_sqlite_study(prepared_project):
         project.set_params(original)
 
 
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(prepared_project):
+    """A real failure (a learning rate that blows the loss up: TrainingError, the path an out-of-memory
+    error takes too) fails its trial in Optuna and in MLflow with the reason; the other trials run."""
+    project = prepared_project
+    original = project.params()
+    try:
+        project.update("tune.n_trials", 4)
+        project.update("tune.prune_warmup_epochs", 100)
+        project.update("tune.storage", "sqlite:///mlruns/failing.db")  # a fresh study: lr becomes a categorical
+        project.update("diabetes.search", {"train.lr": {"choices": [1.0e-3, 1.0e+30]}})
+        proc = project.stage("tune")
+        assert proc.returncode == 0, proc.stderr
+        best = json.loads((project.root / "results/diabetes/best_params.json").read_text())["mlp"]
+        study = optuna.load_study(study_name="diabetes-cpu-torch", storage=f"sqlite:///{project.root}/mlruns/failing.db")
+        mine = [t for t in study.trials if t.user_attrs.get("config_hash") == best["config_hash"]]
+        failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
+        assert len(mine) == 4 and failed and len(failed) < 4, [(t.params, t.state) for t in mine]
+        assert all(t.params["train.lr"] == 1e30 for t in failed)
+        assert all("training loss became" in t.user_attrs["fail_reason"] and "lr=1e+30" in t.user_attrs["fail_reason"] for t in failed)
+        assert best["trials"] == {"complete": 4 - len(failed), "pruned": 0, "fail": len(failed)}
+        assert best["params"]["train.lr"] == 1e-3
+        tune = project.runs(filter_string="tags.stage = 'tune'")[0]
+        runs = {int(r.data.tags["trial"]): r for r in project.runs(
+            filter_string=f"tags.stage = 'trial' and tags.`mlflow.parentRunId` = '{tune.info.run_id}'")}  # fmt: skip
+        assert sorted(runs) == sorted(t.number for t in mine)
+        for t in mine:
+            run = runs[t.number]
+            if t in failed:
+                assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == t.user_attrs["fail_reason"]
+            else:
+                assert run.info.status == "FINISHED"
+    finally:
+        project.set_params(original)
+
+
 def test_secrets_never_reach_the_store_or_the_logs(tmp_path):
     secrets = {"KAGGLE_USERNAME": "user-3f9a1c", "KAGGLE_KEY": "kagglekey-7d2e9b41", "MLFLOW_TRACKING_PASSWORD": "mlpw-51c0ffee"}
     project = make_project(tmp_path / "project")
@@ -171,3 +214,118 @@ def test_secrets_never_reach_the_store_or_the_logs(tmp_path):
     for name, value in secrets.items():
         assert not any(value in b for b in blobs), f"{name} leaked"
     assert os.environ.get("KAGGLE_KEY") != secrets["KAGGLE_KEY"]
+
+
+PASSWORD = "pg-s3cret-9e1b"  # planted: it must reach no MLflow record and no log
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway server: its own data dir and socket in a temp dir, password auth over TCP."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin; apt-get install postgresql)")
+    pytest.importorskip("psycopg", reason="psycopg (the dev extra psycopg[binary], the driver SQLAlchemy uses for postgresql://) is not installed")
+    as_pg: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no 'postgres' user to run the server as (postgres refuses root)")
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser: cannot start postgres as its own user")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    tmp = Path(tempfile.mkdtemp(prefix="accelbench-pg-"))
+    if as_pg:
+        shutil.chown(tmp, "postgres")
+    data, port = tmp / "data", _free_port()
+    pwfile = tmp / "pw"
+    pwfile.write_text("superpw\n")
+    if as_pg:
+        shutil.chown(pwfile, "postgres")
+
+    def pg(*cmd: str) -> None:
+        subprocess.run([*as_pg, *cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
+       "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8")  # fmt: skip
+    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "server.log"), "-w", "-t", "60", "start",
+       "-o", f"-p {port} -k {tmp} -h 127.0.0.1 -c fsync=off -c max_connections=200")  # fmt: skip
+    try:
+        psql = [str(bindir / "psql"), "-h", str(tmp), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
+        pg(*psql, "-c", f"CREATE USER tuner WITH PASSWORD '{PASSWORD}'")
+        pg(*psql, "-c", "CREATE DATABASE studies OWNER tuner")
+        yield f"postgresql://tuner:{PASSWORD}@127.0.0.1:{port}/studies"
+    finally:
+        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_two_hosts_share_one_postgres_study(prepared_project, postgres_url):
+    """Two tune stages at once (two 'hosts', the first with two worker processes) on one PostgreSQL study:
+    exactly n_trials trials in the whole study, none lost or duplicated, each with its nested MLflow run."""
+    project = prepared_project
+    original = project.params()
+    try:
+        project.update("tune.storage", postgres_url)
+        project.update("tune.n_trials", 4)
+        project.update("tune.prune_warmup_epochs", 100)  # no pruning: every trial runs to the end
+        optuna.storages.RDBStorage(postgres_url).engine.dispose()  # the schema, created once as on a shared server
+        hosts = []
+        for workers in (2, 1):
+            project.update("tune.workers", workers)  # read at start-up: each host keeps its own value
+            hosts.append(subprocess.Popen([sys.executable, "stages/tune.py", "diabetes"], cwd=project.root, env=project.env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+            if workers == 2:  # the second host joins a study under way, so the first holds trials of its own
+                _wait_for_a_trial(postgres_url)
+        logs = [p.communicate(timeout=600) for p in hosts]
+        for p, (out, err) in zip(hosts, logs):
+            assert p.returncode == 0, err[-3000:]
+
+        study = optuna.load_study(study_name="diabetes-cpu-torch", storage=postgres_url)
+        trials = study.get_trials(deepcopy=False)
+        assert sorted(t.number for t in trials) == list(range(4))  # none lost, none duplicated, none extra
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]
+        assert len({t.user_attrs["config_hash"] for t in trials}) == 1
+
+        tunes = project.runs(filter_string="tags.stage = 'tune'")[:2]
+        assert {r.data.params["tune.storage"] for r in tunes} == {postgres_url.replace(PASSWORD, "***")}
+        runs = [r for tune in tunes for r in project.runs(
+            filter_string=f"tags.stage = 'trial' and tags.`mlflow.parentRunId` = '{tune.info.run_id}'")]  # fmt: skip
+        assert sorted(int(r.data.tags["trial"]) for r in runs) == list(range(4))  # one nested run per trial
+        assert all(r.info.status == "FINISHED" for r in runs)
+        assert len({r.data.tags["pid"] for r in runs}) >= 2  # shared: each of the first host's processes runs 2 at most
+
+        blobs = [text for pair in logs for text in pair]
+        blobs += [p.read_bytes().decode("latin-1") for p in (project.root / "mlruns").rglob("*") if p.is_file()]
+        blobs += [p.read_text() for p in (project.root / "results").rglob("*.json")]
+        assert not [b[:200] for b in blobs if PASSWORD in b]
+    finally:
+        project.set_params(original)
+
+
+def _wait_for_a_trial(url: str, timeout: float = 300) -> None:
+    storage = optuna.storages.RDBStorage(url)  # one engine: a new one per poll would leak server connections
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if optuna.load_study(study_name="diabetes-cpu-torch", storage=storage).get_trials(deepcopy=False):
+                storage.engine.dispose()
+                return
+        except KeyError:  # the first host has not created the study yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the first host started no trial")

@@ -12,13 +12,15 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from tqdm.auto import tqdm
 
-from . import devices
+from . import claims, devices
 from .config import Config, SearchSpec, WorkloadParams, as_dict, get_path, with_overrides
 from .devices import Runtime
 from .engines import get_engine
@@ -94,12 +96,9 @@ def open_study(cfg: Config, wl: Workload, variant: str, params: WorkloadParams, 
     task = wl.task(prepared.meta)
     name = study_name(wl.name, variant if several else None, runtime)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage_url(cfg.tune.storage, root)
-    # several processes share one SQLite file: wait for the write lock instead of failing at once
-    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     study = optuna.create_study(
         study_name=name,
-        storage=optuna.storages.RDBStorage(url, engine_kwargs=kwargs),
+        storage=claims.storage(storage_url(cfg.tune.storage, root)),
         load_if_exists=True,
         direction=task.direction,
         sampler=optuna.samplers.TPESampler(seed=cfg.seed),
@@ -135,6 +134,10 @@ def objective_for(s: Study, parent_run_id: str):
             except optuna.TrialPruned as exc:
                 pruned = exc
                 run.set_tags({"optuna.state": "PRUNED", "pruned": str(exc)})
+            except TrainingError as exc:  # out of memory, a NaN loss: the trial fails, the study goes on
+                trial.set_user_attr("fail_reason", str(exc))
+                run.set_tags({"optuna.state": "FAIL"})
+                raise
             else:
                 run.log_metrics(result.summary())
                 run.set_tags({"optuna.state": "COMPLETE"})
@@ -151,8 +154,15 @@ def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
 
         population.optimize(s, n_trials, parent_run_id)
     elif n_trials > 0:
-        s.optuna.optimize(objective_for(s, parent_run_id), n_trials=n_trials, timeout=s.cfg.tune.timeout_s,
-                          catch=(TrainingError,), show_progress_bar=True)  # fmt: skip
+        objective = objective_for(s, parent_run_id)
+        deadline = time.monotonic() + s.cfg.tune.timeout_s
+        with tqdm(total=n_trials, desc=s.name, unit="trial", disable=None) as bar:
+            # at most this process's share, and never past n_trials in the whole study (other hosts included)
+            for _ in range(n_trials):
+                if time.monotonic() > deadline or not claims.claim(s.optuna, s.config_hash, s.cfg.tune.n_trials):
+                    break
+                s.optuna.optimize(objective, n_trials=1, catch=(TrainingError,))
+                bar.update(1)
 
 
 def shares(total: int, workers: int) -> list[int]:

@@ -121,6 +121,28 @@ def _time_batches(arrays: dict[str, np.ndarray], keys: list[str], bs: int, seed:
     return time.perf_counter() - t0
 
 
+def _epoch_batches(arrays: dict[str, np.ndarray], inputs: list[str], task: Task, bs: int, seed: int,
+                   first: int, epochs: int) -> tf.data.Dataset:  # fmt: skip
+    """The batches of epochs `first`..`epochs`-1, each epoch shuffled by a permutation drawn from (seed, epoch)
+    alone: a run resumed at epoch k sees the very batches of one that never stopped (Keras' own shuffle
+    would start its stream over)."""
+    n = len(arrays["y"])
+    with tf.device("/CPU:0"):  # tf.data gathers on the host, as Keras does with NumPy input
+        xs = tuple(tf.convert_to_tensor(arrays[k]) for k in inputs)
+        y = tf.convert_to_tensor(_targets(arrays, task))
+
+    def epoch_order(epoch: tf.Tensor) -> tf.data.Dataset:
+        seeds = tf.stack([tf.constant(seed, tf.int64), epoch])
+        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=seeds)
+        return tf.data.Dataset.from_tensor_slices(perm).batch(bs)
+
+    def gather(idx: tf.Tensor):
+        x = tuple(tf.gather(a, idx) for a in xs)
+        return (x[0] if len(x) == 1 else x), tf.gather(y, idx)
+
+    return tf.data.Dataset.range(first, epochs).flat_map(epoch_order).map(gather).prefetch(tf.data.AUTOTUNE)
+
+
 class _EpochCallback(keras.callbacks.Callback):
     def __init__(self, task, val, inputs, train, result, on_epoch, bar, checkpoint):
         super().__init__()
@@ -180,12 +202,11 @@ def fit(
         cb.eval_batch = prepared.meta.get("eval_batch_size", EVAL_BATCH)
         try:
             model.fit(
-                _inputs(tr, inputs),
-                _targets(tr, task),
-                batch_size=train.batch_size,
+                _epoch_batches(tr, inputs, task, train.batch_size, runtime.seed, start, train.epochs),
                 epochs=train.epochs,
                 initial_epoch=start,
-                shuffle=True,
+                steps_per_epoch=math.ceil(len(tr["y"]) / train.batch_size),
+                shuffle=False,  # the dataset is shuffled per epoch already
                 verbose=0,
                 callbacks=[cb],
             )
@@ -201,14 +222,15 @@ def fit(
 
 
 def _save(checkpoint: Checkpoint, epoch: int, model: keras.Model, result: FitResult) -> None:
-    """Weights and optimiser slots as one .npz (renamed into place), progress as JSON beside it."""
-    arrays = {f"w{i}": np.asarray(v) for i, v in enumerate(model.weights)}
+    """Weights, RNG states (dropout, augmentation) and optimiser slots as one .npz (renamed into place),
+    progress as JSON beside it."""
+    arrays = {f"w{i}": np.asarray(v) for i, v in enumerate(model.variables)}  # variables: seed generators too
     arrays.update({f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
     weights = checkpoint.path.with_name(f"{checkpoint.path.name}.e{epoch}.npz")
     with atomic_file(weights) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     # the JSON names its weights file and is renamed into place last: a kill in between keeps the old pair
-    state = {"params_hash": checkpoint.params_hash, "epoch": epoch, "weights": weights.name,
+    state = {"params_hash": checkpoint.params_hash, "epoch": epoch, "weights": weights.name, "variables": len(model.variables),
              "history": result.history, "epoch_s": result.epoch_s}  # fmt: skip
     write_json(checkpoint.path.with_suffix(".json"), state)
     for old in checkpoint.path.parent.glob(f"{checkpoint.path.name}.e*.npz"):
@@ -220,10 +242,10 @@ def _resume(checkpoint: Checkpoint | None, model: keras.Model, result: FitResult
     if checkpoint is None or not checkpoint.path.with_suffix(".json").is_file():
         return 0
     state = read_json(checkpoint.path.with_suffix(".json"))
-    if state["params_hash"] != checkpoint.params_hash:
-        return 0
-    with np.load(checkpoint.path.parent / state["weights"]) as z:
-        for i, v in enumerate(model.weights):
+    if state["params_hash"] != checkpoint.params_hash or state.get("variables") != len(model.variables):
+        return 0  # other params, or written before RNG states were saved: start fresh
+    with np.load(checkpoint.path.parent / state["weights"], allow_pickle=False) as z:
+        for i, v in enumerate(model.variables):
             v.assign(z[f"w{i}"])
         model.optimizer.build(model.trainable_variables)
         for i, v in enumerate(model.optimizer.variables):

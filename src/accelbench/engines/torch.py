@@ -43,6 +43,7 @@ def determinism_flags() -> dict[str, str]:
         "torch.use_deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
         "cudnn.deterministic": str(torch.backends.cudnn.deterministic),
         "cudnn.benchmark": str(torch.backends.cudnn.benchmark),
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "unset"),
     }
 
 
