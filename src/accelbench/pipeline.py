@@ -44,7 +44,7 @@ def runtime_for(cfg: Config, wl: Workload) -> Runtime:
     device = devices.resolve(cfg.device, framework)
     runtime = Runtime(
         device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads,
-        deterministic=cfg.deterministic, channels_last=cfg.channels_last,
+        deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
     )  # fmt: skip
     get_engine(runtime.framework).setup(runtime)
     devices.seed_everything(cfg.seed, framework)
@@ -142,7 +142,7 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
                 log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
                 desc = f"{wl.name}/{variant} {runtime.framework}"
                 result = engine.fit(model, task, inputs, params.train, runtime, log_epoch, desc, checkpoint)
-                run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
+                run.set_tags({"resumed_from_epoch": str(result.resumed_from), "cuda_graphs_applied": result.cuda_graphs})
                 summary = {**result.summary(units_per_sample=prepared.meta.get("units_per_sample")), **precomputed}
                 run.log_metrics(summary)  # the per-epoch curves are already in
                 folder = models / variant
