@@ -104,7 +104,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
             rec.update(batch_role=roles.get(batch, "sweep"), hparams=source)
             _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
             records.append(rec)
-        if b.ablation and device.type == "cuda" and framework == "torch":
+        if b.ablation and device.type in b.ablation_devices and framework == "torch":
             records += _ablation(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, util, len(variants) > 1)
         target = params.benchmark
         if target.value is not None:

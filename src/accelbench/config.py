@@ -112,6 +112,7 @@ class BenchmarkConfig:
     # on each CUDA device at the tuned batch: the baseline, each option alone, all together (torch)
     ablation: list[str] = field(default_factory=list)  # e.g. [precision=bf16, channels_last=true, compile=true, cuda_graphs=true]
     ablation_epochs: int | None = None  # epochs of the quality run beside each setting; null: the workload's train.epochs
+    ablation_devices: list[Literal["cpu", "cuda"]] = field(default_factory=lambda: ["cuda"])  # device types it runs on
 
     def __post_init__(self) -> None:
         ablation_options(self.ablation)
