@@ -105,7 +105,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
             _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
             records.append(rec)
         if b.ablation and device.type in b.ablation_devices and framework == "torch":
-            records += _ablation(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, util, len(variants) > 1)
+            records += _ablation(cfg, wl, variant, vparams, runtime, prepared, inputs.meta, task, engine, source, util, len(variants) > 1)
         target = params.benchmark
         if target.value is not None:
             records.append(_time_to_target(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, len(variants) > 1))
@@ -178,11 +178,11 @@ def _summarize(real: BenchResult, ceiling: BenchResult | None) -> dict[str, Any]
     return rec
 
 
-def _ablation(cfg, wl, variant, params, runtime, prepared, task, engine, source, util, several) -> list[dict[str, Any]]:
+def _ablation(cfg, wl, variant, params, runtime, prepared, model_meta, task, engine, source, util, several) -> list[dict[str, Any]]:
     """What each optimisation buys at the tuned batch: the baseline, each option alone, then all the options
     that apply together; beside each speed, the validation metric of a training run under the same setting."""
     options = ablation_options(cfg.benchmark.ablation)
-    probe = wl.build_model(runtime.framework, params, prepared.meta)
+    probe = wl.build_model(runtime.framework, params, model_meta)  # the model's inputs decide its layers
     skipped = {name: why for name, change in options.items() if (why := _not_applicable(change, runtime, probe, prepared, engine))}
     combined = {k: v for name, change in options.items() if name not in skipped for k, v in change.items()}
     settings = {"baseline": {}, **options, **({"all": combined} if len(options) - len(skipped) > 1 else {})}
