@@ -143,3 +143,51 @@ def test_nan_loss_fails_training(prepared_project, framework):
         assert not (project.root / "results/diabetes/train.json").exists()
     finally:
         project.set_params(original)
+
+
+def test_bad_ablation_entry_fails_the_benchmark_stage_cleanly(prepared_project):
+    project = prepared_project
+    original = project.params()
+    try:
+        project.update("benchmark.ablation", ["precision=fp64"])
+        proc = project.stage("benchmark")
+        assert_failed_cleanly(project, proc, "benchmark", "benchmark", "'precision=fp64' is not one of precision=fp32|bf16|fp16",
+                              output="results/diabetes/benchmark.json")  # fmt: skip
+    finally:
+        project.set_params(original)
+
+
+def test_ablation_options_that_do_not_apply_say_why_and_the_rest_are_measured(prepared_project, tmp_path):
+    """Not an error, but the same promise: cuda_graphs on the CPU and channels_last on an MLP are recorded no-ops with
+    their reason; bf16 is timed beside the quality of a training run under it (the benchmark stage's child, on the CPU)."""
+    import json
+    import sys
+
+    project = prepared_project
+    original = project.params()
+    try:
+        project.update("cuda_graphs", True)
+        project.update("diabetes.benchmark.value", None)  # no time to target: the ablation is what is tested
+        bench = {**original["benchmark"], "ablation": ["precision=bf16", "channels_last=true"], "ablation_epochs": 2,
+                 "ablation_devices": ["cpu"], "batch_sizes": [], "compute_ceiling": False}  # fmt: skip
+        project.update("benchmark", bench)
+        out = tmp_path / "records.json"
+        project.run(sys.executable, "-m", "accelbench.benchmark", "diabetes", "torch", "cpu", str(out))
+    finally:
+        project.set_params(original)
+    records = json.loads(out.read_text())
+    [tput] = [r for r in records if r["kind"] == "throughput"]
+    assert tput["cuda_graphs"] == "true" and tput["cuda_graphs_applied"] == "n/a: not a CUDA device"
+    assert "bench/gpu_util_pct" not in tput  # absent on the CPU, not a zero
+    ablation = {r["setting"]: r for r in records if r["kind"] == "ablation"}
+    assert list(ablation) == ["baseline", "precision=bf16", "channels_last=true"]  # one option applies: no "all"
+    base, bf16 = ablation["baseline"], ablation["precision=bf16"]
+    assert base["bench/speedup_vs_baseline"] == 1.0 and (base["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["bench/speedup_vs_baseline"] == pytest.approx(bf16["bench/samples_per_s"] / base["bench/samples_per_s"])
+    for rec in (base, bf16):
+        assert rec["quality_metric"] == "val/roc_auc" and rec["quality_epochs"] == 2 and 0.0 <= rec["bench/quality"] <= 1.0
+        assert rec["cuda_graphs_applied"] == "n/a: not a CUDA device"
+    assert ablation["channels_last=true"]["skipped"].startswith("no 4-D weights")  # an MLP: nothing to lay out
+    runs = project.runs(filter_string="tags.kind = 'ablation'")
+    assert {r.data.tags["setting"]: r.data.tags.get("skipped", "")[:14] for r in runs} == {
+        "baseline": "", "precision=bf16": "", "channels_last=true": "no 4-D weights"}

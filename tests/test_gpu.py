@@ -112,3 +112,45 @@ def test_deterministic_flags_are_set_and_recorded_on_cuda(tmp_path):
     assert {k: v for k, v in first.items() if k.startswith(("train/", "val/"))} == {
         k: v for k, v in second.items() if k.startswith(("train/", "val/"))
     }  # the same seed on the GPU: the same numbers
+@pytest.fixture(scope="module")
+def gpu_prepared(tmp_path_factory):
+    """diabetes and stock prepared by the real stages from the Kaggle-format fixtures."""
+    project = make_project(tmp_path_factory.mktemp("graphs") / "project", ["diabetes", "stock"])
+    project.update("diabetes.data.source", "path")
+    project.update("diabetes.data.path", str(FIXTURES / "diabetes.csv"))
+    project.update("stock.data.source", "path")
+    project.update("stock.data.path", str(FIXTURES / "stock" / "Google_Stock_Price_Train.csv"))
+    project.run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes", "prepare@stock")
+    return project
+
+
+@pytest.mark.parametrize("workload, overrides", [
+    ("diabetes", {"model.dropout": 0.0, "train.epochs": 6}),
+    ("stock", {"model.dropout": 0.0, "model.layers": 2, "train.epochs": 3}),
+])  # fmt: skip
+def test_cuda_graphs_train_like_eager(gpu_prepared, workload, overrides):
+    """The whole epoch replayed from one CUDA graph (ragged last batch included) ends where eager training
+    does: same losses and validation metric, within float rounding (dropout off: graphs draw other numbers)."""
+    from accelbench.config import load_config, with_overrides
+    from accelbench.devices import Runtime, resolve, seed_everything
+    from accelbench.engines import torch as engine
+    from accelbench.io import load_prepared
+    from accelbench.workloads import get_workload
+
+    wl = get_workload(workload)
+    params = with_overrides(load_config(gpu_prepared.root / "params.yaml").params(workload), overrides)
+    prepared = load_prepared(gpu_prepared.root / "data" / "prepared" / workload)
+    assert len(prepared.splits["train"]["y"]) % params.train.batch_size != 0  # a ragged last batch is covered
+    results = {}
+    for graphs in (False, True):
+        runtime = Runtime(resolve("cuda", "torch"), "torch", cuda_graphs=graphs)
+        engine.setup(runtime)
+        seed_everything(42, "torch")
+        model = wl.build_model("torch", params, prepared.meta)
+        results[graphs] = engine.fit(model, wl.task(prepared.meta), prepared, params.train, runtime)
+    eager, graphed = results[False], results[True]
+    assert (eager.cuda_graphs, graphed.cuda_graphs) == ("off", "on")
+    for row_e, row_g in zip(eager.history, graphed.history):
+        assert row_g["train/loss"] == pytest.approx(row_e["train/loss"], rel=1e-4, abs=1e-6)
+    metric = wl.task(prepared.meta).objective
+    assert graphed.history[-1][metric] == pytest.approx(eager.history[-1][metric], rel=1e-3, abs=1e-5)

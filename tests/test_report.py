@@ -116,3 +116,54 @@ def test_empty_store_gets_a_clear_message_not_a_crash(tmp_path):
     assert proc.returncode == 2
     assert "no finished benchmark runs in this MLflow store" in proc.stderr and "Traceback" not in proc.stderr
     assert not (project.root / "reports").exists()
+
+
+def tag_run(client, run_id, **tags):
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def log_ablation(client, exp_id, setting, tput, quality=None, skipped=None, **tags):
+    base = {"stage": "benchmark", "kind": "ablation", "workload": "diabetes", "variant": "mlp", "device": "cuda",
+            "device_name": "NVIDIA FakeGPU", "framework": "torch", "precision": "fp32", "compile": "false",
+            "batch_size": "256", "hardware": "hostA", "setting": setting, "quality_metric": "val/roc_auc",
+            "quality_epochs": "5", **tags}  # fmt: skip
+    if skipped:
+        base["skipped"] = skipped
+    run = client.create_run(exp_id, run_name=f"ablation-cuda-torch-{setting}", tags=base)
+    if tput is not None:
+        client.log_metric(run.info.run_id, "bench/samples_per_s", tput)
+        client.log_metric(run.info.run_id, "bench/speedup_vs_baseline", tput / 8000)
+        client.log_metric(run.info.run_id, "bench/quality", quality)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_goals_pair_each_sides_tuned_batch_and_ablation_shows_what_each_option_bought(store, tmp_path):
+    uri, client, exp = store
+    goal = {"goal_speedup": 30, "goal_batch": "tuned", "goal_util_pct": 80}
+    runs = {
+        "cpu32": log_run(client, exp, "b", "cpu", "Xeon", "hostA", 32, [800] * 3, "default"),
+        "cpu64": log_run(client, exp, "b", "cpu", "Xeon", "hostA", 64, [1000] * 3, "tuned"),
+        "gpu32": log_run(client, exp, "b", "cuda", "NVIDIA FakeGPU", "hostA", 32, [8000] * 3, "default"),
+        "gpu256": log_run(client, exp, "b", "cuda", "NVIDIA FakeGPU", "hostA", 256, [60000] * 3, "tuned"),
+    }
+    for run_id in runs.values():
+        tag_run(client, run_id, **goal)
+    client.log_metric(runs["gpu256"], "bench/gpu_util_pct", 97.0)
+    log_ablation(client, exp, "baseline", 8000, 0.81)
+    graphs = log_ablation(client, exp, "cuda_graphs=true", 90000, 0.81, cuda_graphs="true")
+    client.log_metric(graphs, "bench/gpu_util_pct", 96.0)
+    log_ablation(client, exp, "channels_last=true", None, skipped="no 4-D weights: channels_last changes nothing")
+    summary = build(uri, tmp_path / "reports")
+    [goal_row] = summary["goals"]
+    # the GPU's fastest setting at its own tuned batch (the graphed ablation run) against the CPU's tuned batch
+    assert goal_row["speedup"] == pytest.approx(90.0) and goal_row["met"] and goal_row["util_met"]
+    assert (goal_row["cpu_run"], goal_row["gpu_run"]) == (runs["cpu64"], graphs)
+    assert [(a["setting"], a["speedup"]) for a in summary["ablation"]] == [
+        ("baseline", 1.0), ("channels_last=true", None), ("cuda_graphs=true", 11.25)]
+    md = (tmp_path / "reports" / "report.md").read_text()
+    assert "## Goals: GPU against the same host's CPU" in md and "| 90.00x | yes |" in md
+    assert "b64 fp32: 1,000" in md and "b256 fp32+graphs: 90,000" in md
+    assert "## Ablation: what each optimisation bought" in md and "val/roc_auc 0.81 after 5 epochs" in md
+    assert "no 4-D weights" in md

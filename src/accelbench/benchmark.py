@@ -6,6 +6,7 @@ Every measurement is an MLflow run (stage=benchmark) so that the report can comb
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,10 +19,10 @@ from typing import Any
 import optuna
 
 from . import devices, distributed, scaling, stats, tuning
-from .config import Config, with_overrides
+from .config import Config, ablation_options, with_overrides
 from .devices import Runtime
 from .engines import BenchResult, get_engine
-from .errors import AccelbenchError, ConfigError
+from .errors import AccelbenchError, ConfigError, TrainingError
 from .io import Prepared, load_prepared, write_json
 from .timing import median, spread
 from .tracking import run_name, stage_run
@@ -85,7 +86,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     device = devices.resolve(spec, framework)
     runtime = Runtime(
         device, framework, cfg.precision, cfg.compile, cfg.seed, b.cpu_threads or cfg.cpu_threads,
-        deterministic=cfg.deterministic, channels_last=cfg.channels_last,
+        deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
     )  # fmt: skip
     engine = get_engine(framework)
     engine.setup(runtime)
@@ -94,6 +95,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     params = cfg.params(wl.name)
     variants = wl.variants(params)
     energy = devices.energy_counter(device)
+    util = devices.utilisation_sampler(device, min_s=b.gpu_util_min_s) if framework == "torch" else None
     records = []
     for variant, overrides in variants.items():
         base = with_overrides(params, overrides)
@@ -102,29 +104,37 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         roles = {vparams.train.batch_size: "tuned", base.train.batch_size: "default"}  # default wins a tie
         inputs, _ = wl.precompute(vparams, prepared, runtime)  # the training steps timed are on the model's inputs
         for batch in sorted(set(b.batch_sizes) | set(roles)):
-            rec = _throughput(cfg, wl, variant, vparams, runtime, inputs, task, engine, batch, energy, len(variants) > 1)
+            rec = _throughput(cfg, wl, variant, vparams, runtime, inputs, task, engine, batch, energy, util)
             rec.update(batch_role=roles.get(batch, "sweep"), hparams=source)
             _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
             records.append(rec)
+        if b.ablation and device.type in b.ablation_devices and framework == "torch":
+            records += _ablation(cfg, wl, variant, vparams, runtime, prepared, inputs.meta, task, engine, source, util, len(variants) > 1)
         target = params.benchmark
         if target.value is not None:
             records.append(_time_to_target(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, len(variants) > 1))
     return records
 
 
-def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch, energy, several) -> dict[str, Any]:
+def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch, energy, util) -> dict[str, Any]:
     b = cfg.benchmark
     devices.seed_everything(cfg.seed, runtime.framework)
+    sampler = {"utilisation": util} if util else {}  # torch on CUDA only
     real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime,
-                        batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy)  # fmt: skip
+                        batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy, **sampler)  # fmt: skip
     ceiling = None
     if b.compute_ceiling:
         ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
                                runtime, batch, b.steps, b.warmup_steps, b.repeats, synthetic=True)  # fmt: skip
     rec = _summarize(real, ceiling)
+    goal = params.benchmark
+    if goal.gpu_speedup_goal is not None:  # read by the report's goals table
+        rec.update(goal_speedup=goal.gpu_speedup_goal, goal_batch=goal.goal_batch)
+    if goal.gpu_util_goal_pct is not None:
+        rec["goal_util_pct"] = goal.gpu_util_goal_pct
     for unit, per_sample in (prepared.meta.get("units_per_sample") or {}).items():  # e.g. tokens per tweet
         rec[f"bench/{unit}_per_s"] = rec["bench/samples_per_s"] * per_sample
-    rec.update(kind="throughput", workload=wl.name, variant=variant, **runtime.tags(), batch_size=batch,
+    rec.update(kind="throughput", workload=wl.name, variant=variant, **runtime.tags(), cuda_graphs_applied=real.cuda_graphs, batch_size=batch,
                cpu_threads=engine.threads(), timed=f"{b.repeats} x {b.steps} training steps after {b.warmup_steps} warm-up; "
                "batches drawn from the device-resident training split")  # fmt: skip
     return rec
@@ -132,7 +142,9 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
 
 def _log_throughput(wl, variant, runtime, rec, real_repeats, several) -> None:
     name = run_name("benchmark", runtime.tags(), variant if several else None) + f"-b{rec['batch_size']}"
-    tags = {k: str(rec[k]) for k in ("kind", "variant", "batch_size", "batch_role", "hparams", "timed", "cpu_threads")}
+    keys = ("kind", "variant", "batch_size", "batch_role", "hparams", "timed", "cpu_threads", "cuda_graphs_applied",
+            "goal_speedup", "goal_batch", "goal_util_pct")  # fmt: skip
+    tags = {k: str(rec[k]) for k in keys if k in rec}
     with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
         for i, tput in enumerate(real_repeats):
             run.log_metrics({"bench/repeat_samples_per_s": tput}, step=i)
@@ -159,11 +171,84 @@ def _summarize(real: BenchResult, ceiling: BenchResult | None) -> dict[str, Any]
         ),
         "repeats_samples_per_s": tput,
     }
+    if real.gpu_util_pct:  # absent on the CPU: not a zero
+        rec["bench/gpu_util_pct"] = median(real.gpu_util_pct)
+        rec["bench/gpu_util_mean_pct"] = sum(real.gpu_util_pct) / len(real.gpu_util_pct)
+        rec["bench/gpu_util_samples"] = float(len(real.gpu_util_pct))
     if ceiling:
         top = median(ceiling.samples_per_s())
         rec["bench/compute_only_samples_per_s"] = top
         rec["bench/input_share"] = max(0.0, 1.0 - rec["bench/samples_per_s"] / top)  # time lost to batch assembly
     return rec
+
+
+def _ablation(cfg, wl, variant, params, runtime, prepared, model_meta, task, engine, source, util, several) -> list[dict[str, Any]]:
+    """What each optimisation buys at the tuned batch: the baseline, each option alone, then all the options
+    that apply together; beside each speed, the validation metric of a training run under the same setting."""
+    options = ablation_options(cfg.benchmark.ablation)
+    probe = wl.build_model(runtime.framework, params, model_meta)  # the model's inputs decide its layers
+    skipped = {name: why for name, change in options.items() if (why := _not_applicable(change, runtime, probe, prepared, engine))}
+    combined = {k: v for name, change in options.items() if name not in skipped for k, v in change.items()}
+    settings = {"baseline": {}, **options, **({"all": combined} if len(options) - len(skipped) > 1 else {})}
+    records, base_tput = [], None
+    for name, change in settings.items():
+        rec = {"kind": "ablation", "workload": wl.name, "variant": variant, "setting": name, "hparams": source,
+               "batch_size": params.train.batch_size, **dataclasses.replace(runtime, **change).tags()}  # fmt: skip
+        if name in skipped:
+            rec["skipped"] = skipped[name]
+        else:
+            try:
+                rec.update(_ablation_point(cfg, wl, params, dataclasses.replace(runtime, **change), prepared, task, engine, util))
+            except (RuntimeError, TrainingError) as exc:  # e.g. a capture this model's ops refuse: say so, go on
+                rec["skipped"] = f"failed: {str(exc).splitlines()[0][:300]}"
+        if name == "baseline" and "skipped" not in rec:
+            base_tput = rec["bench/samples_per_s"]
+        if base_tput and "bench/samples_per_s" in rec:
+            rec["bench/speedup_vs_baseline"] = rec["bench/samples_per_s"] / base_tput
+        _log_ablation(wl, variant, runtime, rec, several)
+        records.append(rec)
+    return records
+
+
+def _not_applicable(change: dict[str, Any], runtime: Runtime, probe, prepared: Prepared, engine) -> str | None:
+    if all(getattr(runtime, k) == v for k, v in change.items()):
+        return "already in the baseline"
+    if change.get("channels_last") and not any(p.dim() == 4 for p in probe.parameters()):
+        return "no 4-D weights: channels_last changes nothing for this model"
+    if change.get("cuda_graphs"):
+        return engine.graph_blocker(dataclasses.replace(runtime, **change), prepared.meta)
+    return None
+
+
+def _ablation_point(cfg, wl, params, runtime, prepared, task, engine, util) -> dict[str, Any]:
+    b = cfg.benchmark
+    inputs, _ = wl.precompute(params, prepared, runtime)
+    devices.seed_everything(cfg.seed, runtime.framework)
+    real = engine.bench(wl.build_model(runtime.framework, params, inputs.meta), task, inputs, params.train, runtime,
+                        params.train.batch_size, b.steps, b.warmup_steps, b.repeats, utilisation=util)  # fmt: skip
+    rec = {k: v for k, v in _summarize(real, None).items() if k != "repeats_samples_per_s"}
+    rec["cuda_graphs_applied"] = real.cuda_graphs
+    epochs = b.ablation_epochs or params.train.epochs
+    devices.seed_everything(cfg.seed, runtime.framework)
+    train = dataclasses.replace(params.train, epochs=epochs)
+    fit = engine.fit(wl.build_model(runtime.framework, params, inputs.meta), task, inputs, train, runtime, None, f"{wl.name} ablation")
+    metric = params.benchmark.metric or task.objective
+    rec.update({"quality_metric": metric, "quality_epochs": epochs, "bench/quality": fit.history[-1][metric],
+                "bench/fit_epoch_s": fit.summary()["time/epoch_s"]})  # fmt: skip
+    return rec
+
+
+def _log_ablation(wl, variant, runtime, rec, several) -> None:
+    name = run_name("ablation", runtime.tags(), variant if several else None) + f"-{rec['setting']}"
+    keys = ("kind", "variant", "setting", "batch_size", "hparams", "skipped", "quality_metric", "quality_epochs", "cuda_graphs_applied")
+    tags = {k: str(rec[k]) for k in keys if k in rec}
+    setting_tags = {k: rec[k] for k in ("precision", "compile", "channels_last", "cuda_graphs")}
+    rec["timed"] = ("training steps timed as in the throughput runs, at the tuned batch; quality: the validation "
+                    f"{rec.get('quality_metric')} after {rec.get('quality_epochs')} epochs of a training run under the same setting")
+    tags["timed"] = rec["timed"]
+    with stage_run(wl.name, "benchmark", {**runtime.tags(), **setting_tags}, name=name, tags=tags) as run:
+        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
+        rec["run_id"] = run.run_id
 
 
 def _time_to_target(cfg, wl, variant, params, runtime, prepared, task, engine, source, several) -> dict[str, Any]:

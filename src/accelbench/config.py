@@ -62,6 +62,10 @@ class BenchTarget:
 
     metric: str | None = None
     value: float | None = None
+    # the GPU's goal against the same host's CPU (report's goals table): GPU/CPU samples/s at least this
+    gpu_speedup_goal: float | None = None
+    goal_batch: Literal["tuned", "default", "best"] = "tuned"  # each side's tuned batch, the default one, or its best record
+    gpu_util_goal_pct: float | None = None  # NVML utilisation during the GPU's timed steps at least this
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,31 @@ class BenchmarkConfig:
     cpu_threads: int | None = None  # null: the global cpu_threads, else the framework's default (all cores)
     compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
     scaling: list[int] | None = None  # data-parallel rank counts timed; null: 1, 2, 4 ... distributed.gpus when > 1
+    gpu_util_min_s: float = 2.0  # NVML utilisation window: untimed repeats continue until it is this long
+    # on each CUDA device at the tuned batch: the baseline, each option alone, all together (torch)
+    ablation: list[str] = field(default_factory=list)  # e.g. [precision=bf16, channels_last=true, compile=true, cuda_graphs=true]
+    ablation_epochs: int | None = None  # epochs of the quality run beside each setting; null: the workload's train.epochs
+    ablation_devices: list[Literal["cpu", "cuda"]] = field(default_factory=lambda: ["cuda"])  # device types it runs on
+
+    def __post_init__(self) -> None:
+        ablation_options(self.ablation)
+
+
+ABLATION_VALUES = {"precision": ("fp32", "bf16", "fp16"), "channels_last": (True, False), "compile": (True, False),
+                   "cuda_graphs": (True, False)}  # fmt: skip
+
+
+def ablation_options(entries: list[str]) -> dict[str, dict[str, Any]]:
+    """'precision=bf16' -> {'precision=bf16': {'precision': 'bf16'}}; ValueError naming a bad entry."""
+    out = {}
+    for entry in entries:
+        key, _, raw = entry.partition("=")
+        value = {"true": True, "false": False}.get(raw.strip().lower(), raw.strip())
+        if key.strip() not in ABLATION_VALUES or value not in ABLATION_VALUES[key.strip()]:
+            allowed = ", ".join(f"{k}={'|'.join(str(v).lower() for v in vs)}" for k, vs in ABLATION_VALUES.items())
+            raise ValueError(f"ablation: '{entry}' is not one of {allowed}")
+        out[entry] = {key.strip(): value}
+    return out
 
 
 @dataclass(frozen=True)
@@ -146,6 +175,7 @@ class Config:
     precision: Precision = "fp32"
     compile: bool = False
     channels_last: bool = False  # torch: NHWC memory layout for 4-D (image) models
+    cuda_graphs: bool = False  # torch on CUDA: capture the training steps once, replay them (no per-kernel launches)
     cpu_threads: int | None = None
     deterministic: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -8,6 +8,8 @@ import os
 import platform
 import random
 import re
+import threading
+import time
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -165,6 +167,7 @@ class Runtime:
     cpu_threads: int | None = None
     deterministic: bool = False
     channels_last: bool = False
+    cuda_graphs: bool = False  # torch on CUDA: training steps replayed from captured CUDA graphs
     world_size: int = 1  # data-parallel ranks (torch processes, TF replicas) one training step spans
     rank: int = 0  # this process's rank; only rank 0 logs and writes outputs
     process_group: bool = False  # torch: a torch.distributed group is up (torchrun), so the model is DDP-wrapped
@@ -182,6 +185,7 @@ class Runtime:
             "compile": str(self.compile).lower(),
             "channels_last": str(self.channels_last).lower(),
             "world_size": str(self.world_size),
+            "cuda_graphs": str(self.cuda_graphs).lower(),
         }
 
 
@@ -212,3 +216,57 @@ def energy_counter(device: Device):
     if not zones:
         return None
     return lambda: sum(int(z.read_text()) for z in zones) / 1e6
+
+
+class UtilisationSampler:
+    """NVML's GPU utilisation (share of time a kernel ran), sampled by a background thread between
+    start() and stop(). NVML averages each reading over its own window (1/6 s to 1 s), so readings from
+    the first `settle_s` of a run are dropped (they still see the idle time before it) and `wants_more`
+    asks the caller to keep the same work going until `min_s` have passed."""
+
+    def __init__(self, handle: Any, interval_s: float = 0.01, min_s: float = 2.0, settle_s: float = 0.5) -> None:
+        self.handle, self.interval_s, self.min_s, self.settle_s = handle, interval_s, min_s, settle_s
+        self._t0 = 0.0
+        self._samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import pynvml
+
+        self._samples, self._t0 = [], time.perf_counter()
+        self._stop.clear()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval_s):
+                util = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+                self._samples.append((time.perf_counter() - self._t0, float(util)))
+
+        self._thread = threading.Thread(target=sample, name="nvml-utilisation", daemon=True)
+        self._thread.start()
+
+    def wants_more(self) -> bool:
+        return time.perf_counter() - self._t0 < self.min_s
+
+    def stop(self) -> list[float]:
+        """The readings taken after the settling time (all of them if the run was shorter)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        settled = [u for t, u in self._samples if t >= self.settle_s]
+        return settled or [u for _, u in self._samples]
+
+
+def utilisation_sampler(device: Device, **kwargs: float) -> UtilisationSampler | None:
+    """A sampler for a CUDA device through NVML; None on the CPU or where NVML is missing (n/a, not zero)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index)
+        pynvml.nvmlDeviceGetUtilizationRates(handle)
+    except Exception:  # no NVML or a GPU without the counter: say n/a rather than guess
+        return None
+    return UtilisationSampler(handle, **kwargs)

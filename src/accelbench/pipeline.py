@@ -51,7 +51,7 @@ def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False) -> Runti
     device = devices.resolve(cfg.device, framework)
     runtime = Runtime(
         device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads,
-        deterministic=cfg.deterministic, channels_last=cfg.channels_last,
+        deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
     )  # fmt: skip
     if data_parallel:
         runtime = distributed.join(cfg, runtime)
@@ -168,7 +168,7 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
                 log_epoch = lambda epoch, row: run.log_metrics(row, step=epoch)  # noqa: E731
                 desc = f"{wl.name}/{variant} {runtime.framework}"
                 result = engine.fit(model, task, inputs, train_params, runtime, log_epoch, desc, checkpoint)
-                run.set_tags({"resumed_from_epoch": str(result.resumed_from)})
+                run.set_tags({"resumed_from_epoch": str(result.resumed_from), "cuda_graphs_applied": result.cuda_graphs})
                 summary = {**result.summary(units_per_sample=prepared.meta.get("units_per_sample")), **precomputed}
                 run.log_metrics(summary)  # the per-epoch curves are already in
                 if main:

@@ -20,8 +20,8 @@ from . import stats
 from .errors import AccelbenchError
 from .io import atomic_dir, write_json
 
-KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "batch_size", "hardware",
-            "world_size")
+KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "channels_last", "cuda_graphs",
+            "setting", "batch_size", "hardware", "world_size")  # fmt: skip
 
 
 @dataclass
@@ -259,6 +259,8 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
             for r in target:
                 if r.metrics.get("bench/target_reached"):
                     w.writerow([f"{r.t('workload')}/{r.t('variant')} {r.t('framework')} {r.t('device_name')}", r.metrics["bench/time_to_target_s"]])
+    goals = _goals(doc, recs)
+    ablation = _ablation(doc, recs)
     _frameworks(doc, tput)
     _scaling(doc, [r for r in recs if r.t("kind") == "scaling"], out)
     doc.h(2, "Hardware")
@@ -277,7 +279,98 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
         "comparisons": [{"workload": c.workload, "variant": c.variant, "framework": c.framework, "speedup": c.speedup,
                          "ci95": [c.lo, c.hi], "batch": c.cpu.batch, "crossover": c.crossover, "verdict": c.sentence,
                          "cpu_run": c.cpu.run_id, "gpu_run": c.gpu.run_id} for c in comps],
+        "goals": goals,
+        "ablation": ablation,
     }  # fmt: skip
+
+
+def _setting(r: Rec) -> str:
+    """fp32, bf16+CL+compile+graphs...: how a measurement ran, in a few characters."""
+    flags = [("channels_last", "CL"), ("compile", "compile"), ("cuda_graphs", "graphs")]
+    return "+".join([r.t("precision") or "fp32"] + [label for tag, label in flags if r.t(tag) == "true"])
+
+
+def _measured(recs: list[Rec]) -> list[Rec]:
+    """Runs with a throughput: the batch sweep and the ablation's settings that ran (at the tuned batch)."""
+    return [r for r in recs if r.t("kind") in ("throughput", "ablation") and "bench/samples_per_s" in r.metrics]
+
+
+def _pick(rs: list[Rec], how: str) -> Rec | None:
+    """The fastest record at each side's tuned batch (ablation runs are at it), at the default batch, or anywhere."""
+    role = lambda r: "tuned" if r.t("kind") == "ablation" else r.t("batch_role")  # noqa: E731
+    if how == "tuned":
+        rs = [r for r in rs if role(r) == "tuned"] or [r for r in rs if role(r) == "default"]
+    elif how == "default":
+        rs = [r for r in rs if role(r) == "default"]
+    return max(rs, key=lambda r: r.tput, default=None)
+
+
+def _goals(doc: Doc, recs: list[Rec]) -> list[dict[str, Any]]:
+    """Each workload's GPU goal (params: <workload>.benchmark.gpu_speedup_goal, goal_batch, gpu_util_goal_pct)
+    against the same host's CPU, each side at the batch and settings the goal names."""
+    measured = _measured(recs)
+    groups: dict[tuple, list[Rec]] = defaultdict(list)
+    for r in measured:
+        groups[(r.t("workload"), r.t("variant"), r.t("framework"))].append(r)
+    rows, out = [], []
+    for (workload, variant, framework), rs in sorted(groups.items()):
+        tagged = max((r for r in rs if r.t("goal_speedup")), key=lambda r: r.start, default=None)
+        if tagged is None:
+            continue
+        goal, how, util_goal = float(tagged.t("goal_speedup")), tagged.t("goal_batch") or "tuned", tagged.t("goal_util_pct")
+        for gpu_name in sorted({r.t("device_name") for r in rs if r.gpu}):
+            gpus = [r for r in rs if r.t("device_name") == gpu_name]
+            g, c = _pick(gpus, how), _pick(_cpu_side([r for r in rs if not r.gpu], gpus[0].t("hardware")), how)
+            if not (g and c):
+                continue
+            speedup = g.tput / c.tput
+            util = g.metrics.get("bench/gpu_util_pct")
+            util_met = None if not util_goal or util is None else util >= float(util_goal)
+            rows.append([workload, variant, framework, gpu_name, f"≥ {goal:g}x ({how} batch)",
+                         f"b{c.batch} {_setting(c)}: {_fmt(c.tput)}", f"b{g.batch} {_setting(g)}: {_fmt(g.tput)}",
+                         f"{speedup:.2f}x", "yes" if speedup >= goal else "no",
+                         f"{_fmt(util)}% (≥ {util_goal}%)" if util_goal else _fmt(util) + ("%" if util is not None else ""),
+                         {True: "yes", False: "no", None: "n/a"}[util_met]])  # fmt: skip
+            out.append({"workload": workload, "variant": variant, "framework": framework, "gpu": gpu_name, "goal": goal,
+                        "batch": how, "speedup": speedup, "met": speedup >= goal, "gpu_util_pct": util,
+                        "util_met": util_met, "cpu_run": c.run_id, "gpu_run": g.run_id})  # fmt: skip
+    if rows:
+        doc.h(2, "Goals: GPU against the same host's CPU")
+        doc.table(["workload", "variant", "framework", "GPU", "goal (GPU/CPU samples/s)", "CPU: batch setting samples/s",
+                   "GPU: batch setting samples/s", "GPU/CPU", "met", "GPU util (goal)", "util met"], rows)  # fmt: skip
+        doc.p("Epoch time and tokens/s scale with samples/s on a fixed split, so one ratio serves every goal; a goal "
+              "below 1 bounds how much slower the GPU may be (0.833: its epoch at most 1.2x the CPU's). Each side is "
+              "its fastest measured setting at the batch the goal names (tuned: the batch its own Optuna study "
+              "picked; best: any batch and setting measured).")  # fmt: skip
+    return out
+
+
+def _ablation(doc: Doc, recs: list[Rec]) -> list[dict[str, Any]]:
+    abl = [r for r in recs if r.t("kind") == "ablation"]
+    if not abl:
+        return []
+    order = lambda r: (r.t("setting") != "baseline", r.t("setting") == "all", r.t("setting"))  # noqa: E731
+    abl.sort(key=lambda r: (r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), order(r)))
+    rows, out = [], []
+    for r in abl:
+        m = r.metrics
+        quality = (f"{r.t('quality_metric')} {m['bench/quality']:.4g} after {r.t('quality_epochs')} epochs"
+                   if "bench/quality" in m else "n/a")  # fmt: skip
+        speed = m.get("bench/speedup_vs_baseline")
+        rows.append([r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), str(r.batch), r.t("setting"),
+                     _fmt(m.get("bench/samples_per_s")), f"{speed:.2f}x" if speed else "n/a",
+                     _fmt(m.get("bench/gpu_util_pct")), _fmt(m.get("bench/fit_epoch_s"), 4), quality,
+                     r.t("skipped") or ""])  # fmt: skip
+        out.append({"workload": r.t("workload"), "variant": r.t("variant"), "device": r.t("device_name"),
+                    "setting": r.t("setting"), "samples_per_s": m.get("bench/samples_per_s"), "speedup": speed,
+                    "quality": m.get("bench/quality"), "skipped": r.t("skipped") or None, "run": r.run_id})  # fmt: skip
+    doc.h(2, "Ablation: what each optimisation bought")
+    doc.table(["workload", "variant", "framework", "device", "batch", "setting", "samples/s", "vs baseline", "GPU util %",
+               "epoch s (fit)", "quality (validation)", "not measured because"], rows)  # fmt: skip
+    doc.p("Each setting changes one option of the baseline (the params as run), 'all' every option that applies; "
+          "samples/s as in the throughput runs, at the tuned batch; quality from a training run under the same "
+          "setting. Dropout draws other random numbers under CUDA graphs, so small quality differences are noise.")  # fmt: skip
+    return out
 
 
 def _frameworks(doc: Doc, tput: list[Rec]) -> None:

@@ -133,6 +133,90 @@ def loss_function(task: Task):
     return lambda out, y: nn.functional.mse_loss(out.float(), y.view_as(out))
 
 
+def graph_blocker(runtime: Runtime, meta: dict[str, Any]) -> str | None:
+    """Why the training steps cannot be captured as a CUDA graph here, or None when they can.
+    Each reason makes cuda_graphs a recorded no-op (the steps run eagerly), never a silent one."""
+    if runtime.device.type != "cuda":
+        return "not a CUDA device"
+    if meta.get("host_inputs"):
+        return f"inputs read on the host ({', '.join(meta['host_inputs'])}): each step syncs with the CPU"
+    if runtime.precision == "fp16":
+        return "fp16's GradScaler reads its overflow flag on the host every step"
+    if runtime.process_group:
+        return "DistributedDataParallel's gradient all-reduce runs from autograd hooks outside the captured stream"
+    return None
+
+
+def graphs_state(runtime: Runtime, meta: dict[str, Any]) -> str:
+    """on | off | n/a: <reason>, for tags and records."""
+    if not runtime.cuda_graphs:
+        return "off"
+    blocker = graph_blocker(runtime, meta)
+    return f"n/a: {blocker}" if blocker else "on"
+
+
+def _optimizer(model: nn.Module, train: TrainParams, graphed: bool) -> torch.optim.Optimizer:
+    # capturable keeps AdamW's step count on the device, so that a replayed graph advances it
+    return torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, capturable=graphed)
+
+
+def _make_step(step_model, opt, scaler, loss_fn, runtime: Runtime):
+    """One optimiser step on a batch; returns the batch's mean loss, still on the device."""
+
+    def step(batch: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        with _autocast(runtime):
+            loss = loss_fn(step_model(*batch), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def _run_order(step, arrays, inputs, host, order, order_host, bs: int, loss_sum: torch.Tensor) -> None:
+    """Training steps over the sample indices `order`, `bs` at a time (the last batch may be short);
+    each batch's summed loss is added to `loss_sum` on the device: no sync per step."""
+    for i in range(0, len(order), bs):
+        idx = order[i : i + bs]
+        batch = [arrays[k][order_host[i : i + bs] if k in host else idx] for k in inputs]
+        loss_sum += step(batch, arrays["y"][idx]) * len(idx)
+
+
+class _GraphedSteps:
+    """A run of training steps over an index vector of fixed length, captured once as one CUDA graph
+    and replayed: one launch for the whole run instead of several per layer and step, and no Python
+    between kernels (what small models wait on). A replay reads its indices from a static device buffer;
+    the batch gather, forward, backward and AdamW step are all inside the graph."""
+
+    def __init__(self, run, n: int, device: str) -> None:
+        self.order = torch.zeros(n, dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss_sum.zero_()
+            run(self.order, self.loss_sum)
+
+    def __call__(self, order: torch.Tensor) -> torch.Tensor:
+        self.order.copy_(order)
+        self.graph.replay()
+        return self.loss_sum
+
+
+@contextlib.contextmanager
+def _side_stream(active: bool):
+    """Eager warm-up steps before a capture run on a side stream, as torch.cuda.graph asks."""
+    if not active:
+        yield
+        return
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        yield
+    main.wait_stream(side)
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -167,34 +251,32 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     step_model = torch.compile(wrapped) if runtime.compile else wrapped
     # DDP's forward may broadcast buffers (a collective): rank 0 alone validates on the bare module
     eval_model = model if runtime.process_group else step_model
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    graphs = runtime.cuda_graphs and graph_blocker(runtime, prepared.meta) is None
+    opt = _optimizer(model, train, graphs)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    loss_fn = loss_function(task)
+    step = _make_step(step_model, opt, scaler, loss_function(task), runtime)
     gen = torch.Generator(device=dev).manual_seed(runtime.seed)  # the same permutation on every rank
     n, bs = len(tr["y"]), train.batch_size // runtime.world_size  # train.batch_size is the global batch
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params)
+    result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params, cuda_graphs=graphs_state(runtime, prepared.meta))
     y_val = prepared.splits["val"]["y"]
     start = _resume(checkpoint, model, opt, scaler, gen, result, dev)
+    run = lambda order, loss_sum, order_host=None: _run_order(step, tr, inputs, host, order, order_host, bs, loss_sum)  # noqa: E731
+    graphed: _GraphedSteps | None = None
     for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
         model.train()
         t0 = sw.start()
         perm = _shard(torch.randperm(n, device=dev, generator=gen), runtime)
-        perm_host = perm.cpu() if host else perm
-        loss_sum = torch.zeros((), device=dev)
-        for i in range(0, len(perm), bs):
-            idx = perm[i : i + bs]
-            batch = [tr[k][perm_host[i : i + bs] if k in host else idx] for k in inputs]
-            with _autocast(runtime):
-                loss = loss_fn(step_model(*batch), tr["y"][idx])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach() * len(idx)  # stays on the device: no sync per step
+        if graphed:  # the whole epoch, ragged last batch included, in one replay
+            loss_sum = graphed(perm)
+        else:
+            loss_sum = torch.zeros((), device=dev)
+            with _side_stream(graphs):  # with graphs, the first epoch is the eager warm-up before capture
+                run(perm, loss_sum, perm.cpu() if host else perm)
         result.epoch_s.append(sw.stop("epoch", t0))
         train_loss = (_all_ranks(loss_sum, runtime) / (len(perm) * runtime.world_size)).item()  # the one host sync
-
+        if graphs and graphed is None:  # captured outside the epoch's clock; the fit's clock includes it
+            graphed = _GraphedSteps(run, len(perm), dev)
         if not math.isfinite(train_loss):
             raise TrainingError(
                 f"training loss became {train_loss} at epoch {epoch + 1} "
@@ -269,12 +351,16 @@ def bench(
     repeats: int,
     synthetic: bool = False,
     energy=None,
+    utilisation=None,
 ) -> BenchResult:
     """Time `repeats` x `steps` training steps after `warmup` steps.
 
     `batch_size` is the global batch: with a process group each rank draws its share and the step is DDP's.
     Batches are drawn with replacement from the device-resident training split, so any batch size works;
     `synthetic` reuses one pre-gathered batch: the compute-only ceiling that the real loop is compared with.
+    With cuda_graphs, the warm-up runs eagerly, then one repeat's `steps` steps are captured as one graph
+    and each repeat is one replay. `utilisation` (devices.UtilisationSampler) samples the GPU during the
+    timed repeats, and during further untimed ones while its window is still too short to read.
     """
     dev = runtime.device.torch
     inputs = prepared.meta.get("inputs", ["x"])
@@ -286,49 +372,65 @@ def bench(
     _place(model, runtime).train()
     wrapped = _data_parallel(model, runtime)
     step_model = torch.compile(wrapped) if runtime.compile else wrapped
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    graphs = runtime.cuda_graphs and graph_blocker(runtime, prepared.meta) is None
+    opt = _optimizer(model, train, graphs)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    loss_fn = loss_function(task)
+    step = _make_step(step_model, opt, scaler, loss_function(task), runtime)
     # indices are drawn on the host when some inputs live there (packed-sequence lengths), then copied;
     # each rank draws its own share of the global batch
     gen = torch.Generator(device="cpu" if host else dev).manual_seed(runtime.seed + runtime.rank)
-    n, per_rank = len(tr["y"]), batch_size // runtime.world_size
+    n = len(tr["y"])
+    batch_size //= runtime.world_size
 
-    def draw() -> tuple[list[torch.Tensor], torch.Tensor]:
-        idx_h = torch.randint(0, n, (per_rank,), device=gen.device, generator=gen)
-        idx = idx_h.to(dev, non_blocking=True)
-        return [tr[k][idx_h if k in host else idx] for k in inputs], tr["y"][idx]
+    def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx_h = torch.randint(0, n, (count,), device=gen.device, generator=gen)
+        return idx_h.to(dev, non_blocking=True), idx_h
 
-    fixed_batch = draw()
+    fixed = draw(batch_size)
+    fixed_batch = ([tr[k][fixed[1] if k in host else fixed[0]] for k in inputs], tr["y"][fixed[0]])
+    loss_sum = torch.zeros((), device=dev)
 
-    def step() -> None:
-        xb, yb = fixed_batch if synthetic else draw()
-        with _autocast(runtime):
-            loss = loss_fn(step_model(*xb), yb)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    def run(order: torch.Tensor, total: torch.Tensor, order_host: torch.Tensor | None = None) -> None:
+        if synthetic:
+            for _ in range(len(order) // batch_size):
+                total += step(*fixed_batch)
+        else:
+            _run_order(step, tr, inputs, host, order, order_host, batch_size, total)
+
+    def eager(count: int) -> None:
+        idx, idx_h = draw(count * batch_size)
+        run(idx, loss_sum, idx_h)
 
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = sw.start()
-    for _ in range(max(warmup, 1)):  # compilation, cuDNN autotuning and allocator growth happen here
-        step()
+    with _side_stream(graphs):
+        eager(max(warmup, 1))  # compilation, cuDNN autotuning and allocator growth happen here
+    repeat = lambda: eager(steps)  # noqa: E731
+    if graphs:
+        graphed = _GraphedSteps(run, steps * batch_size, dev)
+        repeat = lambda: graphed(draw(steps * batch_size)[0])  # noqa: E731
+        repeat()  # the first replay uploads the graph
     warmup_s = sw.stop("warmup", t0)
     repeat_s, energy_j = [], []
+    if utilisation:
+        utilisation.start()
     for _ in range(repeats):
         e0 = energy() if energy else None
         t0 = sw.start()
-        for _ in range(steps):
-            step()
+        repeat()
         repeat_s.append(sw.stop("repeat", t0))
         if energy:
             energy_j.append(energy() - e0)
+    while utilisation and utilisation.wants_more():
+        repeat()
+        _sync(runtime)()
+    util = utilisation.stop() if utilisation else None
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if runtime.device.type == "cuda" else None
     if runtime.process_group:  # the group's throughput is set by its slowest rank
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
-    return BenchResult(batch_size, steps, repeat_s, warmup_s, to_device_s, energy_j if energy else None, peak)
+    return BenchResult(batch_size * runtime.world_size, steps, repeat_s, warmup_s, to_device_s, energy_j if energy else None,
+                       peak, util, graphs_state(runtime, prepared.meta))  # fmt: skip
 
 
 def _predict(

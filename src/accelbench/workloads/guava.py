@@ -660,14 +660,15 @@ def _kaggle_folder(handle: str) -> Path:
     raise DataError(f"kaggle dataset '{handle}': no train/ or class folders ({', '.join(CLASSES)}) in {folder}")
 
 
+GRAY = (0.299, 0.587, 0.114)  # luma weights of R, G, B (ITU-R BT.601)
+
+
 @functools.cache
 def _torch_model_class():
     """Defined on first use so that importing this module does not import torch."""
     import torch
     from torch import nn
     from torch.nn import functional as F
-
-    gray = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
     def augment(x: torch.Tensor, aug: Augment) -> torch.Tensor:
         """Random flips, crop-and-zoom, rotation and colour jitter, drawn per image, applied to the batch at once."""
@@ -690,7 +691,8 @@ def _torch_model_class():
             x = x * factor()  # brightness
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) * factor() + mean  # contrast
-            luma = (x * gray.to(dev)).sum(1, keepdim=True)
+            # weights as Python floats: a CPU tensor moved here would be a host-to-device copy in every step
+            luma = GRAY[0] * x[:, 0:1] + GRAY[1] * x[:, 1:2] + GRAY[2] * x[:, 2:3]
             x = ((x - luma) * factor() + luma).clamp(0, 255)  # saturation
         return x
 
