@@ -26,6 +26,7 @@ FIX = Path(__file__).resolve().parent / "fixtures" / "quantum"
 HAS_LIGHTNING = importlib.util.find_spec("pennylane_lightning") is not None
 SIMULATORS = [
     "unitary",
+    "lightcone",
     "default.qubit",
     pytest.param("lightning.qubit", marks=pytest.mark.skipif(not HAS_LIGHTNING, reason="pennylane-lightning is not installed")),
 ]
@@ -68,8 +69,9 @@ def test_trainable_unitary_is_pennylanes_matrix_and_has_its_gradients(circuit):
     weights = np.random.default_rng(11).uniform(0, 2 * np.pi, (q.layers, q.qubits))
     with torch.no_grad():
         layer.weights.copy_(torch.from_numpy(weights))
-    re, im = layer.unitary()
-    np.testing.assert_allclose(re.detach().numpy() + 1j * im.detach().numpy(), circuit_unitary(q, weights), atol=1e-12)
+    split = layer.split_unitary().detach().numpy()  # [Re U^T | Im U^T]
+    dim = split.shape[0]
+    np.testing.assert_allclose((split[:, :dim] + 1j * split[:, dim:]).T, circuit_unitary(q, weights), atol=1e-12)
 
     images = torch.from_numpy(np.random.default_rng(5).uniform(0, 1, (2, 1, 6, 6)))
     coeffs = torch.from_numpy(np.random.default_rng(6).normal(size=tuple(layer(images).shape)))

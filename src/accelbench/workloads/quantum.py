@@ -37,6 +37,7 @@ CLASSES = tuple(str(d) for d in range(10))
 CPU_SIMULATORS = ("default.qubit", "lightning.qubit")
 SECTION = "params.yaml: quantum.model.quanv"
 CHUNK_AMPLITUDES = 1 << 22  # patches x 2^n amplitudes per simulator call: bounds the memory of one chunk
+ROTATIONS = {"RX": "PauliX", "RY": "PauliY", "RZ": "PauliZ"}  # RandomLayers' rotations and their generators
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Prepare:
 @dataclass(frozen=True)
 class Quanv:
     mode: Literal["fixed", "trainable"] = "fixed"  # fixed: features computed once before training
-    simulator: Literal["unitary", "default.qubit", "lightning.qubit"] = "unitary"
+    simulator: Literal["unitary", "lightcone", "default.qubit", "lightning.qubit"] = "unitary"
     qubits: int = 4
     layers: int = 1
     seed: int = 0  # the random layers' architecture and initial weights
@@ -206,8 +207,8 @@ def output_side(q: Quanv, image_size: int) -> int:
 def check_unitary_fits(q: Quanv, device: str, trainable: bool) -> None:
     """The unitary simulator holds a 2^n x 2^n matrix (complex128 while PennyLane builds it): refuse
     sizes that would not fit rather than swap or crash, and name the simulators that scale instead."""
-    if q.simulator != "unitary":
-        return
+    if q.simulator in CPU_SIMULATORS:
+        return  # lightcone: its largest cone may be all the wires, so it is held to the same bound
     import psutil
 
     need = 16 * 4**q.qubits * (4 if trainable else 1)
@@ -251,27 +252,67 @@ def circuit_unitary(q: Quanv, weights: np.ndarray) -> np.ndarray:
     return qml.matrix(random_layers(q, weights), wire_order=range(q.qubits))
 
 
-def gate_matrices(q: Quanv) -> tuple[np.ndarray, list[int]]:
-    """The random layers as a list of full 2^n x 2^n matrices, from PennyLane's decomposition:
-    a rotation exp(-i w P / 2) = cos(w/2) I + sin(w/2) (-i P) is stored as -i P with the index of
-    its weight; a fixed gate (CNOT) as itself with index -1."""
-    import pennylane as qml
-
+def circuit_ops(q: Quanv) -> list[tuple[Any, int]]:
+    """PennyLane's decomposition of the random layers: each gate with the flat index of its weight
+    (-1 for a fixed gate such as CNOT)."""
     weights = initial_weights(q)
-    mats, index = [], []
-    generators = {"RX": qml.PauliX, "RY": qml.PauliY, "RZ": qml.PauliZ}
-    k = 0
+    ops, k = [], 0
     for op in random_layers(q, weights).decomposition():
-        if op.name in generators:
+        if op.name in ROTATIONS:
             if not np.isclose(float(op.parameters[0]), weights.flat[k]):
                 raise RuntimeError(f"RandomLayers decomposition: rotation {k} does not use weight {k}")
-            mats.append(-1j * qml.matrix(generators[op.name](op.wires[0]), wire_order=range(q.qubits)))
-            index.append(k)
+            ops.append((op, k))
             k += 1
         else:
-            mats.append(qml.matrix(op, wire_order=range(q.qubits)))
-            index.append(-1)
-    return np.stack(mats), index
+            ops.append((op, -1))
+    return ops
+
+
+@dataclass(frozen=True)
+class Cone:
+    """Wires whose gates alone decide the <Z> of `outputs`: all wires for the full unitary, or the past
+    light cone of one qubit (gates outside it commute with that qubit's Z, so they cancel exactly)."""
+
+    wires: tuple[int, ...]
+    outputs: tuple[int, ...]
+    gates: np.ndarray  # (k, 2^m, 2^m) complex on `wires`: a fixed gate, or -i P of a rotation exp(-i w P / 2)
+    index: tuple[int, ...]  # each gate's weight (flat index), -1 for a fixed gate
+
+    def unitary(self, weights: np.ndarray) -> np.ndarray:
+        """The cone's gates composed at `weights` (complex128), wire `wires[0]` the most significant bit."""
+        u = np.eye(self.gates.shape[-1], dtype=complex)
+        for gate, k in zip(self.gates, self.index):
+            u = gate @ u if k < 0 else np.cos(weights.flat[k] / 2) * u + np.sin(weights.flat[k] / 2) * (gate @ u)
+        return u
+
+
+def circuit_cones(q: Quanv, light: bool) -> list[Cone]:
+    """`light=False`: one cone, the whole circuit. `light=True`: one per distinct past light cone, found by
+    walking the gates backwards from each measured qubit; outputs sharing a cone share its simulation."""
+    ops = circuit_ops(q)
+    everything = tuple(range(q.qubits))
+    if not light:
+        return [_cone(ops, everything, everything)]
+    groups: dict[tuple, list[int]] = {}
+    for w in everything:
+        wires, picked = {w}, []
+        for i in reversed(range(len(ops))):
+            if wires & set(ops[i][0].wires):
+                wires |= set(ops[i][0].wires)
+                picked.append(i)
+        groups.setdefault((tuple(sorted(wires)), tuple(sorted(picked))), []).append(w)
+    return [_cone([ops[i] for i in picked], wires, tuple(outs)) for (wires, picked), outs in groups.items()]
+
+
+def _cone(ops: list[tuple[Any, int]], wires: tuple[int, ...], outputs: tuple[int, ...]) -> Cone:
+    import pennylane as qml
+
+    mats = [
+        -1j * qml.matrix(getattr(qml, ROTATIONS[op.name])(op.wires[0]), wire_order=wires) if k >= 0 else qml.matrix(op, wire_order=wires)
+        for op, k in ops
+    ]  # fmt: skip
+    gates = np.stack(mats) if mats else np.zeros((0, 2 ** len(wires), 2 ** len(wires)), dtype=complex)
+    return Cone(wires, outputs, gates, tuple(k for _, k in ops))
 
 
 def patch_qnode(q: Quanv, device: str = "default.qubit"):
@@ -315,17 +356,23 @@ def _torch_module():
         Runs in `dtype` (fp32 for training, float64 for the equivalence test) whatever the autocast
         policy: amplitudes squared in bf16 would lose the signal. CPU simulators copy patches to the
         host and the results back.
+
+        The device path, per cone of wires (the whole circuit for `unitary`, each light cone for
+        `lightcone`): the encoded product state is real, so the output amplitudes are one real matmul
+        with [Re U^T | Im U^T] and <Z> a second one on the squared amplitudes: (B, 2^m) @ (2^m, 2^(m+1)),
+        square, @ (2^(m+1), outputs). Every patch of every image goes through it at once, in chunks of
+        `chunk_amplitudes` to bound memory.
         """
 
-        def __init__(self, q: Quanv, trainable: bool, dtype: torch.dtype):
+        def __init__(self, q: Quanv, trainable: bool, dtype: torch.dtype, chunk_amplitudes: int = CHUNK_AMPLITUDES):
             super().__init__()
-            self.q, self.trainable = q, trainable
-            n = q.qubits
-            encode = np.zeros((q.patch * q.patch, n))
-            encode[np.arange(q.patch * q.patch), np.arange(q.patch * q.patch) % n] = np.pi  # RY angles add up
-            bits = (np.arange(2**n)[:, None] >> (n - 1 - np.arange(n))) & 1
-            self.register_buffer("encode", torch.tensor(encode, dtype=dtype), persistent=False)
-            self.register_buffer("z_signs", torch.tensor(1.0 - 2.0 * bits, dtype=dtype), persistent=False)
+            self.q, self.trainable, self.chunk_amplitudes = q, trainable, chunk_amplitudes
+            n, pixels = q.qubits, q.patch * q.patch
+            # pixel j turns wire j mod n by RY(pi * value); the state needs half of each angle
+            self.one_pixel_per_wire = pixels == n
+            encode = np.zeros((pixels, n))
+            encode[np.arange(pixels), np.arange(pixels) % n] = np.pi / 2
+            self.register_buffer("half_encode", torch.tensor(encode, dtype=dtype), persistent=False)
             weights = torch.tensor(initial_weights(q), dtype=dtype)
             if trainable:
                 self.weights = nn.Parameter(weights)
@@ -333,65 +380,87 @@ def _torch_module():
                 self.register_buffer("weights", weights, persistent=False)
             if q.simulator in CPU_SIMULATORS:
                 self._qnode = broadcast_qnode(q, q.simulator)
-            elif trainable:
-                mats, self._weight_index = gate_matrices(q)
-                self.register_buffer("gate_re", torch.tensor(mats.real, dtype=dtype), persistent=False)
-                self.register_buffer("gate_im", torch.tensor(mats.imag, dtype=dtype), persistent=False)
-            else:
-                u = circuit_unitary(q, initial_weights(q))
-                self.register_buffer("u_re", torch.tensor(u.real, dtype=dtype), persistent=False)
-                self.register_buffer("u_im", torch.tensor(u.imag, dtype=dtype), persistent=False)
+                return
+            self.cones = circuit_cones(q, light=q.simulator == "lightcone")
+            outputs = [w for cone in self.cones for w in cone.outputs]
+            self.register_buffer("order", torch.tensor(np.argsort(outputs)), persistent=False)
+            for i, cone in enumerate(self.cones):
+                m = len(cone.wires)
+                bits = (np.arange(2**m)[:, None] >> (m - 1 - np.arange(m))) & 1
+                signs = 1.0 - 2.0 * bits[:, [cone.wires.index(w) for w in cone.outputs]]
+                self.register_buffer(f"z_signs{i}", torch.tensor(np.vstack([signs, signs]), dtype=dtype), persistent=False)
+                self.register_buffer(f"wires{i}", torch.tensor(cone.wires), persistent=False)
+                if trainable:
+                    self.register_buffer(f"gate_re{i}", torch.tensor(cone.gates.real, dtype=dtype), persistent=False)
+                    self.register_buffer(f"gate_im{i}", torch.tensor(cone.gates.imag, dtype=dtype), persistent=False)
+                else:
+                    u = circuit_unitary(q, initial_weights(q)) if len(self.cones) == 1 else cone.unitary(initial_weights(q))
+                    self.register_buffer(f"split{i}", torch.tensor(np.hstack([u.real.T, u.imag.T]), dtype=dtype),
+                                         persistent=False)  # fmt: skip
 
-        def unitary(self) -> tuple[torch.Tensor, torch.Tensor]:
-            """Real and imaginary parts of the circuit's unitary; differentiable in `weights` when trainable."""
+        def split_unitary(self, i: int = 0) -> torch.Tensor:
+            """Cone i's unitary as the real (2^m, 2^(m+1)) matrix [Re U^T | Im U^T]; differentiable in
+            `weights` when trainable (composed from the gates on each call, as each training step needs)."""
             if not self.trainable:
-                return self.u_re, self.u_im
-            dim = self.gate_re.shape[-1]
-            re = torch.eye(dim, dtype=self.gate_re.dtype, device=self.gate_re.device)
+                return getattr(self, f"split{i}")
+            gate_re, gate_im = getattr(self, f"gate_re{i}"), getattr(self, f"gate_im{i}")
+            re = torch.eye(gate_re.shape[-1], dtype=gate_re.dtype, device=gate_re.device)
             im = torch.zeros_like(re)
             flat = self.weights.reshape(-1)
-            for g, k in enumerate(self._weight_index):
-                kr, ki = self.gate_re[g], self.gate_im[g]
+            for g, k in enumerate(self.cones[i].index):
+                kr, ki = gate_re[g], gate_im[g]
                 if k < 0:
                     re, im = kr @ re - ki @ im, kr @ im + ki @ re
                 else:
                     c, s = torch.cos(flat[k] / 2), torch.sin(flat[k] / 2)
                     re, im = c * re + s * (kr @ re - ki @ im), c * im + s * (kr @ im + ki @ re)
-            return re, im
+            return torch.cat([re.T, im.T], dim=1)
 
-        def expvals(self, angles: torch.Tensor) -> torch.Tensor:
-            """(B, n) encoding angles -> (B, n) <Z> per qubit."""
+        def expvals(self, half: torch.Tensor, splits: list[torch.Tensor]) -> torch.Tensor:
+            """(B, n) half encoding angles -> (B, n) <Z> per qubit."""
             if self.q.simulator in CPU_SIMULATORS:
-                out = self._qnode(angles.detach().cpu().double(), self.weights.cpu().double())
-                return torch.stack(out, dim=-1).to(device=angles.device, dtype=angles.dtype)
-            half = angles / 2
-            amps = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (B, n, 2): RY|0>
-            state = amps[:, 0]
-            for w in range(1, angles.shape[1]):  # the product state, wire 0 most significant
-                state = (state[:, :, None] * amps[:, w, None, :]).reshape(len(angles), -1)
-            re, im = self.unitary()
-            probs = (state @ re.T) ** 2 + (state @ im.T) ** 2
-            return probs @ self.z_signs
+                out = self._qnode((2 * half).detach().cpu().double(), self.weights.cpu().double())
+                return torch.stack(out, dim=-1).to(device=half.device, dtype=half.dtype)
+            amps = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (B, n, 2): RY|0> on each wire
+            z = []
+            for i, split in enumerate(splits):
+                a = product_state(amps if len(splits) == 1 else amps[:, getattr(self, f"wires{i}")]) @ split
+                z.append((a * a) @ getattr(self, f"z_signs{i}"))  # |amplitude|^2 = re^2 + im^2, then <Z>
+            return z[0] if len(z) == 1 else torch.cat(z, dim=1)[:, self.order]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(x.device.type, enabled=False):
-                x = x.to(self.encode.dtype)
+                x = x.to(self.half_encode.dtype)
                 patches = torch.nn.functional.unfold(x, self.q.patch, stride=self.q.stride)  # (N, p*p, L)
-                n_img, _, n_patch = patches.shape
-                angles = patches.transpose(1, 2).reshape(-1, patches.shape[1]) @ self.encode
-                step = max(1, CHUNK_AMPLITUDES // 2**self.q.qubits)
-                z = torch.cat([self.expvals(angles[i : i + step]) for i in range(0, len(angles), step)])
+                n_img, pixels, n_patch = patches.shape
+                flat = patches.transpose(1, 2).reshape(-1, pixels)
+                half = flat * (math.pi / 2) if self.one_pixel_per_wire else flat @ self.half_encode
+                device_path = self.q.simulator not in CPU_SIMULATORS
+                splits = [self.split_unitary(i) for i in range(len(self.cones))] if device_path else []
+                step = max(1, self.chunk_amplitudes // 2**self.q.qubits)
+                if len(half) <= step:
+                    z = self.expvals(half, splits)
+                else:
+                    z = torch.cat([self.expvals(half[i : i + step], splits) for i in range(0, len(half), step)])
                 side = math.isqrt(n_patch)
                 return z.reshape(n_img, n_patch, -1).transpose(1, 2).reshape(n_img, -1, side, side)
 
     return Quanvolution
 
 
-def quanvolution(q: Quanv, trainable: bool = False, dtype: str = "float32"):
+def product_state(amps):
+    """(B, m, 2) single-qubit amplitudes -> (B, 2^m) product state, wire 0 the most significant bit."""
+    state = amps[:, 0]
+    for w in range(1, amps.shape[1]):
+        state = (state[:, :, None] * amps[:, w, None, :]).reshape(len(amps), -1)
+    return state
+
+
+def quanvolution(q: Quanv, trainable: bool = False, dtype: str = "float32", chunk_amplitudes: int = CHUNK_AMPLITUDES):
     """The quanvolution layer as a torch module (the class is built lazily: torch imports on use)."""
     import torch
 
-    return _torch_module()(q, trainable, getattr(torch, dtype))
+    return _torch_module()(q, trainable, getattr(torch, dtype), chunk_amplitudes)
 
 
 def quanvolve(layer, images: np.ndarray, device: str, chunk_images: int) -> tuple[np.ndarray, float, float]:
