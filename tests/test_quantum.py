@@ -12,8 +12,11 @@ import pennylane as qml
 import pytest
 import torch
 
+from accelbench.errors import DataError
 from accelbench.workloads.quantum import (
+    Circuits,
     Quanv,
+    circuit_images,
     circuit_unitary,
     initial_weights,
     patch_qnode,
@@ -97,6 +100,75 @@ def test_trainable_unitary_is_pennylanes_matrix_and_has_its_gradients(circuit):
     np.testing.assert_allclose(layer.weights.grad.numpy(), w.grad.numpy(), atol=1e-6)
 
 
+FAST = {"4q-2x2": Quanv(), "9q-3x3": Quanv(qubits=9, patch=3, stride=3)}
+
+
+@pytest.mark.parametrize("simulator", ["unitary", "lightcone"])
+@pytest.mark.parametrize("circuit", list(FAST))
+def test_fp32_device_path_matches_default_qubit_and_its_gradients(circuit, simulator):
+    """The fp32 layer (fixed and trainable) against PennyLane's default.qubit in float64, values and weight
+    gradients. Tolerance: each amplitude is a sum of at most 2^9 fp32 products of magnitude <= 1, so a <Z>
+    is off by at most ~sqrt(512) x 1.2e-7 ~ 3e-6 (measured: 4e-7); 1e-5 still catches a wrong gate, sign or
+    wire (errors of order 0.1). A gradient sums up to 2 x 9 patches x N(0, 1) coefficients: 2e-5 (measured 5e-7)."""
+    q = replace(FAST[circuit], simulator=simulator)
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.uniform(0, 1, (2, 1, 6, 6)))
+    reference = quanvolution(replace(q, simulator="default.qubit"), trainable=True, dtype="float64")
+    expected = reference(x)
+    coeffs = torch.from_numpy(rng.normal(size=tuple(expected.shape)))
+    (expected * coeffs).sum().backward()
+    assert reference.weights.grad.abs().max() > 1e-2  # a real gradient to compare with
+    with torch.no_grad():
+        fixed = quanvolution(q)(x.float())
+    trainable = quanvolution(q, trainable=True)
+    got = trainable(x.float())
+    (got * coeffs.float()).sum().backward()
+    for values in (fixed, got):
+        np.testing.assert_allclose(values.detach().numpy(), expected.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(trainable.weights.grad.numpy(), reference.weights.grad.numpy(), atol=2e-5, rtol=0)
+
+
+def test_light_cones_are_smaller_than_the_circuit():
+    from accelbench.workloads.quantum import circuit_cones
+
+    cones = circuit_cones(Quanv(qubits=9, patch=3, stride=1), light=True)
+    assert sorted(w for c in cones for w in c.outputs) == list(range(9))  # every qubit measured once
+    assert max(len(c.wires) for c in cones) < 9  # else the 9-qubit benchmark gains nothing from them
+
+
+def test_kaggle_test_csv_without_labels_reads_for_the_benchmark():
+    labels, images = read_digits_csv(FIX / "test_no_label.csv", labelled=False)  # pixel0..pixel783, 5 rows
+    _, train = read_digits_csv(FIX / "train.csv")
+    assert labels is None
+    np.testing.assert_array_equal(images, train[:5])  # the fixture is train.csv's first rows without labels
+    labels, _ = read_digits_csv(FIX / "train.csv", labelled=False)  # a label column is still recognised
+    assert labels is not None and len(labels) == 100
+    x, origin, distinct = circuit_images(Circuits(images=12, side=14, source="path", path=str(FIX / "test_no_label.csv")))
+    assert x.shape == (12, 1, 14, 14) and x.dtype == np.float32 and distinct == 5
+    assert "test_no_label.csv resized to 14x14" in origin
+    np.testing.assert_array_equal(x[5], x[0])  # rows repeat in order up to the set size
+    x, origin, distinct = circuit_images(Circuits(images=3))
+    assert x.shape == (3, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and distinct == 1797
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        ("pixel0,pixel1,pixel2\n1,2,3\n", ["bad.csv", "3 pixel columns", "expected a square number (784 for 28x28"]),
+        ("pixel0,pixel1,pixel2,pixel3\n1,2,x,4\n", ["bad.csv", "column 'pixel2', row 2", "'x' is not an integer"]),
+        ("pixel0,pixel1,pixel2,pixel3\n1,2,300,4\n", ["bad.csv", "column 'pixel2', row 2", "expected integers 0..255"]),
+        ("", ["bad.csv", "file is empty"]),
+    ],
+    ids=["not-square", "not-a-number", "out-of-range", "empty"],
+)
+def test_bad_benchmark_csv_names_file_field_and_expectation(tmp_path, content, needles):
+    (tmp_path / "bad.csv").write_text(content)
+    with pytest.raises(DataError) as err:
+        circuit_images(Circuits(source="path", path=str(tmp_path / "bad.csv")))
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
 def test_mnist_csv_with_and_without_header_reads_alike():
     y_kaggle, x_kaggle = read_digits_csv(FIX / "train.csv")  # label,pixel0..pixel783
     y_named, x_named = read_digits_csv(FIX / "mnist_in_csv.csv")  # label,1x1..28x28
@@ -136,6 +208,9 @@ def run_stages(project, *stages: str) -> None:
         assert proc.returncode == 0, f"{stage}: {proc.stderr[-3000:]}"
 
 
+CIRCUIT_IMAGES = 16  # the circuits benchmark's set in the stage tests: 16 images of 28x28
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """Every stage of the workload on the bundled digits, shrunk by conftest.SMALL (the stage scripts
@@ -143,7 +218,7 @@ def digits(tmp_path_factory):
     from conftest import make_project
 
     project = make_project(tmp_path_factory.mktemp("quantum") / "project")
-    _only_quantum(project)
+    _only_quantum(project, **{"quantum.benchmark.circuits.images": CIRCUIT_IMAGES})
     run_stages(project, "ingest", "eda", "prepare", "tune", "train", "evaluate", "benchmark")
     return project
 
@@ -176,6 +251,39 @@ def test_benchmark_times_each_variant_on_its_own_inputs(digits):
     assert {r["variant"] for r in records if r["kind"] == "throughput"} == {"quanv", "raw"}
     assert all(r["bench/samples_per_s"] > 0 for r in records if r["kind"] == "throughput")
     assert {r["variant"] for r in records if r["kind"] == "time_to_target"} == {"quanv", "raw"}
+
+
+def test_benchmark_measures_circuits_per_second_of_each_mode(digits):
+    records = json.loads((digits.root / "results/quantum/benchmark.json").read_text())["records"]
+    circuits = {r["variant"]: r for r in records if r["kind"] == "circuits"}
+    assert set(circuits) == {f"{m}-{s}" for m in ("fixed", "trainable", "patch3") for s in ("unitary", "lightcone")}
+    for rec in circuits.values():
+        side = 26 if rec["mode"] == "patch3" else 14  # 3x3 stride 1 | 2x2 stride 2, on 28x28
+        assert rec["circuits"] == CIRCUIT_IMAGES * side * side and rec["qubits"] == (9 if rec["mode"] == "patch3" else 4)
+        assert rec["device"] == "cpu" and rec["source"] == "sklearn digits 8x8 resized to 28x28"
+        repeats = rec["repeats"]["bench/repeat_circuits_per_s"]
+        assert len(repeats) == 2 and min(repeats) > 0  # conftest shrinks benchmark.repeats to 2
+        assert min(repeats) <= rec["bench/circuits_per_s"] <= max(repeats)
+        assert rec["bench/set_ms"] > 0 and rec["goal_set_ms"] is None  # a set time goal only for 70,000 x 28x28
+    runs = digits.runs("quantum", "tags.kind = 'circuits'")
+    assert {r.info.run_name for r in runs} == {f"benchmark-cpu-torch-circuits-{v}" for v in circuits}
+    for run in runs:
+        rec = circuits[run.data.tags["variant"]]
+        assert run.info.status == "FINISHED" and run.data.tags["stage"] == "benchmark"
+        assert run.data.metrics["bench/circuits_per_s"] == pytest.approx(rec["bench/circuits_per_s"])
+        history = digits.client().get_metric_history(run.info.run_id, "bench/repeat_circuits_per_s")
+        assert len(history) == 2
+
+
+def test_report_has_a_quantum_circuits_table(digits, tmp_path):
+    from accelbench.report import build
+
+    build(f"sqlite:///{digits.root / 'mlruns' / 'mlflow.db'}", tmp_path / "reports")
+    text = (tmp_path / "reports" / "report.md").read_text()
+    assert "## Quantum circuits" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| fixed |", "| trainable |", "| patch3 |"))]
+    assert len(rows) == 6
+    assert any(line.startswith("| patch3 | lightcone | false | 9 | 3x3 stride 1 | 16 x 28x28 |") for line in rows), rows
 
 
 def test_each_variant_is_its_own_finished_run(digits):

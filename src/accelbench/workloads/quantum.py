@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ..config import DataParams, TrainParams, WorkloadParams, as_dict
+from ..config import BenchmarkConfig, BenchTarget, DataParams, TrainParams, WorkloadParams, as_dict
 from ..errors import ConfigError, DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
@@ -74,20 +74,40 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Circuits:
+    """The benchmark stage's circuit throughput: a set of `images` (side x side) quanvolved on each device."""
+
+    images: int = 64  # 70000 for MNIST's size (13.7 M circuits with 2x2 stride-2 patches)
+    side: int = 28
+    source: Literal["digits", "path"] = "digits"  # digits: the 8x8 digits upsampled | path: a Kaggle MNIST CSV
+    path: str | None = None  # digit-recognizer train.csv or test.csv (no label); rows repeat up to `images`
+    modes: list[Literal["fixed", "trainable", "patch3"]] = field(default_factory=lambda: ["fixed", "trainable", "patch3"])
+    simulators: list[Literal["unitary", "lightcone"]] = field(default_factory=lambda: ["unitary", "lightcone"])
+    chunk_amplitudes: int = 1 << 22  # circuits x 2^qubits per call: bounds memory (2^28 on an 80 GB GPU)
+
+
+@dataclass(frozen=True)
+class Bench(BenchTarget):
+    circuits: Circuits = field(default_factory=Circuits)
+
+
+@dataclass(frozen=True)
 class Params(WorkloadParams):
     framework: Literal["torch"] | None = "torch"
     data: Data = field(default_factory=Data)
     prepare: Prepare = field(default_factory=Prepare)
     model: Model = field(default_factory=Model)
     train: TrainParams = field(default_factory=lambda: TrainParams(epochs=10, batch_size=64, lr=1e-2))
+    benchmark: Bench = field(default_factory=Bench)
 
 
 # ---------------------------------------------------------------- data
 
 
-def read_digits_csv(path: Path, pixel_max: int = 255) -> tuple[np.ndarray, np.ndarray]:
+def read_digits_csv(path: Path, pixel_max: int = 255, labelled: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """Read an MNIST-style CSV (label + a square number of pixel columns, header optional) into
-    labels (N,) and images (N, side, side); fail with the file, the field and what was expected."""
+    labels (N,) and images (N, side, side); fail with the file, the field and what was expected.
+    `labelled=False` also takes pixels alone (the digit-recognizer test.csv) and returns labels None."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -100,27 +120,30 @@ def read_digits_csv(path: Path, pixel_max: int = 255) -> tuple[np.ndarray, np.nd
     if has_header:
         names = [str(c).strip() for c in df.columns]
         lower = [c.lower() for c in names]
-        if "label" not in lower:
+        if labelled and "label" not in lower:
             raise DataError(
                 f"{path}: no 'label' column in the header (it starts {','.join(names[:3])},...); expected "
                 "label followed by the pixel columns, as in the Kaggle digit-recognizer train.csv (test.csv has no labels)"
             )
-        label_col = df.columns[lower.index("label")]
+        label_col = df.columns[lower.index("label")] if "label" in lower else None
         pixel_cols = [c for c in df.columns if c != label_col]
+    elif not labelled and math.isqrt(df.shape[1]) ** 2 == df.shape[1]:
+        label_col, pixel_cols = None, list(df.columns)  # a square number of columns: pixels alone
     else:
         label_col, pixel_cols = df.columns[0], list(df.columns[1:])
     side = math.isqrt(len(pixel_cols))
     if side * side != len(pixel_cols) or side < 2:
         square = math.isqrt(df.shape[1]) ** 2 == df.shape[1]
         hint = f" ({df.shape[1]} columns is itself a square: pixels without a label column?)" if square else ""
+        besides = " besides the label" if label_col is not None else ""
         raise DataError(
-            f"{path}: {len(pixel_cols)} pixel columns besides the label; expected a square number "
-            f"(784 for 28x28){hint}"
+            f"{path}: {len(pixel_cols)} pixel columns{besides}; expected a square number (784 for 28x28, "
+            f"label,pixel0..pixel783 or test.csv's pixel0..pixel783){hint}"
         )
     if df.empty:
         raise DataError(f"{path}: has a header but no rows")
-    labels = _integers(path, df[label_col], "label", has_header)
-    bad = (labels < 0) | (labels > 9)
+    labels = None if label_col is None else _integers(path, df[label_col], "label", has_header)
+    bad = np.zeros(0, bool) if labels is None else (labels < 0) | (labels > 9)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path}: column 'label', row {_line(row, has_header)}: {labels[row]} is not a digit 0..9")
@@ -431,9 +454,10 @@ def _torch_module():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(x.device.type, enabled=False):
                 x = x.to(self.half_encode.dtype)
-                patches = torch.nn.functional.unfold(x, self.q.patch, stride=self.q.stride)  # (N, p*p, L)
-                n_img, pixels, n_patch = patches.shape
-                flat = patches.transpose(1, 2).reshape(-1, pixels)
+                p, stride = self.q.patch, self.q.stride
+                windows = x[:, 0].unfold(1, p, stride).unfold(2, p, stride)  # a view: (N, H', W', p, p)
+                n_img, side, pixels = len(x), windows.shape[1], p * p
+                flat = windows.reshape(-1, pixels)  # one copy, patches in (image, row, column) order
                 half = flat * (math.pi / 2) if self.one_pixel_per_wire else flat @ self.half_encode
                 device_path = self.q.simulator not in CPU_SIMULATORS
                 splits = [self.split_unitary(i) for i in range(len(self.cones))] if device_path else []
@@ -442,8 +466,7 @@ def _torch_module():
                     z = self.expvals(half, splits)
                 else:
                     z = torch.cat([self.expvals(half[i : i + step], splits) for i in range(0, len(half), step)])
-                side = math.isqrt(n_patch)
-                return z.reshape(n_img, n_patch, -1).transpose(1, 2).reshape(n_img, -1, side, side)
+                return z.reshape(n_img, side, side, -1).permute(0, 3, 1, 2)  # (N, n, H', W'), a view
 
     return Quanvolution
 
@@ -683,6 +706,9 @@ class Quantum(Workload):
         plt.close(fig)
         return {}
 
+    def extra_benchmarks(self, params: Params, runtime: Any, bench: BenchmarkConfig) -> list[dict[str, Any]]:
+        return benchmark_circuits(params, runtime, bench)
+
     def build_torch(self, params: Params, meta: dict[str, Any]):
         from torch import nn
 
@@ -758,6 +784,122 @@ def benchmark_simulators(
                     "full_set_iqr_s": spread(seconds), "passes": len(passes), "copy_s": median([p[2] for p in passes]),
                     "sim_device": "cpu" if sim in CPU_SIMULATORS else device}  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------- circuits/s, in the benchmark stage
+
+# Issue 9's goals on an H100, set beside each figure in the report (a set time only for the fixed layer)
+GOALS = {"fixed": 2e9, "trainable": 1e8, "patch3": 5e7}
+SET_GOAL_MS = 20.0  # for MNIST's size:
+MNIST_SET = (70_000, 28)  # images, side
+MODE_TEXT = {
+    "fixed": "fixed layer",
+    "trainable": "trainable layer, forward + backward",
+    "patch3": "fixed layer, 3x3 patches",
+}
+
+
+def circuit_images(c: Circuits) -> tuple[np.ndarray, str, int]:
+    """(images, 1, side, side) float32 in [0, 1]: the CSV's images or the 8x8 digits resized to `side`, repeated
+    in order up to `images`; also where they came from and how many are distinct."""
+    where = "params.yaml: quantum.benchmark.circuits"
+    if c.images < 1 or c.side < 2:
+        raise ConfigError(f"{where}: images {c.images}, side {c.side}; expected images >= 1 and side >= 2")
+    if c.source == "path":
+        if not c.path:
+            raise DataError(f"{where}.path: required when source is 'path' (a Kaggle digit-recognizer train.csv or test.csv)")
+        _, pixels = read_digits_csv(Path(c.path), labelled=False)
+        base, origin = pixels / 255.0, str(c.path)
+    else:
+        from sklearn.datasets import load_digits
+
+        base, origin = load_digits().images / 16.0, "sklearn digits 8x8"
+    if base.shape[1] != c.side:
+        origin += f" resized to {c.side}x{c.side}"
+    base = resize(base, c.side)
+    return base[np.arange(c.images) % len(base), None].astype(np.float32), origin, len(base)
+
+
+def mode_circuit(q: Quanv, mode: str, simulator: str) -> Quanv:
+    """The model's circuit (qubits, layers, seed, patch, stride) for fixed and trainable; 9 qubits on 3x3 patches,
+    stride 1, for patch3."""
+    q = replace(q, simulator=simulator, mode="trainable" if mode == "trainable" else "fixed")
+    return replace(q, qubits=9, patch=3, stride=1) if mode == "patch3" else q
+
+
+def benchmark_circuits(params: Params, runtime: Any, bench: BenchmarkConfig) -> list[dict[str, Any]]:
+    """Circuits/s of each mode and simulator on the runtime's device: one warm-up pass over the whole set
+    (compilation included), then `bench.repeats` timed passes, each closed by a device sync; the images
+    are copied to the device once, before the clock (that copy is its own figure)."""
+    import torch
+
+    from ..timing import Stopwatch, median, spread
+
+    c = params.benchmark.circuits
+    if not c.modes or not c.simulators:
+        return []
+    device = runtime.device.torch
+    cuda = device.startswith("cuda")
+    images, origin, distinct = circuit_images(c)
+    watch = Stopwatch(torch.cuda.synchronize if cuda else lambda: None)
+    t0 = watch.start()
+    x = torch.from_numpy(images).to(device)
+    copy_s = watch.stop("copy", t0)
+    records = []
+    for mode in c.modes:
+        for simulator in c.simulators:
+            q = mode_circuit(params.model.quanv, mode, simulator)
+            side = output_side(q, c.side)
+            check_unitary_fits(q, device, trainable=mode == "trainable")
+            per_call = max(1, c.chunk_amplitudes // (side * side * 2**q.qubits))  # images per layer call
+            layer = quanvolution(q, trainable=mode == "trainable", chunk_amplitudes=c.chunk_amplitudes).to(device)
+            one_pass = _gradient_pass if mode == "trainable" else _forward_pass
+            run = torch.compile(layer) if runtime.compile else layer
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = watch.start()
+            one_pass(run, x, per_call)
+            warmup_s = watch.stop("warmup", t0)
+            seconds = []
+            for _ in range(max(1, bench.repeats)):
+                t0 = watch.start()
+                one_pass(run, x, per_call)
+                seconds.append(watch.stop(mode, t0))
+            circuits = len(x) * side * side
+            rates = [circuits / s for s in seconds]
+            records.append({
+                "kind": "circuits", "variant": f"{mode}-{simulator}", "mode": mode, "simulator": simulator,
+                "batch_size": per_call, "qubits": q.qubits, "layers": q.layers,
+                "patches": f"{q.patch}x{q.patch} stride {q.stride}", "images": len(x), "side": c.side,
+                "distinct_images": distinct, "source": origin, "circuits": circuits, "dtype": "float32",
+                "goal_circuits_per_s": GOALS[mode], "goal_set_ms": SET_GOAL_MS if (mode, len(x), c.side) == ("fixed", *MNIST_SET) else None,
+                "timed": f"{len(seconds)} passes over {len(x)} images of {c.side}x{c.side} ({circuits} circuits, "
+                         f"{MODE_TEXT[mode]}, {q.qubits} qubits, {per_call} images per call) after 1 warm-up pass; "
+                         "images already on the device",
+                "bench/circuits_per_s": median(rates), "bench/circuits_per_s_iqr": spread(rates),
+                "bench/set_ms": 1000 * median(seconds), "bench/warmup_s": warmup_s, "bench/to_device_s": copy_s,
+                "bench/peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+                "repeats": {"bench/repeat_circuits_per_s": rates},
+            })  # fmt: skip
+            del layer, run
+            if cuda:
+                torch.cuda.empty_cache()
+    return records
+
+
+def _forward_pass(layer, x, per_call: int) -> list:
+    """The fixed layer over every image; the features stay on the device, one tensor per call."""
+    import torch
+
+    with torch.inference_mode():
+        return [layer(x[i : i + per_call]) for i in range(0, len(x), per_call)]
+
+
+def _gradient_pass(layer, x, per_call: int) -> None:
+    """Forward and backward to the circuit weights over every image, one step per call: the unitary is
+    composed from the weights in each step, as in training."""
+    for i in range(0, len(x), per_call):
+        layer(x[i : i + per_call]).sum().backward()
 
 
 WORKLOAD = Quantum()
