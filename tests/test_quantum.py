@@ -169,6 +169,39 @@ def test_bad_benchmark_csv_names_file_field_and_expectation(tmp_path, content, n
         assert needle in str(err.value), str(err.value)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("simulator", ["unitary", "lightcone"])
+@pytest.mark.parametrize("trainable", [False, True], ids=["fixed", "trainable"])
+def test_cuda_eager_and_compiled_layers_match_the_cpu(simulator, trainable):
+    q = Quanv(simulator=simulator)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    layers = {"cpu": quanvolution(q, trainable=trainable), "cuda": quanvolution(q, trainable=trainable).cuda()}
+    outputs = {}
+    for name, run in (("cpu", layers["cpu"]), ("cuda", layers["cuda"]), ("compiled", torch.compile(layers["cuda"]))):
+        out = run(x.to("cpu" if name == "cpu" else "cuda"))
+        if trainable:
+            out.sum().backward()
+        outputs[name] = out.detach().cpu().numpy()
+    for name in ("cuda", "compiled"):
+        np.testing.assert_allclose(outputs[name], outputs["cpu"], atol=1e-5, rtol=0)
+    if trainable:  # the compiled and eager CUDA steps both accumulated into the same weights' gradient
+        np.testing.assert_allclose(layers["cuda"].weights.grad.cpu().numpy() / 2, layers["cpu"].weights.grad.numpy(), rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_circuits_benchmark_on_cuda_sets_the_goals_beside_mnists_size():
+    from accelbench.config import BenchmarkConfig, with_overrides
+    from accelbench.devices import Runtime, resolve
+    from accelbench.workloads.quantum import Params, benchmark_circuits
+
+    params = with_overrides(Params(), {"benchmark.circuits.images": 70000, "benchmark.circuits.modes": ["fixed", "trainable"],
+                                       "benchmark.circuits.chunk_amplitudes": 1 << 26})  # fmt: skip
+    records = benchmark_circuits(params, Runtime(resolve("cuda", "torch"), "torch", compile=True), BenchmarkConfig(repeats=2))
+    fixed = {r["variant"]: r for r in records}["fixed-unitary"]
+    assert fixed["circuits"] == 70000 * 14 * 14 and fixed["goal_set_ms"] == 20.0 and fixed["goal_circuits_per_s"] == 2e9
+    assert all(r["bench/peak_gpu_mb"] > 0 and r["bench/circuits_per_s"] > 0 for r in records)
+
+
 def test_mnist_csv_with_and_without_header_reads_alike():
     y_kaggle, x_kaggle = read_digits_csv(FIX / "train.csv")  # label,pixel0..pixel783
     y_named, x_named = read_digits_csv(FIX / "mnist_in_csv.csv")  # label,1x1..28x28
