@@ -77,7 +77,7 @@ class Model:
 class Circuits:
     """The benchmark stage's circuit throughput: a set of `images` (side x side) quanvolved on each device."""
 
-    images: int = 64  # 70000 for MNIST's size (13.7 M circuits with 2x2 stride-2 patches)
+    images: int = 16  # CPU-quick; 70000 for MNIST's size (13.7 M circuits with 2x2 stride-2 patches)
     cpu_images: int | None = None  # the CPU side's set when smaller (its rate steadies on fewer); null = images
     side: int = 28
     source: Literal["digits", "path"] = "digits"  # digits: the 8x8 digits upsampled | path: a Kaggle MNIST CSV
@@ -331,10 +331,12 @@ def circuit_cones(q: Quanv, light: bool) -> list[Cone]:
 def _cone(ops: list[tuple[Any, int]], wires: tuple[int, ...], outputs: tuple[int, ...]) -> Cone:
     import pennylane as qml
 
-    mats = [
-        -1j * qml.matrix(getattr(qml, ROTATIONS[op.name])(op.wires[0]), wire_order=wires) if k >= 0 else qml.matrix(op, wire_order=wires)
-        for op, k in ops
-    ]  # fmt: skip
+    def matrix(op: Any, k: int) -> np.ndarray:  # -i P for a rotation exp(-i w P / 2), the gate itself otherwise
+        if k < 0:
+            return qml.matrix(op, wire_order=wires)
+        return -1j * qml.matrix(getattr(qml, ROTATIONS[op.name])(op.wires[0]), wire_order=wires)
+
+    mats = [matrix(op, k) for op, k in ops]
     gates = np.stack(mats) if mats else np.zeros((0, 2 ** len(wires), 2 ** len(wires)), dtype=complex)
     return Cone(wires, outputs, gates, tuple(k for _, k in ops))
 
@@ -844,7 +846,7 @@ def benchmark_circuits(params: Params, runtime: Any, bench: BenchmarkConfig) -> 
     device = runtime.device.torch
     cuda = device.startswith("cuda")
     images, origin, distinct = circuit_images(c if cuda or not c.cpu_images else replace(c, images=c.cpu_images))
-    watch = Stopwatch(torch.cuda.synchronize if cuda else lambda: None)
+    watch = Stopwatch((lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None))
     t0 = watch.start()
     x = torch.from_numpy(images).to(device)
     copy_s = watch.stop("copy", t0)
