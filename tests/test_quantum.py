@@ -308,15 +308,34 @@ def test_benchmark_measures_circuits_per_second_of_each_mode(digits):
         assert len(history) == 2
 
 
-def test_report_has_a_quantum_circuits_table(digits, tmp_path):
+def test_report_tables_circuits_per_device_with_the_gpus_goals(digits, tmp_path):
+    """The stage's CPU runs, and GPU runs of the same host logged here (after the tests reading the store's
+    circuits runs): one goal met, one missed, each against the same host's CPU."""
     from accelbench.report import build
 
+    client = digits.client()
+    cpu = {r.data.tags["variant"]: r for r in digits.runs("quantum", "tags.kind = 'circuits'")}
+    for variant, rate, set_ms in [("fixed-unitary", 2.5e9, 5.49), ("patch3-lightcone", 4e7, 1182.0)]:
+        tags = {**{k: v for k, v in cpu[variant].data.tags.items() if not k.startswith("mlflow.")}, "device": "cuda", "device_name": "NVIDIA FakeGPU", "images": "70000",
+                "goal_set_ms": "20.0" if variant.startswith("fixed") else "None"}  # fmt: skip
+        run = client.create_run(cpu[variant].info.experiment_id, run_name=f"benchmark-cuda-torch-circuits-{variant}", tags=tags)
+        client.log_metric(run.info.run_id, "bench/circuits_per_s", rate)
+        client.log_metric(run.info.run_id, "bench/set_ms", set_ms)
+        client.set_terminated(run.info.run_id, "FINISHED")
     build(f"sqlite:///{digits.root / 'mlruns' / 'mlflow.db'}", tmp_path / "reports")
-    text = (tmp_path / "reports" / "report.md").read_text()
-    assert "## Quantum circuits" in text
-    rows = [line for line in text.splitlines() if line.startswith(("| fixed |", "| trainable |", "| patch3 |"))]
-    assert len(rows) == 6
-    assert any(line.startswith("| patch3 | lightcone | false | 9 | 3x3 stride 1 | 16 x 28x28 |") for line in rows), rows
+    lines = (tmp_path / "reports" / "report.md").read_text().splitlines()
+    assert "## Quantum circuits" in lines
+    gpu = lines[lines.index("### Quantum circuits: NVIDIA FakeGPU") + 4 :][:2]
+    fixed_x = 2.5e9 / cpu["fixed-unitary"].data.metrics["bench/circuits_per_s"]
+    patch3_x = 4e7 / cpu["patch3-lightcone"].data.metrics["bench/circuits_per_s"]
+    assert gpu[0].startswith("| fixed | unitary | false | 4 | 2x2 stride 2 | 70000 x 28x28 | 2.50 G | >= 2.00 G: met | 5.49 | < 20: met |")
+    assert gpu[0].endswith(f"| {fixed_x:,.0f}x |") and gpu[1].endswith(f"| 1,182.00 |  | {patch3_x:,.0f}x |")
+    assert "| 40.00 M | >= 50.00 M: missed |" in gpu[1]
+    heading = next(line for line in lines if line.startswith("### Quantum circuits: ") and "FakeGPU" not in line)
+    rows = lines[lines.index(heading) + 4 :][:6]  # the stage's six CPU measurements, without goals
+    assert [r.split(" | ")[:2] for r in rows] == [["| fixed", "lightcone"], ["| fixed", "unitary"], ["| trainable", "lightcone"],
+                                                  ["| trainable", "unitary"], ["| patch3", "lightcone"], ["| patch3", "unitary"]]  # fmt: skip
+    assert all(" | 16 x 28x28 | " in r and r.endswith("|  | n/a |") for r in rows), rows
 
 
 def test_each_variant_is_its_own_finished_run(digits):
