@@ -12,8 +12,11 @@ import pennylane as qml
 import pytest
 import torch
 
+from accelbench.errors import DataError
 from accelbench.workloads.quantum import (
+    Circuits,
     Quanv,
+    circuit_images,
     circuit_unitary,
     initial_weights,
     patch_qnode,
@@ -26,6 +29,7 @@ FIX = Path(__file__).resolve().parent / "fixtures" / "quantum"
 HAS_LIGHTNING = importlib.util.find_spec("pennylane_lightning") is not None
 SIMULATORS = [
     "unitary",
+    "lightcone",
     "default.qubit",
     pytest.param("lightning.qubit", marks=pytest.mark.skipif(not HAS_LIGHTNING, reason="pennylane-lightning is not installed")),
 ]
@@ -68,8 +72,9 @@ def test_trainable_unitary_is_pennylanes_matrix_and_has_its_gradients(circuit):
     weights = np.random.default_rng(11).uniform(0, 2 * np.pi, (q.layers, q.qubits))
     with torch.no_grad():
         layer.weights.copy_(torch.from_numpy(weights))
-    re, im = layer.unitary()
-    np.testing.assert_allclose(re.detach().numpy() + 1j * im.detach().numpy(), circuit_unitary(q, weights), atol=1e-12)
+    split = layer.split_unitary().detach().numpy()  # [Re U^T | Im U^T]
+    dim = split.shape[0]
+    np.testing.assert_allclose((split[:, :dim] + 1j * split[:, dim:]).T, circuit_unitary(q, weights), atol=1e-12)
 
     images = torch.from_numpy(np.random.default_rng(5).uniform(0, 1, (2, 1, 6, 6)))
     coeffs = torch.from_numpy(np.random.default_rng(6).normal(size=tuple(layer(images).shape)))
@@ -93,6 +98,108 @@ def test_trainable_unitary_is_pennylanes_matrix_and_has_its_gradients(circuit):
     loss.backward()
     assert w.grad.abs().max() > 1e-3  # a real gradient, not zeros on both sides
     np.testing.assert_allclose(layer.weights.grad.numpy(), w.grad.numpy(), atol=1e-6)
+
+
+FAST = {"4q-2x2": Quanv(), "9q-3x3": Quanv(qubits=9, patch=3, stride=3)}
+
+
+@pytest.mark.parametrize("simulator", ["unitary", "lightcone"])
+@pytest.mark.parametrize("circuit", list(FAST))
+def test_fp32_device_path_matches_default_qubit_and_its_gradients(circuit, simulator):
+    """The fp32 layer (fixed and trainable) against PennyLane's default.qubit in float64, values and weight
+    gradients. Tolerance: each amplitude is a sum of at most 2^9 fp32 products of magnitude <= 1, so a <Z>
+    is off by at most ~sqrt(512) x 1.2e-7 ~ 3e-6 (measured: 4e-7); 1e-5 still catches a wrong gate, sign or
+    wire (errors of order 0.1). A gradient sums up to 2 x 9 patches x N(0, 1) coefficients: 2e-5 (measured 5e-7)."""
+    q = replace(FAST[circuit], simulator=simulator)
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.uniform(0, 1, (2, 1, 6, 6)))
+    reference = quanvolution(replace(q, simulator="default.qubit"), trainable=True, dtype="float64")
+    expected = reference(x)
+    coeffs = torch.from_numpy(rng.normal(size=tuple(expected.shape)))
+    (expected * coeffs).sum().backward()
+    assert reference.weights.grad.abs().max() > 1e-2  # a real gradient to compare with
+    with torch.no_grad():
+        fixed = quanvolution(q)(x.float())
+    trainable = quanvolution(q, trainable=True)
+    got = trainable(x.float())
+    (got * coeffs.float()).sum().backward()
+    for values in (fixed, got):
+        np.testing.assert_allclose(values.detach().numpy(), expected.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(trainable.weights.grad.numpy(), reference.weights.grad.numpy(), atol=2e-5, rtol=0)
+
+
+def test_light_cones_are_smaller_than_the_circuit():
+    from accelbench.workloads.quantum import circuit_cones
+
+    cones = circuit_cones(Quanv(qubits=9, patch=3, stride=1), light=True)
+    assert sorted(w for c in cones for w in c.outputs) == list(range(9))  # every qubit measured once
+    assert max(len(c.wires) for c in cones) < 9  # else the 9-qubit benchmark gains nothing from them
+
+
+def test_kaggle_test_csv_without_labels_reads_for_the_benchmark():
+    labels, images = read_digits_csv(FIX / "test_no_label.csv", labelled=False)  # pixel0..pixel783, 5 rows
+    _, train = read_digits_csv(FIX / "train.csv")
+    assert labels is None
+    np.testing.assert_array_equal(images, train[:5])  # the fixture is train.csv's first rows without labels
+    labels, _ = read_digits_csv(FIX / "train.csv", labelled=False)  # a label column is still recognised
+    assert labels is not None and len(labels) == 100
+    x, origin, distinct = circuit_images(Circuits(images=12, side=14, source="path", path=str(FIX / "test_no_label.csv")))
+    assert x.shape == (12, 1, 14, 14) and x.dtype == np.float32 and distinct == 5
+    assert "test_no_label.csv resized to 14x14" in origin
+    np.testing.assert_array_equal(x[5], x[0])  # rows repeat in order up to the set size
+    x, origin, distinct = circuit_images(Circuits(images=3))
+    assert x.shape == (3, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and distinct == 1797
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        ("pixel0,pixel1,pixel2\n1,2,3\n", ["bad.csv", "3 pixel columns", "expected a square number (784 for 28x28"]),
+        ("pixel0,pixel1,pixel2,pixel3\n1,2,x,4\n", ["bad.csv", "column 'pixel2', row 2", "'x' is not an integer"]),
+        ("pixel0,pixel1,pixel2,pixel3\n1,2,300,4\n", ["bad.csv", "column 'pixel2', row 2", "expected integers 0..255"]),
+        ("", ["bad.csv", "file is empty"]),
+    ],
+    ids=["not-square", "not-a-number", "out-of-range", "empty"],
+)
+def test_bad_benchmark_csv_names_file_field_and_expectation(tmp_path, content, needles):
+    (tmp_path / "bad.csv").write_text(content)
+    with pytest.raises(DataError) as err:
+        circuit_images(Circuits(source="path", path=str(tmp_path / "bad.csv")))
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("simulator", ["unitary", "lightcone"])
+@pytest.mark.parametrize("trainable", [False, True], ids=["fixed", "trainable"])
+def test_cuda_eager_and_compiled_layers_match_the_cpu(simulator, trainable):
+    q = Quanv(simulator=simulator)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    layers = {"cpu": quanvolution(q, trainable=trainable), "cuda": quanvolution(q, trainable=trainable).cuda()}
+    outputs = {}
+    for name, run in (("cpu", layers["cpu"]), ("cuda", layers["cuda"]), ("compiled", torch.compile(layers["cuda"]))):
+        out = run(x.to("cpu" if name == "cpu" else "cuda"))
+        if trainable:
+            out.sum().backward()
+        outputs[name] = out.detach().cpu().numpy()
+    for name in ("cuda", "compiled"):
+        np.testing.assert_allclose(outputs[name], outputs["cpu"], atol=1e-5, rtol=0)
+    if trainable:  # the compiled and eager CUDA steps both accumulated into the same weights' gradient
+        np.testing.assert_allclose(layers["cuda"].weights.grad.cpu().numpy() / 2, layers["cpu"].weights.grad.numpy(), rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_circuits_benchmark_on_cuda_sets_the_goals_beside_mnists_size():
+    from accelbench.config import BenchmarkConfig, with_overrides
+    from accelbench.devices import Runtime, resolve
+    from accelbench.workloads.quantum import Params, benchmark_circuits
+
+    params = with_overrides(Params(), {"benchmark.circuits.images": 70000, "benchmark.circuits.modes": ["fixed", "trainable"],
+                                       "benchmark.circuits.chunk_amplitudes": 1 << 26})  # fmt: skip
+    records = benchmark_circuits(params, Runtime(resolve("cuda", "torch"), "torch", compile=True), BenchmarkConfig(repeats=2))
+    fixed = {r["variant"]: r for r in records}["fixed-unitary"]
+    assert fixed["circuits"] == 70000 * 14 * 14 and fixed["goal_set_ms"] == 20.0 and fixed["goal_circuits_per_s"] == 2e9
+    assert all(r["bench/peak_gpu_mb"] > 0 and r["bench/circuits_per_s"] > 0 for r in records)
 
 
 def test_mnist_csv_with_and_without_header_reads_alike():
@@ -134,6 +241,9 @@ def run_stages(project, *stages: str) -> None:
         assert proc.returncode == 0, f"{stage}: {proc.stderr[-3000:]}"
 
 
+CIRCUIT_IMAGES = 16  # the circuits benchmark's set in the stage tests: 16 images of 28x28
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """Every stage of the workload on the bundled digits, shrunk by conftest.SMALL (the stage scripts
@@ -141,7 +251,7 @@ def digits(tmp_path_factory):
     from conftest import make_project
 
     project = make_project(tmp_path_factory.mktemp("quantum") / "project")
-    _only_quantum(project)
+    _only_quantum(project, **{"quantum.benchmark.circuits.images": CIRCUIT_IMAGES})
     run_stages(project, "ingest", "eda", "prepare", "tune", "train", "evaluate", "benchmark")
     return project
 
@@ -174,6 +284,58 @@ def test_benchmark_times_each_variant_on_its_own_inputs(digits):
     assert {r["variant"] for r in records if r["kind"] == "throughput"} == {"quanv", "raw"}
     assert all(r["bench/samples_per_s"] > 0 for r in records if r["kind"] == "throughput")
     assert {r["variant"] for r in records if r["kind"] == "time_to_target"} == {"quanv", "raw"}
+
+
+def test_benchmark_measures_circuits_per_second_of_each_mode(digits):
+    records = json.loads((digits.root / "results/quantum/benchmark.json").read_text())["records"]
+    circuits = {r["variant"]: r for r in records if r["kind"] == "circuits"}
+    assert set(circuits) == {f"{m}-{s}" for m in ("fixed", "trainable", "patch3") for s in ("unitary", "lightcone")}
+    for rec in circuits.values():
+        side = 26 if rec["mode"] == "patch3" else 14  # 3x3 stride 1 | 2x2 stride 2, on 28x28
+        assert rec["circuits"] == CIRCUIT_IMAGES * side * side and rec["qubits"] == (9 if rec["mode"] == "patch3" else 4)
+        assert rec["device"] == "cpu" and rec["source"] == "sklearn digits 8x8 resized to 28x28"
+        repeats = rec["repeats"]["bench/repeat_circuits_per_s"]
+        assert len(repeats) == 2 and min(repeats) > 0  # conftest shrinks benchmark.repeats to 2
+        assert min(repeats) <= rec["bench/circuits_per_s"] <= max(repeats)
+        assert rec["bench/set_ms"] > 0 and rec["goal_set_ms"] is None  # a set time goal only for 70,000 x 28x28
+    runs = digits.runs("quantum", "tags.kind = 'circuits'")
+    assert {r.info.run_name for r in runs} == {f"benchmark-cpu-torch-circuits-{v}" for v in circuits}
+    for run in runs:
+        rec = circuits[run.data.tags["variant"]]
+        assert run.info.status == "FINISHED" and run.data.tags["stage"] == "benchmark"
+        assert run.data.metrics["bench/circuits_per_s"] == pytest.approx(rec["bench/circuits_per_s"])
+        history = digits.client().get_metric_history(run.info.run_id, "bench/repeat_circuits_per_s")
+        assert len(history) == 2
+
+
+def test_report_tables_circuits_per_device_with_the_gpus_goals(digits, tmp_path):
+    """The stage's CPU runs, and GPU runs of the same host logged here (after the tests reading the store's
+    circuits runs): one goal met, one missed, each against the same host's CPU."""
+    from accelbench.report import build
+
+    client = digits.client()
+    cpu = {r.data.tags["variant"]: r for r in digits.runs("quantum", "tags.kind = 'circuits'")}
+    for variant, rate, set_ms in [("fixed-unitary", 2.5e9, 5.49), ("patch3-lightcone", 4e7, 1182.0)]:
+        tags = {**{k: v for k, v in cpu[variant].data.tags.items() if not k.startswith("mlflow.")}, "device": "cuda", "device_name": "NVIDIA FakeGPU", "images": "70000",
+                "goal_set_ms": "20.0" if variant.startswith("fixed") else "None"}  # fmt: skip
+        run = client.create_run(cpu[variant].info.experiment_id, run_name=f"benchmark-cuda-torch-circuits-{variant}", tags=tags)
+        client.log_metric(run.info.run_id, "bench/circuits_per_s", rate)
+        client.log_metric(run.info.run_id, "bench/set_ms", set_ms)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    build(f"sqlite:///{digits.root / 'mlruns' / 'mlflow.db'}", tmp_path / "reports")
+    lines = (tmp_path / "reports" / "report.md").read_text().splitlines()
+    assert "## Quantum circuits" in lines
+    gpu = lines[lines.index("### Quantum circuits: NVIDIA FakeGPU") + 4 :][:2]
+    fixed_x = 2.5e9 / cpu["fixed-unitary"].data.metrics["bench/circuits_per_s"]
+    patch3_x = 4e7 / cpu["patch3-lightcone"].data.metrics["bench/circuits_per_s"]
+    assert gpu[0].startswith("| fixed | unitary | false | 4 | 2x2 stride 2 | 70000 x 28x28 | 2.50 G | >= 2.00 G: met | 5.49 | < 20: met |")
+    assert gpu[0].endswith(f"| {fixed_x:,.0f}x |") and gpu[1].endswith(f"| 1,182.00 |  | {patch3_x:,.0f}x |")
+    assert "| 40.00 M | >= 50.00 M: missed |" in gpu[1]
+    heading = next(line for line in lines if line.startswith("### Quantum circuits: ") and "FakeGPU" not in line)
+    rows = lines[lines.index(heading) + 4 :][:6]  # the stage's six CPU measurements, without goals
+    assert [r.split(" | ")[:2] for r in rows] == [["| fixed", "lightcone"], ["| fixed", "unitary"], ["| trainable", "lightcone"],
+                                                  ["| trainable", "unitary"], ["| patch3", "lightcone"], ["| patch3", "unitary"]]  # fmt: skip
+    assert all(" | 16 x 28x28 | " in r and r.endswith("|  | n/a |") for r in rows), rows
 
 
 def test_each_variant_is_its_own_finished_run(digits):

@@ -96,7 +96,8 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     variants = wl.variants(params)
     energy = devices.energy_counter(device)
     util = devices.utilisation_sampler(device, min_s=b.gpu_util_min_s) if framework == "torch" else None
-    records = []
+    # the workload's own measurements first: a bad input they read fails before minutes of training steps
+    records = [_log_extra(wl, runtime, {"cpu_threads": engine.threads(), **rec}) for rec in wl.extra_benchmarks(params, runtime, b)]
     for variant, overrides in variants.items():
         base = with_overrides(params, overrides)
         tuned, source = tuned_overrides(cfg, wl, variant, runtime, root)
@@ -114,6 +115,21 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         if target.value is not None:
             records.append(_time_to_target(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, len(variants) > 1))
     return records
+
+
+def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str, Any]:
+    """A workload's own measurement as its own run: its values as tags, `bench/` metrics, repeats as steps."""
+    rec = {"workload": wl.name, **runtime.tags(), **rec}
+    repeats = rec.pop("repeats", {})
+    name = f"{run_name('benchmark', runtime.tags())}-{rec['kind']}-{rec['variant']}"
+    tags = {k: str(v) for k, v in rec.items() if not k.startswith("bench/") and v is not None and k not in runtime.tags()}
+    with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
+        for metric, values in repeats.items():
+            for i, value in enumerate(values):
+                run.log_metrics({metric: value}, step=i)
+        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
+        rec["run_id"] = run.run_id
+    return {**rec, "repeats": repeats}
 
 
 def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch, energy, util) -> dict[str, Any]:

@@ -263,6 +263,7 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
     ablation = _ablation(doc, recs)
     _frameworks(doc, tput)
     _scaling(doc, [r for r in recs if r.t("kind") == "scaling"], out)
+    _circuits(doc, [r for r in recs if r.t("kind") == "circuits"])
     doc.h(2, "Hardware")
     hosts = {}
     for r in tput or recs:  # throughput runs carry the thread count
@@ -431,6 +432,56 @@ def _scaling_png(lines: dict[tuple, list[Rec]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _circuits(doc: Doc, circ: list[Rec]) -> None:
+    """Circuits simulated per second, one table per device, each figure beside the goal its record carries."""
+    if not circ:
+        return
+    doc.h(2, "Quantum circuits")
+    doc.p("Circuits (one per patch of each image) simulated per second, fp32, median of the timed passes, warm-up "
+          "and the copy of the images to the device excluded. Trainable: circuit evaluations per second with "
+          "gradients (forward and backward to the circuit weights). The set time is one pass over every image; "
+          "the goals (issue 9) are for an H100.")  # fmt: skip
+    order = {"fixed": 0, "trainable": 1, "patch3": 2}
+    cpus = {(r.t("hardware"), r.t("mode"), r.t("simulator")): r for r in circ if not r.gpu}
+    for device in sorted({r.t("device_name") for r in circ}):
+        rows = []
+        for r in sorted((r for r in circ if r.t("device_name") == device),
+                        key=lambda r: (order.get(r.t("mode"), 9), r.t("simulator"), r.t("compile"))):  # fmt: skip
+            goals = r.gpu  # the goals are a GPU's: a CPU row shows none
+            rate, goal = r.metrics.get("bench/circuits_per_s"), _float(r.t("goal_circuits_per_s")) if goals else None
+            set_ms, set_goal = r.metrics.get("bench/set_ms"), _float(r.t("goal_set_ms")) if goals else None
+            cpu = cpus.get((r.t("hardware"), r.t("mode"), r.t("simulator"))) if r.gpu else None
+            rows.append([
+                r.t("mode"), r.t("simulator"), r.t("compile"), r.t("qubits"), r.t("patches"),
+                f"{r.t('images')} x {r.t('side')}x{r.t('side')}", _rate(rate), _goal(rate, goal, ">=", _rate(goal)),
+                _fmt(set_ms, 2), _goal(-set_ms if set_ms else None, -set_goal if set_goal else None, "<", _fmt(set_goal)),
+                f"{rate / cpu.metrics['bench/circuits_per_s']:,.0f}x" if cpu and rate else "n/a",
+            ])  # fmt: skip
+        doc.h(3, f"Quantum circuits: {device}")
+        doc.table(["mode", "simulator", "compile", "qubits", "patches", "images", "circuits/s", "goal", "set ms",
+                   "set goal ms", "vs same host's CPU"], rows)  # fmt: skip
+
+
+def _float(text: str) -> float | None:
+    return float(text) if text not in ("", "None") else None
+
+
+def _rate(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{v:.0f}"
+
+
+def _goal(value: float | None, goal: float | None, sign: str, text: str) -> str:
+    """'≥ 2.00 G: met' or '...: missed'; '' where the measurement has no goal."""
+    if goal is None:
+        return ""
+    return f"{sign} {text}: " + ("n/a" if value is None else "met" if value >= goal else "missed")
 
 
 def _speedup_png(comps: list[Comparison], path: Path) -> None:

@@ -66,6 +66,14 @@ class Workload:
         Each is logged as its own MLflow run and sits beside the variants in evaluate.json."""
         return {}
 
+    def extra_benchmarks(self, params: WorkloadParams, runtime: Any, bench: Any) -> list[dict[str, Any]]:
+        """Timed measurements of the workload's own beside the training-step sweep (e.g. circuits/s of a
+        simulator), run by the benchmark stage on each device with `bench` (the global benchmark params).
+        Each record: `kind`, `variant`, `batch_size`, `timed`, tag-like values, `bench/...` metrics and
+        optionally `repeats` {metric: per-repeat values}; the stage logs each as an MLflow run (stage=benchmark)
+        and adds it to benchmark.json. Default: none."""
+        return []
+
     def build_model(self, framework: str, params: WorkloadParams, meta: dict[str, Any]) -> Any:
         if framework not in self.frameworks:
             raise ConfigError(f"workload '{self.name}' has no {framework} model (supported: {list(self.frameworks)})")

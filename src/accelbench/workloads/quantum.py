@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ..config import DataParams, TrainParams, WorkloadParams, as_dict
+from ..config import BenchmarkConfig, BenchTarget, DataParams, TrainParams, WorkloadParams, as_dict
 from ..errors import ConfigError, DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
@@ -37,6 +37,7 @@ CLASSES = tuple(str(d) for d in range(10))
 CPU_SIMULATORS = ("default.qubit", "lightning.qubit")
 SECTION = "params.yaml: quantum.model.quanv"
 CHUNK_AMPLITUDES = 1 << 22  # patches x 2^n amplitudes per simulator call: bounds the memory of one chunk
+ROTATIONS = {"RX": "PauliX", "RY": "PauliY", "RZ": "PauliZ"}  # RandomLayers' rotations and their generators
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Prepare:
 @dataclass(frozen=True)
 class Quanv:
     mode: Literal["fixed", "trainable"] = "fixed"  # fixed: features computed once before training
-    simulator: Literal["unitary", "default.qubit", "lightning.qubit"] = "unitary"
+    simulator: Literal["unitary", "lightcone", "default.qubit", "lightning.qubit"] = "unitary"
     qubits: int = 4
     layers: int = 1
     seed: int = 0  # the random layers' architecture and initial weights
@@ -73,20 +74,41 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Circuits:
+    """The benchmark stage's circuit throughput: a set of `images` (side x side) quanvolved on each device."""
+
+    images: int = 16  # CPU-quick; 70000 for MNIST's size (13.7 M circuits with 2x2 stride-2 patches)
+    cpu_images: int | None = None  # the CPU side's set when smaller (its rate steadies on fewer); null = images
+    side: int = 28
+    source: Literal["digits", "path"] = "digits"  # digits: the 8x8 digits upsampled | path: a Kaggle MNIST CSV
+    path: str | None = None  # digit-recognizer train.csv or test.csv (no label); rows repeat up to `images`
+    modes: list[Literal["fixed", "trainable", "patch3"]] = field(default_factory=lambda: ["fixed", "trainable", "patch3"])
+    simulators: list[Literal["unitary", "lightcone"]] = field(default_factory=lambda: ["unitary", "lightcone"])
+    chunk_amplitudes: int = 1 << 22  # circuits x amplitudes each (2^qubits, or the cones' sum) per call: bounds memory
+
+
+@dataclass(frozen=True)
+class Bench(BenchTarget):
+    circuits: Circuits = field(default_factory=Circuits)
+
+
+@dataclass(frozen=True)
 class Params(WorkloadParams):
     framework: Literal["torch"] | None = "torch"
     data: Data = field(default_factory=Data)
     prepare: Prepare = field(default_factory=Prepare)
     model: Model = field(default_factory=Model)
     train: TrainParams = field(default_factory=lambda: TrainParams(epochs=10, batch_size=64, lr=1e-2))
+    benchmark: Bench = field(default_factory=Bench)
 
 
 # ---------------------------------------------------------------- data
 
 
-def read_digits_csv(path: Path, pixel_max: int = 255) -> tuple[np.ndarray, np.ndarray]:
+def read_digits_csv(path: Path, pixel_max: int = 255, labelled: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """Read an MNIST-style CSV (label + a square number of pixel columns, header optional) into
-    labels (N,) and images (N, side, side); fail with the file, the field and what was expected."""
+    labels (N,) and images (N, side, side); fail with the file, the field and what was expected.
+    `labelled=False` also takes pixels alone (the digit-recognizer test.csv) and returns labels None."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -99,27 +121,30 @@ def read_digits_csv(path: Path, pixel_max: int = 255) -> tuple[np.ndarray, np.nd
     if has_header:
         names = [str(c).strip() for c in df.columns]
         lower = [c.lower() for c in names]
-        if "label" not in lower:
+        if labelled and "label" not in lower:
             raise DataError(
                 f"{path}: no 'label' column in the header (it starts {','.join(names[:3])},...); expected "
                 "label followed by the pixel columns, as in the Kaggle digit-recognizer train.csv (test.csv has no labels)"
             )
-        label_col = df.columns[lower.index("label")]
+        label_col = df.columns[lower.index("label")] if "label" in lower else None
         pixel_cols = [c for c in df.columns if c != label_col]
+    elif not labelled and math.isqrt(df.shape[1]) ** 2 == df.shape[1]:
+        label_col, pixel_cols = None, list(df.columns)  # a square number of columns: pixels alone
     else:
         label_col, pixel_cols = df.columns[0], list(df.columns[1:])
     side = math.isqrt(len(pixel_cols))
     if side * side != len(pixel_cols) or side < 2:
         square = math.isqrt(df.shape[1]) ** 2 == df.shape[1]
         hint = f" ({df.shape[1]} columns is itself a square: pixels without a label column?)" if square else ""
+        besides = " besides the label" if label_col is not None else ""
         raise DataError(
-            f"{path}: {len(pixel_cols)} pixel columns besides the label; expected a square number "
-            f"(784 for 28x28){hint}"
+            f"{path}: {len(pixel_cols)} pixel columns{besides}; expected a square number (784 for 28x28, "
+            f"label,pixel0..pixel783 or test.csv's pixel0..pixel783){hint}"
         )
     if df.empty:
         raise DataError(f"{path}: has a header but no rows")
-    labels = _integers(path, df[label_col], "label", has_header)
-    bad = (labels < 0) | (labels > 9)
+    labels = None if label_col is None else _integers(path, df[label_col], "label", has_header)
+    bad = np.zeros(0, bool) if labels is None else (labels < 0) | (labels > 9)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path}: column 'label', row {_line(row, has_header)}: {labels[row]} is not a digit 0..9")
@@ -206,8 +231,8 @@ def output_side(q: Quanv, image_size: int) -> int:
 def check_unitary_fits(q: Quanv, device: str, trainable: bool) -> None:
     """The unitary simulator holds a 2^n x 2^n matrix (complex128 while PennyLane builds it): refuse
     sizes that would not fit rather than swap or crash, and name the simulators that scale instead."""
-    if q.simulator != "unitary":
-        return
+    if q.simulator in CPU_SIMULATORS:
+        return  # lightcone: its largest cone may be all the wires, so it is held to the same bound
     import psutil
 
     need = 16 * 4**q.qubits * (4 if trainable else 1)
@@ -251,27 +276,69 @@ def circuit_unitary(q: Quanv, weights: np.ndarray) -> np.ndarray:
     return qml.matrix(random_layers(q, weights), wire_order=range(q.qubits))
 
 
-def gate_matrices(q: Quanv) -> tuple[np.ndarray, list[int]]:
-    """The random layers as a list of full 2^n x 2^n matrices, from PennyLane's decomposition:
-    a rotation exp(-i w P / 2) = cos(w/2) I + sin(w/2) (-i P) is stored as -i P with the index of
-    its weight; a fixed gate (CNOT) as itself with index -1."""
-    import pennylane as qml
-
+def circuit_ops(q: Quanv) -> list[tuple[Any, int]]:
+    """PennyLane's decomposition of the random layers: each gate with the flat index of its weight
+    (-1 for a fixed gate such as CNOT)."""
     weights = initial_weights(q)
-    mats, index = [], []
-    generators = {"RX": qml.PauliX, "RY": qml.PauliY, "RZ": qml.PauliZ}
-    k = 0
+    ops, k = [], 0
     for op in random_layers(q, weights).decomposition():
-        if op.name in generators:
+        if op.name in ROTATIONS:
             if not np.isclose(float(op.parameters[0]), weights.flat[k]):
                 raise RuntimeError(f"RandomLayers decomposition: rotation {k} does not use weight {k}")
-            mats.append(-1j * qml.matrix(generators[op.name](op.wires[0]), wire_order=range(q.qubits)))
-            index.append(k)
+            ops.append((op, k))
             k += 1
         else:
-            mats.append(qml.matrix(op, wire_order=range(q.qubits)))
-            index.append(-1)
-    return np.stack(mats), index
+            ops.append((op, -1))
+    return ops
+
+
+@dataclass(frozen=True)
+class Cone:
+    """Wires whose gates alone decide the <Z> of `outputs`: all wires for the full unitary, or the past
+    light cone of one qubit (gates outside it commute with that qubit's Z, so they cancel exactly)."""
+
+    wires: tuple[int, ...]
+    outputs: tuple[int, ...]
+    gates: np.ndarray  # (k, 2^m, 2^m) complex on `wires`: a fixed gate, or -i P of a rotation exp(-i w P / 2)
+    index: tuple[int, ...]  # each gate's weight (flat index), -1 for a fixed gate
+
+    def unitary(self, weights: np.ndarray) -> np.ndarray:
+        """The cone's gates composed at `weights` (complex128), wire `wires[0]` the most significant bit."""
+        u = np.eye(self.gates.shape[-1], dtype=complex)
+        for gate, k in zip(self.gates, self.index):
+            u = gate @ u if k < 0 else np.cos(weights.flat[k] / 2) * u + np.sin(weights.flat[k] / 2) * (gate @ u)
+        return u
+
+
+def circuit_cones(q: Quanv, light: bool) -> list[Cone]:
+    """`light=False`: one cone, the whole circuit. `light=True`: one per distinct past light cone, found by
+    walking the gates backwards from each measured qubit; outputs sharing a cone share its simulation."""
+    ops = circuit_ops(q)
+    everything = tuple(range(q.qubits))
+    if not light:
+        return [_cone(ops, everything, everything)]
+    groups: dict[tuple, list[int]] = {}
+    for w in everything:
+        wires, picked = {w}, []
+        for i in reversed(range(len(ops))):
+            if wires & set(ops[i][0].wires):
+                wires |= set(ops[i][0].wires)
+                picked.append(i)
+        groups.setdefault((tuple(sorted(wires)), tuple(sorted(picked))), []).append(w)
+    return [_cone([ops[i] for i in picked], wires, tuple(outs)) for (wires, picked), outs in groups.items()]
+
+
+def _cone(ops: list[tuple[Any, int]], wires: tuple[int, ...], outputs: tuple[int, ...]) -> Cone:
+    import pennylane as qml
+
+    def matrix(op: Any, k: int) -> np.ndarray:  # -i P for a rotation exp(-i w P / 2), the gate itself otherwise
+        if k < 0:
+            return qml.matrix(op, wire_order=wires)
+        return -1j * qml.matrix(getattr(qml, ROTATIONS[op.name])(op.wires[0]), wire_order=wires)
+
+    mats = [matrix(op, k) for op, k in ops]
+    gates = np.stack(mats) if mats else np.zeros((0, 2 ** len(wires), 2 ** len(wires)), dtype=complex)
+    return Cone(wires, outputs, gates, tuple(k for _, k in ops))
 
 
 def patch_qnode(q: Quanv, device: str = "default.qubit"):
@@ -315,83 +382,113 @@ def _torch_module():
         Runs in `dtype` (fp32 for training, float64 for the equivalence test) whatever the autocast
         policy: amplitudes squared in bf16 would lose the signal. CPU simulators copy patches to the
         host and the results back.
+
+        The device path, per cone of wires (the whole circuit for `unitary`, each light cone for
+        `lightcone`): the encoded product state is real, so the output amplitudes are one real matmul
+        with [Re U^T | Im U^T] and <Z> a second one on the squared amplitudes: (B, 2^m) @ (2^m, 2^(m+1)),
+        square, @ (2^(m+1), outputs). Every patch of every image goes through it at once, in chunks of
+        `chunk_amplitudes` to bound memory.
         """
 
-        def __init__(self, q: Quanv, trainable: bool, dtype: torch.dtype):
+        def __init__(self, q: Quanv, trainable: bool, dtype: torch.dtype, chunk_amplitudes: int = CHUNK_AMPLITUDES):
             super().__init__()
-            self.q, self.trainable = q, trainable
-            n = q.qubits
-            encode = np.zeros((q.patch * q.patch, n))
-            encode[np.arange(q.patch * q.patch), np.arange(q.patch * q.patch) % n] = np.pi  # RY angles add up
-            bits = (np.arange(2**n)[:, None] >> (n - 1 - np.arange(n))) & 1
-            self.register_buffer("encode", torch.tensor(encode, dtype=dtype), persistent=False)
-            self.register_buffer("z_signs", torch.tensor(1.0 - 2.0 * bits, dtype=dtype), persistent=False)
+            self.q, self.trainable, self.chunk_amplitudes = q, trainable, chunk_amplitudes
+            n, pixels = q.qubits, q.patch * q.patch
+            # pixel j turns wire j mod n by RY(pi * value); the state needs half of each angle
+            self.one_pixel_per_wire = pixels == n
+            encode = np.zeros((pixels, n))
+            encode[np.arange(pixels), np.arange(pixels) % n] = np.pi / 2
+            self.register_buffer("half_encode", torch.tensor(encode, dtype=dtype), persistent=False)
             weights = torch.tensor(initial_weights(q), dtype=dtype)
             if trainable:
                 self.weights = nn.Parameter(weights)
             else:
                 self.register_buffer("weights", weights, persistent=False)
+            self.amplitudes = 2**n  # per circuit, in one simulator call: what chunk_amplitudes counts
             if q.simulator in CPU_SIMULATORS:
                 self._qnode = broadcast_qnode(q, q.simulator)
-            elif trainable:
-                mats, self._weight_index = gate_matrices(q)
-                self.register_buffer("gate_re", torch.tensor(mats.real, dtype=dtype), persistent=False)
-                self.register_buffer("gate_im", torch.tensor(mats.imag, dtype=dtype), persistent=False)
-            else:
-                u = circuit_unitary(q, initial_weights(q))
-                self.register_buffer("u_re", torch.tensor(u.real, dtype=dtype), persistent=False)
-                self.register_buffer("u_im", torch.tensor(u.imag, dtype=dtype), persistent=False)
+                return
+            self.cones = circuit_cones(q, light=q.simulator == "lightcone")
+            self.amplitudes = sum(2 ** len(cone.wires) for cone in self.cones)
+            outputs = [w for cone in self.cones for w in cone.outputs]
+            self.register_buffer("order", torch.tensor(np.argsort(outputs)), persistent=False)
+            for i, cone in enumerate(self.cones):
+                m = len(cone.wires)
+                bits = (np.arange(2**m)[:, None] >> (m - 1 - np.arange(m))) & 1
+                signs = 1.0 - 2.0 * bits[:, [cone.wires.index(w) for w in cone.outputs]]
+                self.register_buffer(f"z_signs{i}", torch.tensor(np.vstack([signs, signs]), dtype=dtype), persistent=False)
+                self.register_buffer(f"wires{i}", torch.tensor(cone.wires), persistent=False)
+                if trainable:
+                    self.register_buffer(f"gate_re{i}", torch.tensor(cone.gates.real, dtype=dtype), persistent=False)
+                    self.register_buffer(f"gate_im{i}", torch.tensor(cone.gates.imag, dtype=dtype), persistent=False)
+                else:
+                    u = circuit_unitary(q, initial_weights(q)) if len(self.cones) == 1 else cone.unitary(initial_weights(q))
+                    self.register_buffer(f"split{i}", torch.tensor(np.hstack([u.real.T, u.imag.T]), dtype=dtype),
+                                         persistent=False)  # fmt: skip
 
-        def unitary(self) -> tuple[torch.Tensor, torch.Tensor]:
-            """Real and imaginary parts of the circuit's unitary; differentiable in `weights` when trainable."""
+        def split_unitary(self, i: int = 0) -> torch.Tensor:
+            """Cone i's unitary as the real (2^m, 2^(m+1)) matrix [Re U^T | Im U^T]; differentiable in
+            `weights` when trainable (composed from the gates on each call, as each training step needs)."""
             if not self.trainable:
-                return self.u_re, self.u_im
-            dim = self.gate_re.shape[-1]
-            re = torch.eye(dim, dtype=self.gate_re.dtype, device=self.gate_re.device)
+                return getattr(self, f"split{i}")
+            gate_re, gate_im = getattr(self, f"gate_re{i}"), getattr(self, f"gate_im{i}")
+            re = torch.eye(gate_re.shape[-1], dtype=gate_re.dtype, device=gate_re.device)
             im = torch.zeros_like(re)
             flat = self.weights.reshape(-1)
-            for g, k in enumerate(self._weight_index):
-                kr, ki = self.gate_re[g], self.gate_im[g]
+            for g, k in enumerate(self.cones[i].index):
+                kr, ki = gate_re[g], gate_im[g]
                 if k < 0:
                     re, im = kr @ re - ki @ im, kr @ im + ki @ re
                 else:
                     c, s = torch.cos(flat[k] / 2), torch.sin(flat[k] / 2)
                     re, im = c * re + s * (kr @ re - ki @ im), c * im + s * (kr @ im + ki @ re)
-            return re, im
+            return torch.cat([re.T, im.T], dim=1)
 
-        def expvals(self, angles: torch.Tensor) -> torch.Tensor:
-            """(B, n) encoding angles -> (B, n) <Z> per qubit."""
+        def expvals(self, half: torch.Tensor, splits: list[torch.Tensor]) -> torch.Tensor:
+            """(B, n) half encoding angles -> (B, n) <Z> per qubit."""
             if self.q.simulator in CPU_SIMULATORS:
-                out = self._qnode(angles.detach().cpu().double(), self.weights.cpu().double())
-                return torch.stack(out, dim=-1).to(device=angles.device, dtype=angles.dtype)
-            half = angles / 2
-            amps = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (B, n, 2): RY|0>
-            state = amps[:, 0]
-            for w in range(1, angles.shape[1]):  # the product state, wire 0 most significant
-                state = (state[:, :, None] * amps[:, w, None, :]).reshape(len(angles), -1)
-            re, im = self.unitary()
-            probs = (state @ re.T) ** 2 + (state @ im.T) ** 2
-            return probs @ self.z_signs
+                out = self._qnode((2 * half).detach().cpu().double(), self.weights.cpu().double())
+                return torch.stack(out, dim=-1).to(device=half.device, dtype=half.dtype)
+            amps = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (B, n, 2): RY|0> on each wire
+            z = []
+            for i, split in enumerate(splits):
+                a = product_state(amps if len(splits) == 1 else amps[:, getattr(self, f"wires{i}")]) @ split
+                z.append((a * a) @ getattr(self, f"z_signs{i}"))  # |amplitude|^2 = re^2 + im^2, then <Z>
+            return z[0] if len(z) == 1 else torch.cat(z, dim=1)[:, self.order]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(x.device.type, enabled=False):
-                x = x.to(self.encode.dtype)
-                patches = torch.nn.functional.unfold(x, self.q.patch, stride=self.q.stride)  # (N, p*p, L)
-                n_img, _, n_patch = patches.shape
-                angles = patches.transpose(1, 2).reshape(-1, patches.shape[1]) @ self.encode
-                step = max(1, CHUNK_AMPLITUDES // 2**self.q.qubits)
-                z = torch.cat([self.expvals(angles[i : i + step]) for i in range(0, len(angles), step)])
-                side = math.isqrt(n_patch)
-                return z.reshape(n_img, n_patch, -1).transpose(1, 2).reshape(n_img, -1, side, side)
+                x = x.to(self.half_encode.dtype)
+                p, stride = self.q.patch, self.q.stride
+                windows = x[:, 0].unfold(1, p, stride).unfold(2, p, stride)  # a view: (N, H', W', p, p)
+                n_img, side, pixels = len(x), windows.shape[1], p * p
+                flat = windows.reshape(-1, pixels)  # one copy, patches in (image, row, column) order
+                half = flat * (math.pi / 2) if self.one_pixel_per_wire else flat @ self.half_encode
+                device_path = self.q.simulator not in CPU_SIMULATORS
+                splits = [self.split_unitary(i) for i in range(len(self.cones))] if device_path else []
+                step = max(1, self.chunk_amplitudes // self.amplitudes)
+                if len(half) <= step:
+                    z = self.expvals(half, splits)
+                else:
+                    z = torch.cat([self.expvals(half[i : i + step], splits) for i in range(0, len(half), step)])
+                return z.reshape(n_img, side, side, -1).permute(0, 3, 1, 2)  # (N, n, H', W'), a view
 
     return Quanvolution
 
 
-def quanvolution(q: Quanv, trainable: bool = False, dtype: str = "float32"):
+def product_state(amps):
+    """(B, m, 2) single-qubit amplitudes -> (B, 2^m) product state, wire 0 the most significant bit."""
+    state = amps[:, 0]
+    for w in range(1, amps.shape[1]):
+        state = (state[:, :, None] * amps[:, w, None, :]).reshape(len(amps), -1)
+    return state
+
+
+def quanvolution(q: Quanv, trainable: bool = False, dtype: str = "float32", chunk_amplitudes: int = CHUNK_AMPLITUDES):
     """The quanvolution layer as a torch module (the class is built lazily: torch imports on use)."""
     import torch
 
-    return _torch_module()(q, trainable, getattr(torch, dtype))
+    return _torch_module()(q, trainable, getattr(torch, dtype), chunk_amplitudes)
 
 
 def quanvolve(layer, images: np.ndarray, device: str, chunk_images: int) -> tuple[np.ndarray, float, float]:
@@ -619,6 +716,9 @@ class Quantum(Workload):
         plt.close(fig)
         return {}
 
+    def extra_benchmarks(self, params: Params, runtime: Any, bench: BenchmarkConfig) -> list[dict[str, Any]]:
+        return benchmark_circuits(params, runtime, bench)
+
     def build_torch(self, params: Params, meta: dict[str, Any]):
         from torch import nn
 
@@ -684,7 +784,7 @@ def benchmark_simulators(
         qnode(p, weights)
     rate = len(patches) / (time.perf_counter() - t0)
     out["qnode_per_patch"] = {"circuits_per_s": rate, "full_set_s_extrapolated": circuits / rate, "sim_device": "cpu"}
-    for sim in ("unitary", *CPU_SIMULATORS):
+    for sim in ("unitary", "lightcone", *CPU_SIMULATORS):
         sq = Quanv(simulator=sim)
         layer = quanvolution(sq).to(device)
         passes = [quanvolve(layer, images.astype(np.float32), device, _chunk_images(sq, 8))
@@ -694,6 +794,126 @@ def benchmark_simulators(
                     "full_set_iqr_s": spread(seconds), "passes": len(passes), "copy_s": median([p[2] for p in passes]),
                     "sim_device": "cpu" if sim in CPU_SIMULATORS else device}  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------- circuits/s, in the benchmark stage
+
+# Issue 9's goals on an H100, set beside each figure in the report (a set time only for the fixed layer)
+GOALS = {"fixed": 2e9, "trainable": 1e8, "patch3": 5e7}
+SET_GOAL_MS = 20.0  # for MNIST's size:
+MNIST_SET = (70_000, 28)  # images, side
+MODE_TEXT = {
+    "fixed": "fixed layer",
+    "trainable": "trainable layer, forward + backward",
+    "patch3": "fixed layer, 3x3 patches",
+}
+
+
+def circuit_images(c: Circuits) -> tuple[np.ndarray, str, int]:
+    """(images, 1, side, side) float32 in [0, 1]: the CSV's images or the 8x8 digits resized to `side`, repeated
+    in order up to `images`; also where they came from and how many are distinct."""
+    where = "params.yaml: quantum.benchmark.circuits"
+    if c.images < 1 or c.side < 2:
+        raise ConfigError(f"{where}: images {c.images}, side {c.side}; expected images >= 1 and side >= 2")
+    if c.source == "path":
+        if not c.path:
+            raise DataError(f"{where}.path: required when source is 'path' (a Kaggle digit-recognizer train.csv or test.csv)")
+        _, pixels = read_digits_csv(Path(c.path), labelled=False)
+        base, origin = pixels / 255.0, str(c.path)
+    else:
+        from sklearn.datasets import load_digits
+
+        base, origin = load_digits().images / 16.0, "sklearn digits 8x8"
+    if base.shape[1] != c.side:
+        origin += f" resized to {c.side}x{c.side}"
+    base = resize(base, c.side)
+    return base[np.arange(c.images) % len(base), None].astype(np.float32), origin, len(base)
+
+
+def mode_circuit(q: Quanv, mode: str, simulator: str) -> Quanv:
+    """The model's circuit (qubits, layers, seed, patch, stride) for fixed and trainable; 9 qubits on 3x3 patches,
+    stride 1, for patch3."""
+    q = replace(q, simulator=simulator, mode="trainable" if mode == "trainable" else "fixed")
+    return replace(q, qubits=9, patch=3, stride=1) if mode == "patch3" else q
+
+
+def benchmark_circuits(params: Params, runtime: Any, bench: BenchmarkConfig) -> list[dict[str, Any]]:
+    """Circuits/s of each mode and simulator on the runtime's device: one warm-up pass over the whole set
+    (compilation included), then `bench.repeats` timed passes, each closed by a device sync; the images
+    are copied to the device once, before the clock (that copy is its own figure)."""
+    import torch
+
+    from ..timing import Stopwatch, median, spread
+
+    c = params.benchmark.circuits
+    if not c.modes or not c.simulators:
+        return []
+    device = runtime.device.torch
+    cuda = device.startswith("cuda")
+    images, origin, distinct = circuit_images(c if cuda or not c.cpu_images else replace(c, images=c.cpu_images))
+    watch = Stopwatch((lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None))
+    t0 = watch.start()
+    x = torch.from_numpy(images).to(device)
+    copy_s = watch.stop("copy", t0)
+    records = []
+    for mode in c.modes:
+        for simulator in c.simulators:
+            q = mode_circuit(params.model.quanv, mode, simulator)
+            side = output_side(q, c.side)
+            check_unitary_fits(q, device, trainable=mode == "trainable")
+            layer = quanvolution(q, trainable=mode == "trainable", chunk_amplitudes=c.chunk_amplitudes).to(device)
+            per_call = max(1, c.chunk_amplitudes // (side * side * layer.amplitudes))  # images per layer call
+            one_pass = _gradient_pass if mode == "trainable" else _forward_pass
+            if runtime.compile:  # a fresh cache per layer: six layers share one forward, past dynamo's recompile limit
+                torch._dynamo.reset()
+            run = torch.compile(layer) if runtime.compile else layer
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = watch.start()
+            one_pass(run, x, per_call)
+            warmup_s = watch.stop("warmup", t0)
+            seconds = []
+            for _ in range(max(1, bench.repeats)):
+                t0 = watch.start()
+                one_pass(run, x, per_call)
+                seconds.append(watch.stop(mode, t0))
+            circuits = len(x) * side * side
+            rates = [circuits / s for s in seconds]
+            records.append({
+                "kind": "circuits", "variant": f"{mode}-{simulator}", "mode": mode, "simulator": simulator,
+                "batch_size": per_call, "qubits": q.qubits, "layers": q.layers,
+                "patches": f"{q.patch}x{q.patch} stride {q.stride}", "images": len(x), "side": c.side,
+                "distinct_images": distinct, "source": origin, "circuits": circuits, "dtype": "float32",
+                "goal_circuits_per_s": GOALS[mode], "goal_set_ms": SET_GOAL_MS if (mode, len(x), c.side) == ("fixed", *MNIST_SET) else None,
+                "timed": f"{len(seconds)} passes over {len(x)} images of {c.side}x{c.side} ({circuits} circuits, "
+                         f"{MODE_TEXT[mode]}, {q.qubits} qubits, {per_call} images per call) after 1 warm-up pass; "
+                         "images already on the device",
+                "bench/circuits_per_s": median(rates), "bench/circuits_per_s_iqr": spread(rates),
+                "bench/set_ms": 1000 * median(seconds), "bench/warmup_s": warmup_s, "bench/to_device_s": copy_s,
+                "bench/peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+                "repeats": {"bench/repeat_circuits_per_s": rates},
+            })  # fmt: skip
+            del layer, run
+            if cuda:
+                torch.cuda.empty_cache()
+    if runtime.compile:
+        torch._dynamo.reset()  # the training steps timed next compile their own models
+    return records
+
+
+def _forward_pass(layer, x, per_call: int) -> list:
+    """The fixed layer over every image; the features stay on the device, one tensor per call."""
+    import torch
+
+    with torch.inference_mode():
+        return [layer(x[i : i + per_call]) for i in range(0, len(x), per_call)]
+
+
+def _gradient_pass(layer, x, per_call: int) -> None:
+    """Forward and backward to the circuit weights over every image, one step per call: the unitary is
+    composed from the weights in each step, as in training."""
+    for i in range(0, len(x), per_call):
+        layer(x[i : i + per_call]).sum().backward()
 
 
 WORKLOAD = Quantum()
