@@ -61,6 +61,8 @@ def test_guava_ddp_on_one_gpu_through_torchrun_and_its_scaling_point(tmp_path):
     records = json.loads((project.root / "results/guava/benchmark.json").read_text())["records"]
     assert len(records) == 1 and records[0]["kind"] == "scaling" and records[0]["dist.backend"] == "nccl"
     assert records[0]["bench/scaling_efficiency"] == 1.0 and records[0]["bench/samples_per_s"] > 0
+
+
 def test_out_of_memory_fails_its_tuning_trial_and_the_study_goes_on(tmp_path):
     """guava at 512 px with one 2,048-channel block: ~1.6 GB of saved activations per image, so a batch of
     128 (all 84 training images) asks for more than an 80 GB GPU has, a batch of 2 does not."""
@@ -112,6 +114,8 @@ def test_deterministic_flags_are_set_and_recorded_on_cuda(tmp_path):
     assert {k: v for k, v in first.items() if k.startswith(("train/", "val/"))} == {
         k: v for k, v in second.items() if k.startswith(("train/", "val/"))
     }  # the same seed on the GPU: the same numbers
+
+
 @pytest.fixture(scope="module")
 def gpu_prepared(tmp_path_factory):
     """diabetes and stock prepared by the real stages from the Kaggle-format fixtures."""
