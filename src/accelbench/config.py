@@ -95,6 +95,19 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class PopulationBench:
+    """Population against sequential tuning, timed on each benchmark device for workloads whose models stack."""
+
+    trials: int = 32  # trials tuned as populations (Optuna ask/train/tell, pruning off)
+    sequential_trials: int = 4  # trials tuned one by one: their rate, and the budget of the best-objective comparison
+    epochs: int | None = 20  # every trial's epochs (train.epochs leaves the search); null: the workload's train.epochs
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.sequential_trials < 1 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError("expected trials >= 1, sequential_trials >= 1 and epochs >= 1 (or null)")
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # cpu, cuda, cuda:N; auto = every device present
     frameworks: list[Framework] = field(default_factory=lambda: ["torch"])
@@ -104,6 +117,7 @@ class BenchmarkConfig:
     repeats: int = 5
     cpu_threads: int | None = None  # null: the global cpu_threads, else the framework's default (all cores)
     compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
+    population: PopulationBench | None = field(default_factory=PopulationBench)  # null: not measured
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,16 @@ def _val_metrics(task: Task, logits: torch.Tensor, y: torch.Tensor, loss_fn) -> 
     return out
 
 
-def optimize(s, n_trials: int, parent_run_id: str) -> None:
+@dataclass
+class TuneStats:
+    """Where a population tuning run's time went (seconds), for the benchmark stage."""
+
+    fit_s: float = 0.0  # training the populations, device synchronised
+    log_s: float = 0.0  # writing the nested MLflow runs
+    groups: int = 0  # stacked models trained
+
+
+def optimize(s, n_trials: int, parent_run_id: str) -> TuneStats:
     """Ask Optuna for up to `tune.population` trials at a time, train each shape group as one population,
     report intermediate values for pruning and tell every result. `s` is a tuning.Study."""
     import optuna
@@ -166,8 +175,12 @@ def optimize(s, n_trials: int, parent_run_id: str) -> None:
     from .errors import ConfigError
     from .tuning import suggest
 
+    where = f"params.yaml: {s.wl.name}.tune.strategy"
     if s.runtime.framework != "torch":
-        raise ConfigError(f"params.yaml: {s.wl.name}.tune.strategy: population tuning needs framework torch")
+        raise ConfigError(f"{where}: population tuning needs framework torch")
+    if s.wl.population_model(s.params, s.prepared, s.runtime) is None:
+        raise ConfigError(f"{where}: workload '{s.wl.name}' has no model that stacks into a population; use sequential")
+    stats = TuneStats()
     done = 0
     while done < n_trials:
         trials = [s.optuna.ask() for _ in range(min(s.params.tune.population, n_trials - done))]
@@ -178,17 +191,25 @@ def optimize(s, n_trials: int, parent_run_id: str) -> None:
             shape_key = tuple(sorted((k, str(v)) for k, v in overrides.items() if k not in PER_MEMBER))
             groups.setdefault(shape_key, []).append((trial, with_overrides(s.params, overrides), overrides))
         for members in groups.values():
-            _train_group(s, members, parent_run_id, optuna)
+            _train_group(s, members, parent_run_id, optuna, stats)
         done += len(trials)
+    return stats
 
 
-def _train_group(s, members, parent_run_id: str, optuna) -> None:
+def _train_group(s, members, parent_run_id: str, optuna, stats: TuneStats) -> None:
+    import time
+
     from .devices import seed_everything
+    from .errors import ConfigError
 
+    build, inputs = s.wl.population_model(members[0][1], s.prepared, s.runtime)  # shapes are equal in the group
     models = []
     for _, params, _ in members:
         seed_everything(s.cfg.seed, "torch")  # each member starts where the same trial alone would
-        models.append(s.wl.build_model("torch", params, s.prepared.meta))
+        models.append(build(params))
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in models[0].modules()):
+        raise ConfigError(f"workload '{s.wl.name}': its population model uses nn.Dropout, whose rate cannot vary "
+                          "per member; build it with population.RateDropout")  # fmt: skip
     train = members[0][1].train
     every = max(1, s.params.tune.report_every)
     pruned_at: dict[int, int] = {}
@@ -206,7 +227,7 @@ def _train_group(s, members, parent_run_id: str, optuna) -> None:
         return torch.tensor(keep, device=alive.device)
 
     result = fit_population(models, [p.train.lr for _, p, _ in members], [p.train.weight_decay for _, p, _ in members],
-                            s.task, s.prepared, train.epochs, train.batch_size, s.runtime, on_epoch)  # fmt: skip
+                            s.task, inputs, train.epochs, train.batch_size, s.runtime, on_epoch)  # fmt: skip
     curves = {k: v.cpu().numpy() for k, v in result.curves.items()}
     finals = curves[s.task.objective][-1]
     for i, (trial, _, overrides) in enumerate(members):
@@ -216,7 +237,11 @@ def _train_group(s, members, parent_run_id: str, optuna) -> None:
             s.optuna.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             s.optuna.tell(trial, float(finals[i]))
+    t0 = time.perf_counter()
     _log_trials(s, members, curves, pruned_at, parent_run_id, result)
+    stats.log_s += time.perf_counter() - t0
+    stats.fit_s += result.fit_s
+    stats.groups += 1
 
 
 def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: PopulationResult) -> None:
