@@ -102,6 +102,6 @@ def test_benchmark_times_population_against_sequential_tuning(prepared_project):
         build(f"sqlite:///{project.root / 'mlruns' / 'mlflow.db'}", project.root / "reports")  # the report stage's work
         md = (project.root / "reports/report.md").read_text()
         section = md.split("## Population tuning", 1)[1].split("\n## ", 1)[0]
-        assert f"| diabetes | mlp | {rec['device_name']} | 3 | 6 |" in section
+        assert f"| diabetes | mlp | {rec['device_name']} | 3 | 6 |" in section and "extrapolated" in section
     finally:
         project.set_params(original)

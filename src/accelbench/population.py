@@ -249,7 +249,7 @@ def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: Popul
     import time
 
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     from .tracking import base_tags, use_experiment
 
@@ -266,7 +266,6 @@ def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: Popul
         run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags=tags)
         metrics = [Metric(k, float(v[e, i]), now, e) for k, v in curves.items() for e in range(epochs) if np.isfinite(v[e, i])]
         params = [Param(k, str(v)) for k, v in overrides.items()]
-        for j in range(0, max(len(metrics), 1), 1000):
-            client.log_batch(run.info.run_id, metrics=metrics[j : j + 1000], params=params if j == 0 else [],
-                             tags=[RunTag("mlflow.runName", f"trial-{trial.number}")] if j == 0 else [])  # fmt: skip
+        for j in range(0, max(len(metrics), 1), 1000):  # the store's batch limit; create_run named the run
+            client.log_batch(run.info.run_id, metrics=metrics[j : j + 1000], params=params if j == 0 else [])
         client.set_terminated(run.info.run_id, "FINISHED")

@@ -306,11 +306,13 @@ def _population(doc: Doc, recs: list[Rec]) -> list[dict[str, Any]]:
           "timed apart (the 'logging s' column); best objectives compare both strategies at the sequential budget.")  # fmt: skip
     doc.table(
         ["workload", "variant", "device", "epochs/trial", "population trials", "population trials/s", "wall s",
-         "logging s", "sequential trials", "sequential trials/s", "same-device speedup", "objective",
+         "logging s", "sequential trials", "sequential trials/s", "sequential s for the population's trials (extrapolated)",
+         "same-device speedup", "objective",
          "best (all population trials)", "best population, same budget", "best sequential"],
         [[r.t("workload"), r.t("variant"), r.t("device_name"), r.t("epochs"), m(r, "population_trials"),
           m(r, "population_trials_per_s", 2), m(r, "population_wall_s", 2), m(r, "population_log_s", 2),
-          m(r, "sequential_trials"), m(r, "sequential_trials_per_s", 3), m(r, "population_speedup", 1) + "x",
+          m(r, "sequential_trials"), m(r, "sequential_trials_per_s", 3), m(r, "sequential_wall_s_extrapolated", 1),
+          m(r, "population_speedup", 1) + "x",
           r.t("objective"), m(r, "population_best", 4), m(r, "population_best_same_budget", 4),
           m(r, "sequential_best", 4)] for r in recs],
     )  # fmt: skip
