@@ -98,9 +98,9 @@ class TuneConfig:
 class PopulationBench:
     """Population against sequential tuning, timed on each benchmark device for workloads whose models stack."""
 
-    trials: int = 32  # trials tuned as populations (Optuna ask/train/tell, pruning off)
-    sequential_trials: int = 4  # trials tuned one by one: their rate, and the budget of the best-objective comparison
-    epochs: int | None = 20  # every trial's epochs (train.epochs leaves the search); null: the workload's train.epochs
+    trials: int = 16  # trials tuned as populations (Optuna ask/train/tell, pruning off)
+    sequential_trials: int = 2  # trials tuned one by one: their rate, and the budget of the best-objective comparison
+    epochs: int | None = 5  # every trial's epochs (train.epochs leaves the search); null: the workload's train.epochs
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.sequential_trials < 1 or (self.epochs is not None and self.epochs < 1):
