@@ -105,3 +105,17 @@ def test_benchmark_times_population_against_sequential_tuning(prepared_project):
         assert f"| diabetes | mlp | {rec['device_name']} | 3 | 6 |" in section and "extrapolated" in section
     finally:
         project.set_params(original)
+
+
+
+def test_bad_population_benchmark_size_names_the_key(tmp_path):
+    import yaml
+
+    from accelbench.errors import ConfigError
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["benchmark"]["population"]["sequential_trials"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"params.yaml: benchmark.population: expected trials >= 1, sequential_trials >= 1"):
+        load_config(tmp_path / "params.yaml")
