@@ -14,6 +14,7 @@ from accelbench.devices import Device, Runtime, seed_everything
 from accelbench.engines import torch as engine
 from accelbench.io import load_prepared
 from accelbench.population import batched_auc, fit_population
+from accelbench.report import build
 from accelbench.workloads import get_workload
 
 
@@ -71,3 +72,50 @@ def test_population_strategy_through_the_tune_stage(prepared_project):
         assert len(curve) >= 1
     finally:
         project.set_params(original)
+
+
+def test_benchmark_times_population_against_sequential_tuning(prepared_project):
+    project = prepared_project
+    original = project.params()
+    try:
+        project.update("benchmark.population", {"trials": 6, "sequential_trials": 2, "epochs": 3})
+        project.update("benchmark.compute_ceiling", False)  # the stage's other measurements, as small as they go
+        project.update("diabetes.benchmark.value", None)
+        proc = project.stage("benchmark")
+        assert proc.returncode == 0, proc.stderr
+        records = json.loads((project.root / "results/diabetes/benchmark.json").read_text())["records"]
+        [rec] = [r for r in records if r["kind"] == "population"]
+        assert rec["epochs"] == "3" and rec["objective"] == "val/roc_auc" and rec["device"] == "cpu"
+        assert rec["bench/population_trials"] == 6 and rec["bench/sequential_trials"] == 2
+        for strategy in ("population", "sequential"):
+            assert rec[f"bench/{strategy}_trials_per_s"] == pytest.approx(rec[f"bench/{strategy}_trials"] / rec[f"bench/{strategy}_wall_s"])
+            assert 0.5 < rec[f"bench/{strategy}_best"] <= 1  # a validation ROC AUC better than chance
+        assert rec["bench/population_best_same_budget"] <= rec["bench/population_best"]  # 2 trials of the 6-trial search space
+        assert rec["bench/population_fit_s"] < rec["bench/population_wall_s"] and rec["bench/population_log_s"] > 0
+        run = project.client().get_run(rec["run_id"])
+        assert run.data.tags["stage"] == "benchmark" and run.data.tags["kind"] == "population"
+        assert run.data.metrics["bench/population_speedup"] == pytest.approx(rec["bench/population_speedup"])
+        trials = project.runs(filter_string=f"tags.`mlflow.parentRunId` = '{rec['run_id']}'")
+        strategies = [r.data.tags.get("tune.strategy", "sequential") for r in trials]
+        assert strategies.count("population") == 6 + 2 and len(trials) == 6 + 2 + 2  # the same-budget population too
+        assert all(len(project.client().get_metric_history(r.info.run_id, "val/roc_auc")) == 3 for r in trials)
+        build(f"sqlite:///{project.root / 'mlruns' / 'mlflow.db'}", project.root / "reports")  # the report stage's work
+        md = (project.root / "reports/report.md").read_text()
+        section = md.split("## Population tuning", 1)[1].split("\n## ", 1)[0]
+        assert f"| diabetes | mlp | {rec['device_name']} | 3 | 6 |" in section and "extrapolated" in section
+    finally:
+        project.set_params(original)
+
+
+
+def test_bad_population_benchmark_size_names_the_key(tmp_path):
+    import yaml
+
+    from accelbench.errors import ConfigError
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["benchmark"]["population"]["sequential_trials"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"params.yaml: benchmark.population: expected trials >= 1, sequential_trials >= 1"):
+        load_config(tmp_path / "params.yaml")

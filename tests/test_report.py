@@ -167,3 +167,32 @@ def test_goals_pair_each_sides_tuned_batch_and_ablation_shows_what_each_option_b
     assert "b64 fp32: 1,000" in md and "b256 fp32+graphs: 90,000" in md
     assert "## Ablation: what each optimisation bought" in md and "val/roc_auc 0.81 after 5 epochs" in md
     assert "no 4-D weights" in md
+
+
+def log_population(client, exp_id, device, device_name, hardware, trials, epochs, pop_rate, seq_rate, pop_best, seq_best):
+    tags = {"stage": "benchmark", "kind": "population", "workload": "diabetes", "variant": "mlp", "device": device,
+            "device_name": device_name, "framework": "torch", "precision": "fp32", "compile": "false",
+            "hardware": hardware, "epochs": str(epochs), "objective": "val/roc_auc", "direction": "maximize"}  # fmt: skip
+    run = client.create_run(exp_id, run_name=f"population-{device}-torch", tags=tags)
+    metrics = {"population_trials": trials, "population_trials_per_s": pop_rate, "population_wall_s": trials / pop_rate,
+               "sequential_trials": 8, "sequential_trials_per_s": seq_rate, "population_speedup": pop_rate / seq_rate,
+               "population_best": pop_best, "population_best_same_budget": pop_best, "sequential_best": seq_best}  # fmt: skip
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, f"bench/{k}", v)
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def test_population_goals_pair_the_gpu_with_its_hosts_cpu(store, tmp_path):
+    uri, client, exp = store
+    log_population(client, exp, "cpu", "Xeon", "hostA", 1000, 150, 2.0, 0.04, 0.80, 0.81)
+    log_population(client, exp, "cpu", "Laptop", "laptop", 1000, 150, 3.0, 0.5, 0.80, 0.81)  # newer, another host
+    log_population(client, exp, "cuda", "NVIDIA FakeGPU", "hostA", 1000, 150, 50.0, 0.03, 0.82, 0.81)  # 20 s
+    summary = build(uri, tmp_path / "reports")
+    [goal] = summary["population"]
+    assert goal["cpu"] == "Xeon" and goal["speedup_vs_cpu_sequential"] == pytest.approx(50.0 / 0.04)
+    assert goal["speedup_goal_met"] and goal["wall_goal_met"] and goal["best_goal_met"]
+    md = (tmp_path / "reports" / "report.md").read_text()
+    assert "## Population tuning" in md and "| diabetes | mlp | NVIDIA FakeGPU | Xeon | 1,250x | yes | 1,000 x 150 | 20.00 | yes |" in md
+    log_population(client, exp, "cuda", "NVIDIA FakeGPU", "hostA", 100, 150, 4.0, 0.03, 0.79, 0.81)  # newer, smaller
+    [goal] = build(uri, tmp_path / "reports2")["population"]
+    assert goal["speedup_goal_met"] is False and goal["wall_goal_met"] is None and goal["best_goal_met"] is False

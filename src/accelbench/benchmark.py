@@ -117,6 +117,8 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         target = params.benchmark
         if target.value is not None:
             records.append(_time_to_target(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, len(variants) > 1))
+        if _stacks(cfg, wl, base, prepared, runtime):
+            records.append(_population_vs_sequential(cfg, wl, variant, base, runtime, prepared, task, len(variants) > 1))
     return records
 
 
@@ -304,6 +306,84 @@ def _time_to_target(cfg, wl, variant, params, runtime, prepared, task, engine, s
         run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
         rec["run_id"] = run.run_id
     return rec
+
+
+def _stacks(cfg: Config, wl: Workload, params, prepared: Prepared, runtime: Runtime) -> bool:
+    """Whether population tuning is measured here: switched on, torch, and a model that stacks."""
+    if cfg.benchmark.population is None or runtime.framework != "torch":
+        return False
+    try:
+        return wl.population_model(params, prepared, runtime) is not None
+    except ConfigError:  # e.g. quantum's trainable circuit: these params tune one by one only
+        return False
+
+
+def _population_vs_sequential(cfg, wl, variant, params, runtime, prepared, task, several) -> dict[str, Any]:
+    """Tune with both strategies on this device from the same search space, epochs fixed and pruning off so
+    that every trial trains the same number of epochs: trials/s of each, the population's wall time, and
+    the best objective of each with the same budget of trials."""
+    pb = cfg.benchmark.population
+    epochs = pb.epochs or params.train.epochs
+    fixed = {k: v for k, v in params.search.items() if k != "train.epochs"}  # trials x epochs stays an honest count
+    params = dataclasses.replace(with_overrides(params, {"train.epochs": epochs}), search=fixed)
+    tags = {"kind": "population", "variant": variant, "epochs": str(epochs), "objective": task.objective, "direction": task.direction,
+            "tune.population": str(params.tune.population), "cpu_threads": str(get_engine("torch").threads()),
+            "timed": f"Optuna ask/train/tell loops (TPE, in-memory storage, pruning off), {epochs} epochs per trial; "
+                     "population: MLflow bulk logging of its nested runs timed apart; sequential: the tune stage's "
+                     "objective, its per-trial MLflow run included; sequential rate extrapolated from its trials"}  # fmt: skip
+    name = run_name("population", runtime.tags(), variant if several else None)
+    with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
+        pop = _tune_timed(cfg, wl, variant, params, "population", pb.trials, runtime, prepared, task, run.run_id)
+        same = pop if pb.sequential_trials == pb.trials else _tune_timed(
+            cfg, wl, variant, params, "population", pb.sequential_trials, runtime, prepared, task, run.run_id)  # fmt: skip
+        seq = _tune_timed(cfg, wl, variant, params, "sequential", pb.sequential_trials, runtime, prepared, task, run.run_id)
+        metrics = {
+            "bench/population_trials": pop["trials"], "bench/population_wall_s": pop["wall_s"],
+            "bench/population_trials_per_s": pop["trials"] / pop["wall_s"],
+            "bench/population_fit_s": pop["fit_s"], "bench/population_log_s": pop["log_s"],
+            "bench/population_trials_per_s_with_logging": pop["trials"] / (pop["wall_s"] + pop["log_s"]),
+            "bench/population_best": pop["best"], "bench/population_best_same_budget": same["best"],
+            "bench/sequential_trials": seq["trials"], "bench/sequential_wall_s": seq["wall_s"],
+            "bench/sequential_trials_per_s": seq["trials"] / seq["wall_s"], "bench/sequential_best": seq["best"],
+        }  # fmt: skip
+        metrics["bench/sequential_wall_s_extrapolated"] = pop["trials"] / metrics["bench/sequential_trials_per_s"]
+        metrics["bench/population_speedup"] = metrics["bench/population_trials_per_s"] / metrics["bench/sequential_trials_per_s"]
+        run.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        run_id = run.run_id
+    return {"workload": wl.name, **runtime.tags(), **tags, **metrics, "run_id": run_id}
+
+
+def _tune_timed(cfg, wl, variant, params, strategy, n_trials, runtime, prepared, task, parent_run_id) -> dict[str, Any]:
+    """`n_trials` of one strategy in a throwaway study, wall-clocked with the device synchronised."""
+    from . import population
+
+    params = with_overrides(params, {"tune.strategy": strategy})
+    study = optuna.create_study(direction=task.direction, sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                                pruner=optuna.pruners.NopPruner())  # fmt: skip
+    name = f"benchmark-{strategy}-" + tuning.study_name(wl.name, variant, runtime)
+    s = tuning.Study(cfg, wl, variant, False, params, runtime, prepared, task, name,
+                     tuning.config_hash(params, runtime, prepared), study)  # fmt: skip
+    sync = _device_sync(runtime)
+    sync()
+    t0 = time.perf_counter()
+    if strategy == "population":
+        stats = population.optimize(s, n_trials, parent_run_id)
+    else:
+        study.optimize(tuning.objective_for(s, parent_run_id), n_trials=n_trials, catch=(TrainingError,))
+        stats = population.TuneStats()
+    sync()
+    # the population's logging happened inside the loop: taken out here, reported apart
+    wall = time.perf_counter() - t0 - stats.log_s
+    values = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pick = max if task.direction == "maximize" else min
+    return {"trials": len(study.trials), "wall_s": wall, "fit_s": stats.fit_s or None, "log_s": stats.log_s,
+            "best": pick(values) if values else None}  # fmt: skip
+
+
+def _device_sync(runtime: Runtime):
+    import torch
+
+    return torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
 
 
 def _child() -> None:

@@ -99,6 +99,19 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class PopulationBench:
+    """Population against sequential tuning, timed on each benchmark device for workloads whose models stack."""
+
+    trials: int = 16  # trials tuned as populations (Optuna ask/train/tell, pruning off)
+    sequential_trials: int = 2  # trials tuned one by one: their rate, and the budget of the best-objective comparison
+    epochs: int | None = 5  # every trial's epochs (train.epochs leaves the search); null: the workload's train.epochs
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.sequential_trials < 1 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError("expected trials >= 1, sequential_trials >= 1 and epochs >= 1 (or null)")
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # cpu, cuda, cuda:N; auto = every device present
     frameworks: list[Framework] = field(default_factory=lambda: ["torch"])
@@ -114,6 +127,7 @@ class BenchmarkConfig:
     ablation: list[str] = field(default_factory=list)  # e.g. [precision=bf16, channels_last=true, compile=true, cuda_graphs=true]
     ablation_epochs: int | None = None  # epochs of the quality run beside each setting; null: the workload's train.epochs
     ablation_devices: list[Literal["cpu", "cuda"]] = field(default_factory=lambda: ["cuda"])  # device types it runs on
+    population: PopulationBench | None = field(default_factory=PopulationBench)  # null: not measured
 
     def __post_init__(self) -> None:
         ablation_options(self.ablation)

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 from functools import cache
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..config import WorkloadParams
@@ -50,6 +51,16 @@ class Workload:
         fit and predict (a fixed feature extractor, e.g. a quantum circuit); return them and metrics to
         log (its timings). Called by tune (per trial), train and evaluate. Default: inputs as prepared."""
         return prepared, {}
+
+    def population_model(
+        self, params: WorkloadParams, prepared: Prepared, runtime: Any
+    ) -> tuple[Callable[[WorkloadParams], Any], Prepared] | None:
+        """For population tuning: a builder of the torch module each trial trains (from the trial's params)
+        and the inputs it reads on the runtime's device, e.g. a classical head and its precomputed features.
+        Every member of a population is built from params equal in all shape-changing keys; dropout rates
+        vary per member, so dropout layers must be `population.RateDropout`. None: the models cannot be
+        stacked into one vmapped model (the default; packed LSTMs, say)."""
+        return None
 
     def evaluate_extra(
         self, params: WorkloadParams, prepared: Prepared, split: str, logits: Any, out_dir: Path, prefix: str

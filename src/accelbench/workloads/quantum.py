@@ -719,6 +719,15 @@ class Quantum(Workload):
     def extra_benchmarks(self, params: Params, runtime: Any, bench: BenchmarkConfig) -> list[dict[str, Any]]:
         return benchmark_circuits(params, runtime, bench)
 
+    def population_model(self, params: Params, prepared: Prepared, runtime: Any):
+        """The head trains; the quanvolution in mode fixed is computed once for the whole population."""
+        m = params.model
+        if m.features == "quanv" and m.quanv.mode != "fixed":
+            raise ConfigError(f"{SECTION}.mode: population tuning stacks the classical head over fixed features; "
+                              "expected mode fixed (or tune.strategy sequential)")  # fmt: skip
+        inputs, _ = self.precompute(params, prepared, runtime)
+        return (lambda p: self.build_torch(p, prepared.meta)), inputs
+
     def build_torch(self, params: Params, meta: dict[str, Any]):
         from torch import nn
 
@@ -740,19 +749,21 @@ def _head(m: Model, channels: int, side: int):
     """The same classical head for both variants: only its input shape differs."""
     from torch import nn
 
+    from ..population import RateDropout  # a buffer rate: population tuning varies it per member
+
     if m.hidden < 0 or not 0 <= m.dropout < 1:
         raise ConfigError("params.yaml: quantum.model: expected hidden >= 0 and 0 <= dropout < 1")
     if m.head == "conv":
         if m.hidden == 0:
             raise ConfigError("params.yaml: quantum.model.hidden: the conv head needs at least 1 channel")
         return nn.Sequential(
-            nn.Conv2d(channels, m.hidden, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(m.dropout),
+            nn.Conv2d(channels, m.hidden, 3, padding=1), nn.ReLU(), nn.Flatten(), RateDropout(m.dropout),
             nn.Linear(m.hidden * side * side, 10),
         )  # fmt: skip
     width = channels * side * side
     layers: list[nn.Module] = [nn.Flatten()]
     if m.hidden:
-        layers += [nn.Linear(width, m.hidden), nn.ReLU(), nn.Dropout(m.dropout)]
+        layers += [nn.Linear(width, m.hidden), nn.ReLU(), RateDropout(m.dropout)]
         width = m.hidden
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
