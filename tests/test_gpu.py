@@ -118,19 +118,22 @@ def test_deterministic_flags_are_set_and_recorded_on_cuda(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_prepared(tmp_path_factory):
-    """diabetes and stock prepared by the real stages from the Kaggle-format fixtures."""
-    project = make_project(tmp_path_factory.mktemp("graphs") / "project", ["diabetes", "stock"])
+    """diabetes, stock and sentiment prepared by the real stages from the Kaggle-format fixtures."""
+    project = make_project(tmp_path_factory.mktemp("graphs") / "project", ["diabetes", "stock", "sentiment"])
     project.update("diabetes.data.source", "path")
     project.update("diabetes.data.path", str(FIXTURES / "diabetes.csv"))
     project.update("stock.data.source", "path")
     project.update("stock.data.path", str(FIXTURES / "stock" / "Google_Stock_Price_Train.csv"))
-    project.run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes", "prepare@stock")
+    project.update("sentiment.data.source", "path")
+    project.update("sentiment.data.path", str(FIXTURES / "sentiment" / "twitter_entity.csv"))
+    project.run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes", "prepare@stock", "prepare@sentiment")
     return project
 
 
 @pytest.mark.parametrize("workload, overrides", [
     ("diabetes", {"model.dropout": 0.0, "train.epochs": 6}),
     ("stock", {"model.dropout": 0.0, "model.layers": 2, "train.epochs": 3}),
+    ("sentiment", {"model.dropout": 0.0, "train.epochs": 2, "train.batch_size": 48}),
 ])  # fmt: skip
 def test_cuda_graphs_train_like_eager(gpu_prepared, workload, overrides):
     """The whole epoch replayed from one CUDA graph (ragged last batch included) ends where eager training
@@ -158,3 +161,34 @@ def test_cuda_graphs_train_like_eager(gpu_prepared, workload, overrides):
         assert row_g["train/loss"] == pytest.approx(row_e["train/loss"], rel=1e-4, abs=1e-6)
     metric = wl.task(prepared.meta).objective
     assert graphed.history[-1][metric] == pytest.approx(eager.history[-1][metric], rel=1e-3, abs=1e-5)
+
+
+def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
+    """A population's epochs replayed from one CUDA graph end where eager population training does (dropout
+    off: graphs draw other random numbers), within float rounding."""
+    import torch
+
+    from accelbench.config import load_config, with_overrides
+    from accelbench.devices import Runtime, resolve, seed_everything
+    from accelbench.io import load_prepared
+    from accelbench.population import fit_population
+    from accelbench.workloads import get_workload
+
+    wl = get_workload("diabetes")
+    params = with_overrides(load_config(gpu_prepared.root / "params.yaml").params("diabetes"), {"model.dropout": 0.0})
+    prepared = load_prepared(gpu_prepared.root / "data" / "prepared" / "diabetes")
+    task = wl.task(prepared.meta)
+    lrs, wds = [1e-3, 3e-3, 1e-2, 2e-2], [0.0, 0.01, 0.001, 0.0]
+    curves = {}
+    for name, graphs in {"eager": False, "graphs": True}.items():
+        runtime = Runtime(resolve("cuda", "torch"), "torch", seed=42, cuda_graphs=graphs)
+        build, inputs = wl.population_model(params, prepared, runtime)
+        models = []
+        for _ in lrs:
+            seed_everything(42, "torch")
+            models.append(build(params))
+        result = fit_population(models, lrs, wds, task, inputs, 5, 32, runtime)
+        assert result.cuda_graphs == (name == "graphs")
+        curves[name] = {k: v.cpu() for k, v in result.curves.items()}
+    for k in ("train/loss", "val/loss", "val/roc_auc"):
+        torch.testing.assert_close(curves["graphs"][k], curves["eager"][k], rtol=1e-5, atol=1e-6)

@@ -52,6 +52,30 @@ def test_population_reaches_the_same_models_as_one_by_one(prepared_project):
     assert len({round(ref["train/loss"], 4) for ref in one_by_one}) == 3  # the members really differ
 
 
+def test_one_model_with_member_dropout_rates_is_the_population_of_each_members_build(prepared_project):
+    """The tune stage stacks one seeded model N times and gives each member its dropout rate: the same
+    population, draw for draw, as building each member with its own rate."""
+    root = prepared_project.root
+    wl = get_workload("diabetes")
+    params = load_config(root / "params.yaml").params("diabetes")
+    prepared = load_prepared(root / "data/prepared/diabetes")
+    runtime = Runtime(Device("cpu", 0, "cpu"), "torch", seed=42)
+    rates, lrs, wds = [0.0, 0.3, 0.0], [3e-3] * 3, [0.0] * 3
+    built = []
+    for rate in rates:
+        seed_everything(42, "torch")
+        built.append(wl.build_model("torch", with_overrides(params, {"model.dropout": rate}), prepared.meta))
+    seed_everything(42, "torch")
+    one = wl.build_model("torch", params, prepared.meta)
+    task = wl.task(prepared.meta)
+    seed_everything(7, "torch")  # the dropout draws: the same stream for both
+    a = fit_population(built, lrs, wds, task, prepared, 3, 32, runtime).curves["train/loss"]
+    seed_everything(7, "torch")
+    b = fit_population([one] * 3, lrs, wds, task, prepared, 3, 32, runtime, dropout=rates).curves["train/loss"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert b[-1, 0] == b[-1, 2] and b[-1, 1] != b[-1, 0]  # the rate, not the position, sets a member's path
+
+
 def test_population_strategy_through_the_tune_stage(prepared_project):
     project = prepared_project
     original = project.params()
@@ -78,7 +102,7 @@ def test_benchmark_times_population_against_sequential_tuning(prepared_project):
     project = prepared_project
     original = project.params()
     try:
-        project.update("benchmark.population", {"trials": 6, "sequential_trials": 2, "epochs": 3})
+        project.update("benchmark.population", {"trials": 9, "sequential_trials": 2, "epochs": 3, "cpu_trials": 6})
         project.update("benchmark.compute_ceiling", False)  # the stage's other measurements, as small as they go
         project.update("diabetes.benchmark.value", None)
         proc = project.stage("benchmark")
@@ -98,14 +122,15 @@ def test_benchmark_times_population_against_sequential_tuning(prepared_project):
         trials = project.runs(filter_string=f"tags.`mlflow.parentRunId` = '{rec['run_id']}'")
         strategies = [r.data.tags.get("tune.strategy", "sequential") for r in trials]
         assert strategies.count("population") == 6 + 2 and len(trials) == 6 + 2 + 2  # the same-budget population too
-        assert all(len(project.client().get_metric_history(r.info.run_id, "val/roc_auc")) == 3 for r in trials)
+        for r, strategy in zip(trials, strategies):  # population curves: the epochs reported to Optuna (the last of 3)
+            steps = [m.step for m in project.client().get_metric_history(r.info.run_id, "val/roc_auc")]
+            assert sorted(steps) == ([2] if strategy == "population" else [0, 1, 2])
         build(f"sqlite:///{project.root / 'mlruns' / 'mlflow.db'}", project.root / "reports")  # the report stage's work
         md = (project.root / "reports/report.md").read_text()
         section = md.split("## Population tuning", 1)[1].split("\n## ", 1)[0]
         assert f"| diabetes | mlp | {rec['device_name']} | 3 | 6 |" in section and "extrapolated" in section
     finally:
         project.set_params(original)
-
 
 
 def test_bad_population_benchmark_size_names_the_key(tmp_path):
@@ -117,5 +142,5 @@ def test_bad_population_benchmark_size_names_the_key(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["benchmark"]["population"]["sequential_trials"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ConfigError, match=r"params.yaml: benchmark.population: expected trials >= 1, sequential_trials >= 1"):
+    with pytest.raises(ConfigError, match=r"params.yaml: benchmark.population: expected trials, sequential_trials, epochs and cpu_trials >= 1"):
         load_config(tmp_path / "params.yaml")

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 from conftest import FIXTURES, make_project
 
-from accelbench.workloads.sentiment import Prepare, clean, tokenize
+from accelbench.workloads.sentiment import Prepare, _torch_bilstm, clean, tokenize
 
 DATA = FIXTURES / "sentiment"
 ENTITY = DATA / "twitter_entity.csv"
@@ -112,7 +114,7 @@ def test_bundled_train_run_logs_tokens_per_second_and_distant_supervision(bundle
     run = bundled.runs("sentiment", "tags.stage = 'train'")[0]
     assert run.info.status == "FINISHED" and run.data.tags["framework"] == "torch"
     assert run.data.tags["labels"].startswith("distant supervision: VADER compound <= -0.05")
-    assert "packed" in run.data.tags["rnn"]
+    assert "reversed within each length" in run.data.tags["rnn"]
     with np.load(bundled.root / "data/prepared/sentiment/train.npz") as train:
         tokens_per_tweet = train["lengths"].mean()
         assert (train["lengths"] == (train["tokens"] != 0).sum(axis=1)).all()  # lengths count the non-pad ids
@@ -223,3 +225,25 @@ def test_split_left_with_one_class_fails_prepare(scratch, tmp_path):
     assert project.stage("ingest", "sentiment").returncode == 0
     assert_fails_cleanly(project, "prepare", "split holds only class 'positive'", "field 'label'",
                          output="data/prepared/sentiment")  # fmt: skip
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_bilstm_is_a_packed_bidirectional_lstm(layers):
+    """The padded model (backward direction reversed within each length) against torch's packed BiLSTM with the
+    same weights: padding must reach no state that is used. Tolerance: float32 rounding of the same products."""
+    torch.manual_seed(0)
+    model = _torch_bilstm(500, 16, 8, layers, 0.3, 3).eval()
+    ref = torch.nn.LSTM(16, 8, num_layers=layers, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for i, directions in enumerate(model.layers):
+            for lstm, suffix in zip(directions, ("", "_reverse")):
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(ref, f"{name}_l{i}{suffix}").copy_(getattr(lstm, f"{name}_l0"))
+    lengths = torch.tensor([1, 30, 7, 12, 29, 2])
+    tokens = torch.randint(2, 500, (len(lengths), 30))
+    tokens[torch.arange(30) >= lengths[:, None]] = 0
+    _, (h, _) = ref(pack_padded_sequence(model.embed(tokens), lengths, batch_first=True, enforce_sorted=False))
+    ours = model.features(tokens, lengths)
+    torch.testing.assert_close(ours, torch.cat([h[-2], h[-1]], dim=1), rtol=0, atol=1e-6)
+    tokens[0, 5:] = 7  # what lies past a tweet's length changes nothing
+    torch.testing.assert_close(model.features(tokens, lengths), ours, rtol=0, atol=0)

@@ -333,8 +333,9 @@ def _population_vs_sequential(cfg, wl, variant, params, runtime, prepared, task,
                      "objective, its per-trial MLflow run included; sequential rate extrapolated from its trials"}  # fmt: skip
     name = run_name("population", runtime.tags(), variant if several else None)
     with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
-        pop = _tune_timed(cfg, wl, variant, params, "population", pb.trials, runtime, prepared, task, run.run_id)
-        same = pop if pb.sequential_trials == pb.trials else _tune_timed(
+        trials = pb.cpu_trials if pb.cpu_trials and runtime.device.type == "cpu" else pb.trials
+        pop = _tune_timed(cfg, wl, variant, params, "population", trials, runtime, prepared, task, run.run_id)
+        same = pop if pb.sequential_trials == trials else _tune_timed(
             cfg, wl, variant, params, "population", pb.sequential_trials, runtime, prepared, task, run.run_id)  # fmt: skip
         seq = _tune_timed(cfg, wl, variant, params, "sequential", pb.sequential_trials, runtime, prepared, task, run.run_id)
         metrics = {

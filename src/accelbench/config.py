@@ -105,10 +105,11 @@ class PopulationBench:
     trials: int = 16  # trials tuned as populations (Optuna ask/train/tell, pruning off)
     sequential_trials: int = 2  # trials tuned one by one: their rate, and the budget of the best-objective comparison
     epochs: int | None = 5  # every trial's epochs (train.epochs leaves the search); null: the workload's train.epochs
+    cpu_trials: int | None = None  # the CPU's population when smaller (its rate steadies on fewer); null: trials
 
     def __post_init__(self) -> None:
-        if self.trials < 1 or self.sequential_trials < 1 or (self.epochs is not None and self.epochs < 1):
-            raise ValueError("expected trials >= 1, sequential_trials >= 1 and epochs >= 1 (or null)")
+        if min(self.trials, self.sequential_trials, self.epochs or 1, self.cpu_trials or 1) < 1:
+            raise ValueError("expected trials, sequential_trials, epochs and cpu_trials >= 1 (epochs, cpu_trials: or null)")
 
 
 @dataclass(frozen=True)

