@@ -25,7 +25,7 @@ from .engines import BenchResult, get_engine
 from .errors import AccelbenchError, ConfigError, TrainingError
 from .io import Prepared, load_prepared, write_json
 from .timing import median, spread
-from .tracking import run_name, stage_run
+from .tracking import log_benchmark_run, run_name, stage_run
 from .workloads import Workload
 
 
@@ -128,12 +128,7 @@ def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str,
     repeats = rec.pop("repeats", {})
     name = f"{run_name('benchmark', runtime.tags())}-{rec['kind']}-{rec['variant']}"
     tags = {k: str(v) for k, v in rec.items() if not k.startswith("bench/") and v is not None and k not in runtime.tags()}
-    with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
-        for metric, values in repeats.items():
-            for i, value in enumerate(values):
-                run.log_metrics({metric: value}, step=i)
-        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
-        rec["run_id"] = run.run_id
+    log_benchmark_run(wl.name, runtime.tags(), name, tags, rec, repeats)
     return {**rec, "repeats": repeats}
 
 
@@ -166,11 +161,7 @@ def _log_throughput(wl, variant, runtime, rec, real_repeats, several) -> None:
     keys = ("kind", "variant", "batch_size", "batch_role", "hparams", "timed", "cpu_threads", "cuda_graphs_applied",
             "goal_speedup", "goal_batch", "goal_util_pct")  # fmt: skip
     tags = {k: str(rec[k]) for k in keys if k in rec}
-    with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
-        for i, tput in enumerate(real_repeats):
-            run.log_metrics({"bench/repeat_samples_per_s": tput}, step=i)
-        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
-        rec["run_id"] = run.run_id
+    log_benchmark_run(wl.name, runtime.tags(), name, tags, rec, {"bench/repeat_samples_per_s": real_repeats})
 
 
 def _summarize(real: BenchResult, ceiling: BenchResult | None) -> dict[str, Any]:
@@ -208,7 +199,7 @@ def _ablation(cfg, wl, variant, params, runtime, prepared, model_meta, task, eng
     that apply together; beside each speed, the validation metric of a training run under the same setting."""
     options = ablation_options(cfg.benchmark.ablation)
     probe = wl.build_model(runtime.framework, params, model_meta)  # the model's inputs decide its layers
-    skipped = {name: why for name, change in options.items() if (why := _not_applicable(change, runtime, probe, prepared, engine))}
+    skipped = {name: why for name, change in options.items() if (why := _not_applicable(change, runtime, probe, engine))}
     combined = {k: v for name, change in options.items() if name not in skipped for k, v in change.items()}
     settings = {"baseline": {}, **options, **({"all": combined} if len(options) - len(skipped) > 1 else {})}
     records, base_tput = [], None
@@ -231,13 +222,13 @@ def _ablation(cfg, wl, variant, params, runtime, prepared, model_meta, task, eng
     return records
 
 
-def _not_applicable(change: dict[str, Any], runtime: Runtime, probe, prepared: Prepared, engine) -> str | None:
+def _not_applicable(change: dict[str, Any], runtime: Runtime, probe, engine) -> str | None:
     if all(getattr(runtime, k) == v for k, v in change.items()):
         return "already in the baseline"
     if change.get("channels_last") and not any(p.dim() == 4 for p in probe.parameters()):
         return "no 4-D weights: channels_last changes nothing for this model"
     if change.get("cuda_graphs"):
-        return engine.graph_blocker(dataclasses.replace(runtime, **change), prepared.meta)
+        return engine.graph_blocker(dataclasses.replace(runtime, **change))
     return None
 
 
@@ -267,9 +258,7 @@ def _log_ablation(wl, variant, runtime, rec, several) -> None:
     rec["timed"] = ("training steps timed as in the throughput runs, at the tuned batch; quality: the validation "
                     f"{rec.get('quality_metric')} after {rec.get('quality_epochs')} epochs of a training run under the same setting")
     tags["timed"] = rec["timed"]
-    with stage_run(wl.name, "benchmark", {**runtime.tags(), **setting_tags}, name=name, tags=tags) as run:
-        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
-        rec["run_id"] = run.run_id
+    log_benchmark_run(wl.name, {**runtime.tags(), **setting_tags}, name, tags, rec)
 
 
 def _time_to_target(cfg, wl, variant, params, runtime, prepared, task, engine, source, several) -> dict[str, Any]:
@@ -302,9 +291,7 @@ def _time_to_target(cfg, wl, variant, params, runtime, prepared, task, engine, s
     }  # fmt: skip
     name = run_name("time_to_target", runtime.tags(), variant if several else None)
     tags = {k: str(rec[k]) for k in ("kind", "variant", "batch_size", "hparams", "target_metric", "target_value", "timed")}
-    with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
-        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
-        rec["run_id"] = run.run_id
+    log_benchmark_run(wl.name, runtime.tags(), name, tags, rec)
     return rec
 
 

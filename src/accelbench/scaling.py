@@ -21,7 +21,7 @@ from .engines import get_engine
 from .errors import ConfigError
 from .io import load_prepared, write_json
 from .timing import median, spread
-from .tracking import run_name, stage_run
+from .tracking import log_benchmark_run, run_name
 from .workloads import Workload
 
 RANKS_ENV = "ACCELBENCH_RANKS"
@@ -130,11 +130,8 @@ def _log(wl: Workload, rec: dict[str, Any]) -> None:
     name = run_name("scaling", runtime_tags, rec["variant"] if rec["several_variants"] else None) + f"-w{rec['world_size']}"
     keys = ("kind", "variant", "batch_size", "per_rank_batch", "world_size", "hparams", "timed",
             "dist.backend", "dist.devices", "dist.nodes")  # fmt: skip
-    with stage_run(wl.name, "benchmark", runtime_tags, name=name, tags={k: str(rec[k]) for k in keys if k in rec}) as run:
-        for i, tput in enumerate(rec["repeats_samples_per_s"]):
-            run.log_metrics({"bench/repeat_samples_per_s": tput}, step=i)
-        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
-        rec["run_id"] = run.run_id
+    tags = {k: str(rec[k]) for k in keys if k in rec}
+    log_benchmark_run(wl.name, runtime_tags, name, tags, rec, {"bench/repeat_samples_per_s": rec["repeats_samples_per_s"]})
 
 
 def _child() -> None:

@@ -201,6 +201,18 @@ def stage_run(
         mlflow.end_run("FINISHED")
 
 
+def log_benchmark_run(workload: str, runtime_tags: dict[str, str], name: str, tags: dict[str, str], rec: dict[str, Any],
+                      series: dict[str, list[float]] | None = None) -> None:  # fmt: skip
+    """One benchmark record as its own run (stage=benchmark): `tags`, its `bench/` metrics (None left out) and
+    each `series` metric at steps 0..n-1 (e.g. one value per timed repeat); the run id goes into `rec`."""
+    with stage_run(workload, "benchmark", runtime_tags, name=name, tags=tags) as run:
+        for metric, values in (series or {}).items():
+            for i, value in enumerate(values):
+                run.log_metrics({metric: value}, step=i)
+        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
+        rec["run_id"] = run.run_id
+
+
 class SilentTracker:
     """What ranks other than 0 of a data-parallel run log to: nothing; rank 0's run speaks for the group."""
 

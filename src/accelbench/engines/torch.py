@@ -130,7 +130,7 @@ def loss_function(task: Task):
     return lambda out, y: nn.functional.mse_loss(out.float(), y.view_as(out))
 
 
-def graph_blocker(runtime: Runtime, meta: dict[str, Any]) -> str | None:
+def graph_blocker(runtime: Runtime) -> str | None:
     """Why the training steps cannot be captured as a CUDA graph here, or None when they can.
     Each reason makes cuda_graphs a recorded no-op (the steps run eagerly), never a silent one."""
     if runtime.device.type != "cuda":
@@ -142,11 +142,11 @@ def graph_blocker(runtime: Runtime, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def graphs_state(runtime: Runtime, meta: dict[str, Any]) -> str:
+def graphs_state(runtime: Runtime) -> str:
     """on | off | n/a: <reason>, for tags and records."""
     if not runtime.cuda_graphs:
         return "off"
-    blocker = graph_blocker(runtime, meta)
+    blocker = graph_blocker(runtime)
     return f"n/a: {blocker}" if blocker else "on"
 
 
@@ -241,14 +241,15 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     step_model = torch.compile(wrapped) if runtime.compile else wrapped
     # DDP's forward may broadcast buffers (a collective): rank 0 alone validates on the bare module
     eval_model = model if runtime.process_group else step_model
-    graphs = runtime.cuda_graphs and graph_blocker(runtime, prepared.meta) is None
+    graphs_applied = graphs_state(runtime)
+    graphs = graphs_applied == "on"
     opt = _optimizer(model, train, graphs)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     step = _make_step(step_model, opt, scaler, loss_function(task), runtime)
     gen = torch.Generator(device=dev).manual_seed(runtime.seed)  # the same permutation on every rank
     n, bs = len(tr["y"]), train.batch_size // runtime.world_size  # train.batch_size is the global batch
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params, cuda_graphs=graphs_state(runtime, prepared.meta))
+    result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params, cuda_graphs=graphs_applied)
     y_val = prepared.splits["val"]["y"]
     start = _resume(checkpoint, model, opt, scaler, gen, result, dev)
 
@@ -365,7 +366,8 @@ def bench(
     _place(model, runtime).train()
     wrapped = _data_parallel(model, runtime)
     step_model = torch.compile(wrapped) if runtime.compile else wrapped
-    graphs = runtime.cuda_graphs and graph_blocker(runtime, prepared.meta) is None
+    graphs_applied = graphs_state(runtime)
+    graphs = graphs_applied == "on"
     opt = _optimizer(model, train, graphs)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     step = _make_step(step_model, opt, scaler, loss_function(task), runtime)
@@ -420,7 +422,7 @@ def bench(
     if runtime.process_group:  # the group's throughput is set by its slowest rank
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
     return BenchResult(batch_size * runtime.world_size, steps, repeat_s, warmup_s, to_device_s, energy_j if energy else None,
-                       peak, util, graphs_state(runtime, prepared.meta))  # fmt: skip
+                       peak, util, graphs_applied)  # fmt: skip
 
 
 def _predict(

@@ -57,9 +57,9 @@ class Workload:
     ) -> tuple[Callable[[WorkloadParams], Any], Prepared] | None:
         """For population tuning: a builder of the torch module each trial trains (from the trial's params)
         and the inputs it reads on the runtime's device, e.g. a classical head and its precomputed features.
-        Every member of a population is built from params equal in all shape-changing keys; dropout rates
-        vary per member, so dropout layers must be `population.RateDropout`. None: the models cannot be
-        stacked into one vmapped model (the default; packed LSTMs, say)."""
+        Members share every shape-changing key: one model is built from the seed and stacked, and each
+        member's `model.dropout` becomes the rate of its `population.RateDropout` layers (plain nn.Dropout is
+        refused). None: the models cannot be stacked into one vmapped model (the default; the LSTMs, say)."""
         return None
 
     def evaluate_extra(
