@@ -72,3 +72,19 @@ def test_same_seed_same_metrics(config, prepared, name, framework):
     second = train_once(config, name, framework, data)
     assert first and first[-1], "no metrics recorded"
     assert first == second  # every epoch's loss and scores, bit for bit
+
+
+def test_fused_optimizer_is_the_same_update(config, prepared):
+    """fused_optimizer: AdamW's fused kernel instead of the per-tensor loop, on the CPU: the same losses and
+    validation metric within float rounding (summation order), and the fused kernel is what ran."""
+    from accelbench.engines import torch as engine
+
+    runs = {fused: train_once(dataclasses.replace(config, fused_optimizer=fused), "stock", "torch", prepared("stock"))
+            for fused in (False, True)}  # fmt: skip
+    for plain, fused in zip(runs[False], runs[True], strict=True):
+        assert fused == pytest.approx(plain, rel=1e-5, abs=1e-7)
+    cfg = dataclasses.replace(config, fused_optimizer=True)
+    runtime = runtime_for(cfg, get_workload("stock"))
+    params = config.params("stock")
+    model = get_workload("stock").build_model("torch", params, prepared("stock").meta)
+    assert engine._optimizer(model, params.train, runtime, graphed=False).defaults["fused"] is True

@@ -150,7 +150,7 @@ def test_cuda_graphs_train_like_eager(gpu_prepared, workload, overrides):
     assert len(prepared.splits["train"]["y"]) % params.train.batch_size != 0  # a ragged last batch is covered
     results = {}
     for graphs in (False, True):
-        runtime = Runtime(resolve("cuda", "torch"), "torch", cuda_graphs=graphs)
+        runtime = Runtime(resolve("cuda", "torch"), "torch", cuda_graphs=graphs, fused_optimizer=graphs)  # capturable + fused
         engine.setup(runtime)
         seed_everything(42, "torch")
         model = wl.build_model("torch", params, prepared.meta)

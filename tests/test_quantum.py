@@ -195,10 +195,13 @@ def test_circuits_benchmark_on_cuda_sets_the_goals_beside_mnists_size():
     from accelbench.workloads.quantum import Params, benchmark_circuits
 
     params = with_overrides(Params(), {"benchmark.circuits.images": 70000, "benchmark.circuits.modes": ["fixed", "trainable"],
-                                       "benchmark.circuits.chunk_amplitudes": 1 << 26})  # fmt: skip
-    records = benchmark_circuits(params, Runtime(resolve("cuda", "torch"), "torch", compile=True), BenchmarkConfig(repeats=2))
-    fixed = {r["variant"]: r for r in records}["fixed-unitary"]
+                                       "benchmark.circuits.chunk_amplitudes": 1 << 26, "benchmark.circuits.compile": [False, True]})  # fmt: skip
+    records = benchmark_circuits(params, Runtime(resolve("cuda", "torch"), "torch"), BenchmarkConfig(repeats=2))
+    by_variant = {r["variant"]: r for r in records}
+    assert set(by_variant) == {f"{m}-{s}{c}" for m in ("fixed", "trainable") for s in ("unitary", "lightcone") for c in ("", "-compiled")}
+    fixed = by_variant["fixed-unitary"]
     assert fixed["circuits"] == 70000 * 14 * 14 and fixed["goal_set_ms"] == 20.0 and fixed["goal_circuits_per_s"] == 2e9
+    assert fixed["compile"] == "false" and by_variant["fixed-unitary-compiled"]["compile"] == "true"
     assert all(r["bench/peak_gpu_mb"] > 0 and r["bench/circuits_per_s"] > 0 for r in records)
 
 
@@ -303,6 +306,7 @@ def test_benchmark_measures_circuits_per_second_of_each_mode(digits):
     for run in runs:
         rec = circuits[run.data.tags["variant"]]
         assert run.info.status == "FINISHED" and run.data.tags["stage"] == "benchmark"
+        assert run.data.tags["compile"] == rec["compile"] == "false"  # circuits.compile null: the global setting
         assert run.data.metrics["bench/circuits_per_s"] == pytest.approx(rec["bench/circuits_per_s"])
         history = digits.client().get_metric_history(run.info.run_id, "bench/repeat_circuits_per_s")
         assert len(history) == 2

@@ -247,3 +247,6 @@ def test_bilstm_is_a_packed_bidirectional_lstm(layers):
     torch.testing.assert_close(ours, torch.cat([h[-2], h[-1]], dim=1), rtol=0, atol=1e-6)
     tokens[0, 5:] = 7  # what lies past a tweet's length changes nothing
     torch.testing.assert_close(model.features(tokens, lengths), ours, rtol=0, atol=0)
+    model.features(tokens, lengths).sum().backward()  # the embedding's gradient: nothing flows into padding
+    grad = model.embed.weight.grad
+    assert grad[0].abs().max() == 0 and (grad[tokens[0, 0]].abs() > 0).any()

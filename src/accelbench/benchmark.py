@@ -87,6 +87,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     runtime = Runtime(
         device, framework, cfg.precision, cfg.compile, cfg.seed, b.cpu_threads or cfg.cpu_threads,
         deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
+        fused_optimizer=cfg.fused_optimizer,
     )  # fmt: skip
     engine = get_engine(framework)
     engine.setup(runtime)
@@ -124,11 +125,12 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
 
 def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str, Any]:
     """A workload's own measurement as its own run: its values as tags, `bench/` metrics, repeats as steps."""
-    rec = {"workload": wl.name, **runtime.tags(), **rec}
+    rec = {"workload": wl.name, **runtime.tags(), **rec}  # a record may set a runtime tag its own way (compile)
     repeats = rec.pop("repeats", {})
-    name = f"{run_name('benchmark', runtime.tags())}-{rec['kind']}-{rec['variant']}"
-    tags = {k: str(v) for k, v in rec.items() if not k.startswith("bench/") and v is not None and k not in runtime.tags()}
-    log_benchmark_run(wl.name, runtime.tags(), name, tags, rec, repeats)
+    runtime_tags = {k: str(rec[k]) for k in runtime.tags()}
+    name = f"{run_name('benchmark', runtime_tags)}-{rec['kind']}-{rec['variant']}"
+    tags = {k: str(v) for k, v in rec.items() if not k.startswith("bench/") and v is not None and k not in runtime_tags}
+    log_benchmark_run(wl.name, runtime_tags, name, tags, rec, repeats)
     return {**rec, "repeats": repeats}
 
 
@@ -254,7 +256,7 @@ def _log_ablation(wl, variant, runtime, rec, several) -> None:
     name = run_name("ablation", runtime.tags(), variant if several else None) + f"-{rec['setting']}"
     keys = ("kind", "variant", "setting", "batch_size", "hparams", "skipped", "quality_metric", "quality_epochs", "cuda_graphs_applied")
     tags = {k: str(rec[k]) for k in keys if k in rec}
-    setting_tags = {k: rec[k] for k in ("precision", "compile", "channels_last", "cuda_graphs")}
+    setting_tags = {k: rec[k] for k in ("precision", "compile", "channels_last", "cuda_graphs", "fused_optimizer")}
     rec["timed"] = ("training steps timed as in the throughput runs, at the tuned batch; quality: the validation "
                     f"{rec.get('quality_metric')} after {rec.get('quality_epochs')} epochs of a training run under the same setting")
     tags["timed"] = rec["timed"]

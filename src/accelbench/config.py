@@ -135,7 +135,7 @@ class BenchmarkConfig:
 
 
 ABLATION_VALUES = {"precision": ("fp32", "bf16", "fp16"), "channels_last": (True, False), "compile": (True, False),
-                   "cuda_graphs": (True, False)}  # fmt: skip
+                   "cuda_graphs": (True, False), "fused_optimizer": (True, False)}  # fmt: skip
 
 
 def ablation_options(entries: list[str]) -> dict[str, dict[str, Any]]:
@@ -191,6 +191,7 @@ class Config:
     compile: bool = False
     channels_last: bool = False  # torch: NHWC memory layout for 4-D (image) models
     cuda_graphs: bool = False  # torch on CUDA: capture the training steps once, replay them (no per-kernel launches)
+    fused_optimizer: bool = False  # torch: AdamW's fused kernel, one launch for every parameter, instead of foreach
     cpu_threads: int | None = None
     deterministic: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -168,6 +168,7 @@ class Runtime:
     deterministic: bool = False
     channels_last: bool = False
     cuda_graphs: bool = False  # torch on CUDA: training steps replayed from captured CUDA graphs
+    fused_optimizer: bool = False  # torch: AdamW as one fused kernel (CPU and CUDA)
     world_size: int = 1  # data-parallel ranks (torch processes, TF replicas) one training step spans
     rank: int = 0  # this process's rank; only rank 0 logs and writes outputs
     process_group: bool = False  # torch: a torch.distributed group is up (torchrun), so the model is DDP-wrapped
@@ -186,6 +187,7 @@ class Runtime:
             "channels_last": str(self.channels_last).lower(),
             "world_size": str(self.world_size),
             "cuda_graphs": str(self.cuda_graphs).lower(),
+            "fused_optimizer": str(self.fused_optimizer).lower(),
         }
 
 

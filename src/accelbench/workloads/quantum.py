@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from functools import cache
+from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +86,7 @@ class Circuits:
     modes: list[Literal["fixed", "trainable", "patch3"]] = field(default_factory=lambda: ["fixed", "trainable", "patch3"])
     simulators: list[Literal["unitary", "lightcone"]] = field(default_factory=lambda: ["unitary", "lightcone"])
     chunk_amplitudes: int = 1 << 22  # circuits x amplitudes each (2^qubits, or the cones' sum) per call: bounds memory
+    compile: list[bool] | None = None  # torch.compile settings timed side by side, e.g. [false, true]; null: the global one
 
 
 @dataclass(frozen=True)
@@ -449,7 +451,12 @@ def _torch_module():
             if self.q.simulator in CPU_SIMULATORS:
                 out = self._qnode((2 * half).detach().cpu().double(), self.weights.cpu().double())
                 return torch.stack(out, dim=-1).to(device=half.device, dtype=half.dtype)
-            amps = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (B, n, 2): RY|0> on each wire
+            if torch.compiler.is_compiling():  # compiled code fuses these passes by itself
+                amps = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (B, n, 2): RY|0> on each wire
+            else:  # written in place: no stack, one pass less over the set
+                amps = half.new_empty((*half.shape, 2))
+                torch.cos(half, out=amps[..., 0])
+                torch.sin(half, out=amps[..., 1])
             z = []
             for i, split in enumerate(splits):
                 a = product_state(amps if len(splits) == 1 else amps[:, getattr(self, f"wires{i}")]) @ split
@@ -462,8 +469,12 @@ def _torch_module():
                 p, stride = self.q.patch, self.q.stride
                 windows = x[:, 0].unfold(1, p, stride).unfold(2, p, stride)  # a view: (N, H', W', p, p)
                 n_img, side, pixels = len(x), windows.shape[1], p * p
-                flat = windows.reshape(-1, pixels)  # one copy, patches in (image, row, column) order
-                half = flat * (math.pi / 2) if self.one_pixel_per_wire else flat @ self.half_encode
+                if self.one_pixel_per_wire and torch.compiler.is_compiling():
+                    half = windows.reshape(-1, pixels) * (math.pi / 2)
+                elif self.one_pixel_per_wire:  # eager: scaled while copied out of the view, one pass over the set
+                    half = torch.mul(windows, math.pi / 2, out=windows.new_empty(windows.shape)).reshape(-1, pixels)
+                else:
+                    half = windows.reshape(-1, pixels) @ self.half_encode  # patches in (image, row, column) order
                 device_path = self.q.simulator not in CPU_SIMULATORS
                 splits = [self.split_unitary(i) for i in range(len(self.cones))] if device_path else []
                 step = max(1, self.chunk_amplitudes // self.amplitudes)
@@ -867,47 +878,48 @@ def benchmark_circuits(params: Params, runtime: Any, bench: BenchmarkConfig) -> 
     x = torch.from_numpy(images).to(device)
     copy_s = watch.stop("copy", t0)
     records = []
-    for mode in c.modes:
-        for simulator in c.simulators:
-            q = mode_circuit(params.model.quanv, mode, simulator)
-            side = output_side(q, c.side)
-            check_unitary_fits(q, device, trainable=mode == "trainable")
-            layer = quanvolution(q, trainable=mode == "trainable", chunk_amplitudes=c.chunk_amplitudes).to(device)
-            per_call = max(1, c.chunk_amplitudes // (side * side * layer.amplitudes))  # images per layer call
-            one_pass = _gradient_pass if mode == "trainable" else _forward_pass
-            if runtime.compile:  # a fresh cache per layer: six layers share one forward, past dynamo's recompile limit
-                torch._dynamo.reset()
-            run = torch.compile(layer) if runtime.compile else layer
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
+    compiles = [runtime.compile] if c.compile is None else c.compile
+    for mode, simulator, compiled in product(c.modes, c.simulators, compiles):
+        q = mode_circuit(params.model.quanv, mode, simulator)
+        side = output_side(q, c.side)
+        check_unitary_fits(q, device, trainable=mode == "trainable")
+        layer = quanvolution(q, trainable=mode == "trainable", chunk_amplitudes=c.chunk_amplitudes).to(device)
+        per_call = max(1, c.chunk_amplitudes // (side * side * layer.amplitudes))  # images per layer call
+        one_pass = _gradient_pass if mode == "trainable" else _forward_pass
+        if compiled:  # a fresh cache per layer: six layers share one forward, past dynamo's recompile limit
+            torch._dynamo.reset()
+        run = torch.compile(layer) if compiled else layer
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = watch.start()
+        one_pass(run, x, per_call)
+        warmup_s = watch.stop("warmup", t0)
+        seconds = []
+        for _ in range(max(1, bench.repeats)):
             t0 = watch.start()
             one_pass(run, x, per_call)
-            warmup_s = watch.stop("warmup", t0)
-            seconds = []
-            for _ in range(max(1, bench.repeats)):
-                t0 = watch.start()
-                one_pass(run, x, per_call)
-                seconds.append(watch.stop(mode, t0))
-            circuits = len(x) * side * side
-            rates = [circuits / s for s in seconds]
-            records.append({
-                "kind": "circuits", "variant": f"{mode}-{simulator}", "mode": mode, "simulator": simulator,
-                "batch_size": per_call, "qubits": q.qubits, "layers": q.layers,
-                "patches": f"{q.patch}x{q.patch} stride {q.stride}", "images": len(x), "side": c.side,
-                "distinct_images": distinct, "source": origin, "circuits": circuits, "dtype": "float32",
-                "goal_circuits_per_s": GOALS[mode], "goal_set_ms": SET_GOAL_MS if (mode, len(x), c.side) == ("fixed", *MNIST_SET) else None,
-                "timed": f"{len(seconds)} passes over {len(x)} images of {c.side}x{c.side} ({circuits} circuits, "
-                         f"{MODE_TEXT[mode]}, {q.qubits} qubits, {per_call} images per call) after 1 warm-up pass; "
-                         "images already on the device",
-                "bench/circuits_per_s": median(rates), "bench/circuits_per_s_iqr": spread(rates),
-                "bench/set_ms": 1000 * median(seconds), "bench/warmup_s": warmup_s, "bench/to_device_s": copy_s,
-                "bench/peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
-                "repeats": {"bench/repeat_circuits_per_s": rates},
-            })  # fmt: skip
-            del layer, run
-            if cuda:
-                torch.cuda.empty_cache()
-    if runtime.compile:
+            seconds.append(watch.stop(mode, t0))
+        circuits = len(x) * side * side
+        rates = [circuits / s for s in seconds]
+        records.append({
+            "kind": "circuits", "variant": f"{mode}-{simulator}" + ("-compiled" if compiled else ""), "mode": mode,
+            "simulator": simulator, "compile": str(compiled).lower(),
+            "batch_size": per_call, "qubits": q.qubits, "layers": q.layers,
+            "patches": f"{q.patch}x{q.patch} stride {q.stride}", "images": len(x), "side": c.side,
+            "distinct_images": distinct, "source": origin, "circuits": circuits, "dtype": "float32",
+            "goal_circuits_per_s": GOALS[mode], "goal_set_ms": SET_GOAL_MS if (mode, len(x), c.side) == ("fixed", *MNIST_SET) else None,
+            "timed": f"{len(seconds)} passes over {len(x)} images of {c.side}x{c.side} ({circuits} circuits, "
+                     f"{MODE_TEXT[mode]}, {q.qubits} qubits, {per_call} images per call) after 1 warm-up pass; "
+                     "images already on the device",
+            "bench/circuits_per_s": median(rates), "bench/circuits_per_s_iqr": spread(rates),
+            "bench/set_ms": 1000 * median(seconds), "bench/warmup_s": warmup_s, "bench/to_device_s": copy_s,
+            "bench/peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+            "repeats": {"bench/repeat_circuits_per_s": rates},
+        })  # fmt: skip
+        del layer, run
+        if cuda:
+            torch.cuda.empty_cache()
+    if any(compiles):
         torch._dynamo.reset()  # the training steps timed next compile their own models
     return records
 

@@ -541,7 +541,10 @@ def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dro
 
         def features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             """Each tweet's forward state after its last token beside its backward state after its first."""
-            x = self.embed(tokens)
+            # the table's rows gathered by index_select, whose backward is one index_add_ kernel: nn.Embedding's
+            # backward took 30 us of a 0.36 ms graphed step on an H100 (b32). Padding gets no gradient either way:
+            # nothing after a tweet's last token reaches a state that is used.
+            x = self.embed.weight.index_select(0, tokens.reshape(-1)).view(*tokens.shape, -1)
             steps = torch.arange(x.shape[1], device=x.device)
             last = lengths.long() - 1
             reverse = torch.where(steps <= last[:, None], last[:, None] - steps, steps)  # its own inverse
