@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 
 from . import devices, distributed, scaling, stats, tuning
-from .config import Config, ablation_options, with_overrides
+from .config import ABLATION_VALUES, Config, ablation_options, with_overrides
 from .devices import Runtime
 from .engines import BenchResult, get_engine
 from .errors import AccelbenchError, ConfigError, TrainingError
@@ -256,7 +256,7 @@ def _log_ablation(wl, variant, runtime, rec, several) -> None:
     name = run_name("ablation", runtime.tags(), variant if several else None) + f"-{rec['setting']}"
     keys = ("kind", "variant", "setting", "batch_size", "hparams", "skipped", "quality_metric", "quality_epochs", "cuda_graphs_applied")
     tags = {k: str(rec[k]) for k in keys if k in rec}
-    setting_tags = {k: rec[k] for k in ("precision", "compile", "channels_last", "cuda_graphs", "fused_optimizer")}
+    setting_tags = {k: rec[k] for k in ABLATION_VALUES}  # the options an ablation can change
     rec["timed"] = ("training steps timed as in the throughput runs, at the tuned batch; quality: the validation "
                     f"{rec.get('quality_metric')} after {rec.get('quality_epochs')} epochs of a training run under the same setting")
     tags["timed"] = rec["timed"]

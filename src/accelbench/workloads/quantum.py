@@ -469,12 +469,13 @@ def _torch_module():
                 p, stride = self.q.patch, self.q.stride
                 windows = x[:, 0].unfold(1, p, stride).unfold(2, p, stride)  # a view: (N, H', W', p, p)
                 n_img, side, pixels = len(x), windows.shape[1], p * p
-                if self.one_pixel_per_wire and torch.compiler.is_compiling():
+                # patches in (image, row, column) order
+                if not self.one_pixel_per_wire:
+                    half = windows.reshape(-1, pixels) @ self.half_encode
+                elif torch.compiler.is_compiling():  # compiled code fuses the copy and the scaling by itself
                     half = windows.reshape(-1, pixels) * (math.pi / 2)
-                elif self.one_pixel_per_wire:  # eager: scaled while copied out of the view, one pass over the set
+                else:  # eager: scaled while copied out of the view, one pass over the set
                     half = torch.mul(windows, math.pi / 2, out=windows.new_empty(windows.shape)).reshape(-1, pixels)
-                else:
-                    half = windows.reshape(-1, pixels) @ self.half_encode  # patches in (image, row, column) order
                 device_path = self.q.simulator not in CPU_SIMULATORS
                 splits = [self.split_unitary(i) for i in range(len(self.cones))] if device_path else []
                 step = max(1, self.chunk_amplitudes // self.amplitudes)
