@@ -158,6 +158,17 @@ def _optimizer(model: nn.Module, train: TrainParams, runtime: Runtime, graphed: 
                              fused=runtime.fused_optimizer or None)  # fmt: skip
 
 
+def _compiled(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """torch.compile, with dynamo's caches emptied first: each fit and each timed batch size compiles for its own
+    shapes. A graph left from another batch size makes dynamo recompile with dynamic shapes, whose kernels are
+    slower (H100, guava at 224 with every option on, after b32 and b256 in the same benchmark process: b1024 ran
+    83.1k img/s, and 105.2k compiled afresh), and past its recompile limit dynamo falls back to eager without a word."""
+    if not runtime.compile:
+        return model
+    torch.compiler.reset()
+    return torch.compile(model)
+
+
 def _make_step(step_model, opt, scaler, loss_fn, runtime: Runtime):
     """One optimiser step on a batch; returns the batch's mean loss, still on the device."""
 
@@ -241,7 +252,7 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     to_device_s = sw.stop("to_device", t_fit)
     _place(model, runtime)
     wrapped = _data_parallel(model, runtime)
-    step_model = torch.compile(wrapped) if runtime.compile else wrapped
+    step_model = _compiled(wrapped, runtime)
     # DDP's forward may broadcast buffers (a collective): rank 0 alone validates on the bare module
     eval_model = model if runtime.process_group else step_model
     graphs_applied = graphs_state(runtime)
@@ -368,7 +379,7 @@ def bench(
     to_device_s = sw.stop("to_device", t0)
     _place(model, runtime).train()
     wrapped = _data_parallel(model, runtime)
-    step_model = torch.compile(wrapped) if runtime.compile else wrapped
+    step_model = _compiled(wrapped, runtime)
     graphs_applied = graphs_state(runtime)
     graphs = graphs_applied == "on"
     opt = _optimizer(model, train, runtime, graphs)
