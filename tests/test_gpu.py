@@ -192,3 +192,32 @@ def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
         curves[name] = {k: v.cpu() for k, v in result.curves.items()}
     for k in ("train/loss", "val/loss", "val/roc_auc"):
         torch.testing.assert_close(curves["graphs"][k], curves["eager"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_guava_stem_pads_to_8_channels_on_cuda_and_matches_the_cpu(monkeypatch):
+    """On CUDA in channels_last the stem zero-pads RGB to 8 channels (cuDNN's NHWC tensor-core kernels): the
+    logits and the stem's weight gradient are the CPU's, and the parameters keep their 3 input channels."""
+    import copy
+
+    import torch
+
+    from accelbench.devices import Device, Runtime
+    from accelbench.engines.torch import _place
+    from accelbench.workloads import guava
+
+    padded = []
+    original = guava.pad_channels
+    monkeypatch.setattr(guava, "pad_channels", lambda *a: padded.append(a[0].shape) or original(*a))
+    meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
+    torch.manual_seed(0)
+    cpu = guava.WORKLOAD.build_model("torch", guava.Params(), meta).eval()  # eval: no augmentation, BN's running stats
+    gpu = _place(copy.deepcopy(cpu), Runtime(Device("cuda"), "torch", channels_last=True))
+    x = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convs, to compare with the CPU
+    logits = {"cpu": cpu(x), "cuda": gpu(x.cuda())}
+    for out in logits.values():
+        out.square().sum().backward()
+    assert padded == [torch.Size([8, 3, 64, 64])]  # the CUDA forward alone: the CPU stem is a plain conv
+    assert gpu.features[0].weight.shape == cpu.features[0].weight.shape == (8, 3, 3, 3)
+    torch.testing.assert_close(logits["cuda"].cpu(), logits["cpu"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.features[0].weight.grad.cpu(), cpu.features[0].weight.grad, rtol=1e-3, atol=1e-4)

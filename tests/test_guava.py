@@ -57,8 +57,9 @@ def test_classes_are_not_solved_by_channel_means():
     assert marks_acc > 0.50 and marks_acc > means_acc + 0.1, (marks_acc, means_acc)
 
 
-def test_torch_cnn_runs_bf16_channels_last_on_cpu():
-    """precision=bf16 (CPU autocast) and channels_last through the real engine; logits come back fp32."""
+def test_torch_cnn_runs_bf16_channels_last_compiled_on_cpu():
+    """precision=bf16 (CPU autocast), channels_last and torch.compile (the augmentation's warp ends its own
+    graph) through the real engine; logits come back fp32."""
     import torch
 
     from accelbench.devices import Device, Runtime
@@ -72,7 +73,7 @@ def test_torch_cnn_runs_bf16_channels_last_on_cpu():
                         {"inputs": ["x"], "classes": list(CLASSES), "image_size": 32,
                          "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3})  # fmt: skip
     params = Params()
-    runtime = Runtime(Device("cpu"), "torch", precision="bf16", channels_last=True)
+    runtime = Runtime(Device("cpu"), "torch", precision="bf16", channels_last=True, compile=True)
     engine = get_engine("torch")
     model = WORKLOAD.build_model("torch", params, prepared.meta)
     result = engine.fit(model, WORKLOAD.task(prepared.meta), prepared, params.train, runtime)
@@ -81,6 +82,28 @@ def test_torch_cnn_runs_bf16_channels_last_on_cpu():
     assert np.isfinite(result.history[-1]["train/loss"]) and result.summary()["time/data_share"] >= 0
     logits = engine.predict(model, WORKLOAD.task(prepared.meta), prepared.splits["test"], ["x"], runtime)
     assert logits.shape == (6, 3) and logits.dtype == np.float32
+
+
+@pytest.mark.parametrize("channels", [3, 5, 8])
+def test_padded_channels_are_the_same_conv(channels):
+    """The stem's zero-padding to 8 input channels (what it does on CUDA in channels_last) changes no output
+    and no gradient, and the gradient reaches the unpadded weights."""
+    import torch
+    from torch.nn import functional as F
+
+    from accelbench.workloads.guava import pad_channels
+
+    torch.manual_seed(0)
+    x = torch.randn(4, channels, 17, 19, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, channels, 3, 3, dtype=torch.float64, requires_grad=True)
+    xp, wp = pad_channels(x, w, 8)
+    assert xp.shape[1] == wp.shape[1] == 8 and xp.is_contiguous(memory_format=torch.channels_last)
+    plain, padded = F.conv2d(x, w, stride=2, padding=1), F.conv2d(xp, wp, stride=2, padding=1)
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-12)
+    g = torch.randn_like(plain)
+    grads = [torch.autograd.grad(out, (x, w), g) for out in (plain, padded)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- a `path` ImageFolder with bad files
