@@ -221,3 +221,33 @@ def test_guava_stem_pads_to_8_channels_on_cuda_and_matches_the_cpu(monkeypatch):
     assert gpu.features[0].weight.shape == cpu.features[0].weight.shape == (8, 3, 3, 3)
     torch.testing.assert_close(logits["cuda"].cpu(), logits["cpu"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu.features[0].weight.grad.cpu(), cpu.features[0].weight.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_steps_capture_with_a_ragged_last_batch(tmp_path):
+    """compile + CUDA graphs at batches whose epochs end ragged (guava at 224: 420 training images, last batches
+    of 4 and 164), fit after fit in one process as the tune stage runs its trials: each shape is compiled for
+    itself in the eager first epoch, and every capture holds. (The capture failure seen with dynamo's default
+    dynamic-shape recompile came after a longer sequence of fits; this test passed under both on the H100.)"""
+    import math
+
+    from accelbench.config import load_config, with_overrides
+    from accelbench.devices import Runtime, resolve, seed_everything
+    from accelbench.engines import torch as engine
+    from accelbench.io import load_prepared
+    from accelbench.workloads import get_workload
+
+    project = make_project(tmp_path / "project", ["guava"])
+    project.update("guava.prepare.image_size", 224)
+    project.run(sys.executable, "-m", "dvc", "repro", "prepare@guava")
+    wl = get_workload("guava")
+    prepared = load_prepared(project.root / "data" / "prepared" / "guava")
+    runtime = Runtime(resolve("cuda", "torch"), "torch", precision="bf16", channels_last=True, compile=True,
+                      cuda_graphs=True, fused_optimizer=True)  # fmt: skip
+    engine.setup(runtime)
+    for batch in (32, 32, 256):
+        params = with_overrides(load_config(project.root / "params.yaml").params("guava"), {"train.epochs": 3, "train.batch_size": batch})
+        assert len(prepared.splits["train"]["y"]) % batch != 0
+        seed_everything(42, "torch")
+        result = engine.fit(wl.build_model("torch", params, prepared.meta), wl.task(prepared.meta), prepared, params.train, runtime)
+        assert result.cuda_graphs == "on" and len(result.history) == 3
+        assert all(math.isfinite(row["train/loss"]) for row in result.history)

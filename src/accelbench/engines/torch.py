@@ -159,14 +159,21 @@ def _optimizer(model: nn.Module, train: TrainParams, runtime: Runtime, graphed: 
 
 
 def _compiled(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """torch.compile, with dynamo's caches emptied first: each fit and each timed batch size compiles for its own
-    shapes. A graph left from another batch size makes dynamo recompile with dynamic shapes, whose kernels are
-    slower (H100, guava at 224 with every option on, after b32 and b256 in the same benchmark process: b1024 ran
-    83.1k img/s, and 105.2k compiled afresh), and past its recompile limit dynamo falls back to eager without a word."""
+    """torch.compile for static shapes, with dynamo's caches emptied first: each fit and each timed batch size
+    compiles for its own shapes, and each shape a fit meets (the full batch, the epoch's ragged last one) gets
+    its own graph during the first, eager epoch. By default dynamo recompiles for dynamic shapes on the second
+    shape it sees:
+    - its kernels are slower (H100, guava at 224 with every option on, after b32 and b256 in the same
+      benchmark process: b1024 ran 83.1k img/s, and 105.2k compiled afresh);
+    - under CUDA graphs, in a process that had run other fits before (as tune runs its trials), its capture
+      failed in 3 of 3 runs (H100, guava at 224, b256 with a ragged batch of 164, every option on: "operation
+      failed due to a previous error during capture"); compiled static, the same fit captured in 3 of 3;
+    and past its recompile limit dynamo falls back to eager without a word. Epoch times were the same either
+    way (H100, guava b256 compiled: 11-14 ms)."""
     if not runtime.compile:
         return model
     torch.compiler.reset()
-    return torch.compile(model)
+    return torch.compile(model, dynamic=False)
 
 
 def _make_step(step_model, opt, scaler, loss_fn, runtime: Runtime):
