@@ -920,8 +920,6 @@ def benchmark_circuits(params: Params, runtime: Any, bench: BenchmarkConfig) -> 
         del layer, run
         if cuda:
             torch.cuda.empty_cache()
-    if any(compiles):
-        torch._dynamo.reset()  # the training steps timed next compile their own models
     return records
 
 
