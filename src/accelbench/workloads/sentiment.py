@@ -550,10 +550,10 @@ def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dro
             reverse = torch.where(steps <= last[:, None], last[:, None] - steps, steps)  # its own inverse
             rows = torch.arange(len(x), device=x.device)
             for i, (fwd, bwd) in enumerate(self.layers):
-                x = self.between(x) if i else x  # one mask for both directions, as nn.LSTM's inter-layer dropout
+                if i:  # both directions at each time step; one mask for both, as nn.LSTM's inter-layer dropout
+                    x = self.between(torch.cat([out_f, within_length(out_b, reverse)], dim=2))
                 out_f, _ = fwd(x)
                 out_b, _ = bwd(within_length(x, reverse))
-                x = torch.cat([out_f, within_length(out_b, reverse)], dim=2)
             return torch.cat([out_f[rows, last], out_b[rows, last]], dim=1)
 
         def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
