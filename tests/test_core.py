@@ -109,6 +109,31 @@ def test_timing_stats():
     assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_a_timed_repeat_runs_its_steps_until_it_lasts_min_repeat_s(prepared_project, framework):
+    """Each engine's bench, on the prepared diabetes split: a few steps of a small MLP last about a millisecond,
+    so with a 0.1 s floor every timed repeat runs them several times over; with no floor, once."""
+    from accelbench.config import load_config
+    from accelbench.devices import Runtime, resolve
+    from accelbench.engines import get_engine
+    from accelbench.io import load_prepared
+    from accelbench.workloads import get_workload
+
+    wl = get_workload("diabetes")
+    params = load_config(prepared_project.root / "params.yaml").params("diabetes")
+    prepared = load_prepared(prepared_project.root / "data" / "prepared" / "diabetes")
+    runtime = Runtime(resolve("cpu", framework), framework, cpu_threads=1)
+    engine = get_engine(framework)
+    engine.setup(runtime)
+    steps = {}
+    for floor in (0.0, 0.1):
+        model = wl.build_model(framework, params, prepared.meta)
+        res = engine.bench(model, wl.task(prepared.meta), prepared, params.train, runtime, 32, 3, 1, 2, min_repeat_s=floor)
+        assert len(res.repeat_s) == 2 and res.steps % 3 == 0
+        steps[floor] = res.steps
+    assert steps[0.0] == 3 and steps[0.1] > 3
+
+
 def test_storage_paths_and_secrets(tmp_path: Path):
     assert storage_url("sqlite:///mlruns/optuna.db", tmp_path) == f"sqlite:///{tmp_path}/mlruns/optuna.db"
     assert storage_url("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"

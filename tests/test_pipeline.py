@@ -137,6 +137,8 @@ def test_benchmark_records_and_cpu_only_report(reproduced):
     assert sorted(r["batch_size"] for r in tput) == sorted(expected)
     for r in tput:
         assert len(r["repeats_samples_per_s"]) == 2 and r["bench/samples_per_s"] > 0
+        # 3 steps of this MLP last about a millisecond: a repeat runs them again until it lasts 0.05 s
+        assert r["steps_per_repeat"] > 3 and r["steps_per_repeat"] % 3 == 0
         assert r["bench/samples_per_s_ci_low"] <= r["bench/samples_per_s"] <= r["bench/samples_per_s_ci_high"]
         assert r["bench/compute_only_samples_per_s"] > 0 and r["device"] == "cpu" and r["cpu_threads"] >= 1
         assert r["hparams"].startswith("tuned:diabetes-cpu-torch#")

@@ -139,11 +139,13 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
     devices.seed_everything(cfg.seed, runtime.framework)
     sampler = {"utilisation": util} if util else {}  # torch on CUDA only
     real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime,
-                        batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy, **sampler)  # fmt: skip
+                        batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy, min_repeat_s=b.min_repeat_s,
+                       **sampler)  # fmt: skip
     ceiling = None
     if b.compute_ceiling:
         ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
-                               runtime, batch, b.steps, b.warmup_steps, b.repeats, synthetic=True)  # fmt: skip
+                               runtime, batch, b.steps, b.warmup_steps, b.repeats, synthetic=True,
+                               min_repeat_s=b.min_repeat_s)  # fmt: skip
     rec = _summarize(real, ceiling)
     goal = params.benchmark
     if goal.gpu_speedup_goal is not None:  # read by the report's goals table
@@ -153,9 +155,14 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
     for unit, per_sample in (prepared.meta.get("units_per_sample") or {}).items():  # e.g. tokens per tweet
         rec[f"bench/{unit}_per_s"] = rec["bench/samples_per_s"] * per_sample
     rec.update(kind="throughput", workload=wl.name, variant=variant, **runtime.tags(), cuda_graphs_applied=real.cuda_graphs, batch_size=batch,
-               cpu_threads=engine.threads(), timed=f"{b.repeats} x {b.steps} training steps after {b.warmup_steps} warm-up; "
+               steps_per_repeat=real.steps,
+               cpu_threads=engine.threads(), timed=f"{b.repeats} x {real.steps} training steps{_floor(b)} after {b.warmup_steps} warm-up; "
                "batches drawn from the device-resident training split")  # fmt: skip
     return rec
+
+
+def _floor(b) -> str:
+    return f" (each repeat at least {b.min_repeat_s:g} s)" if b.min_repeat_s > 0 else ""
 
 
 def _log_throughput(wl, variant, runtime, rec, real_repeats, several) -> None:
@@ -239,7 +246,8 @@ def _ablation_point(cfg, wl, params, runtime, prepared, task, engine, util) -> d
     inputs, _ = wl.precompute(params, prepared, runtime)
     devices.seed_everything(cfg.seed, runtime.framework)
     real = engine.bench(wl.build_model(runtime.framework, params, inputs.meta), task, inputs, params.train, runtime,
-                        params.train.batch_size, b.steps, b.warmup_steps, b.repeats, utilisation=util)  # fmt: skip
+                        params.train.batch_size, b.steps, b.warmup_steps, b.repeats, utilisation=util,
+                        min_repeat_s=b.min_repeat_s)  # fmt: skip
     rec = {k: v for k, v in _summarize(real, None).items() if k != "repeats_samples_per_s"}
     rec["cuda_graphs_applied"] = real.cuda_graphs
     epochs = b.ablation_epochs or params.train.epochs

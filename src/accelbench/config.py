@@ -120,6 +120,7 @@ class BenchmarkConfig:
     steps: int = 20  # training steps per timed repeat
     warmup_steps: int = 5
     repeats: int = 5
+    min_repeat_s: float = 0.0  # a timed repeat runs its steps again until it lasts this long; 0: once
     cpu_threads: int | None = None  # null: the global cpu_threads, else the framework's default (all cores)
     compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
     scaling: list[int] | None = None  # data-parallel rank counts timed; null: 1, 2, 4 ... distributed.gpus when > 1

@@ -95,7 +95,8 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
             train = distributed.effective_train(vparams.train, runtime.world_size, dist_cfg)
             inputs, _ = wl.precompute(vparams, prepared, runtime)
             model = wl.build_model(framework, vparams, prepared.meta)
-            res = engine.bench(model, task, inputs, train, runtime, train.batch_size, b.steps, b.warmup_steps, b.repeats)
+            res = engine.bench(model, task, inputs, train, runtime, train.batch_size, b.steps, b.warmup_steps, b.repeats,
+                               min_repeat_s=b.min_repeat_s)
             tput = res.samples_per_s()
             records.append({
                 "kind": "scaling", "workload": wl.name, "variant": variant, **runtime.tags(), **distributed.group_tags(),
@@ -104,7 +105,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
                 "bench/samples_per_s": median(tput), "bench/samples_per_s_iqr": spread(tput),
                 "bench/step_ms": 1000 * median(res.repeat_s) / res.steps, "bench/peak_gpu_mb": res.peak_gpu_mb,
                 "repeats_samples_per_s": tput,
-                "timed": f"{b.repeats} x {b.steps} data-parallel training steps after {b.warmup_steps} warm-up over "
+                "timed": f"{b.repeats} x {res.steps} data-parallel training steps after {b.warmup_steps} warm-up over "
                          f"{runtime.world_size} rank(s); each rank draws its batch share from its device-resident training "
                          "split; a repeat lasts as long as its slowest rank",
             })  # fmt: skip

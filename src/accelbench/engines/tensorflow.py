@@ -21,6 +21,7 @@ from ..devices import Runtime  # noqa: E402
 from ..errors import DeviceError, TrainingError  # noqa: E402
 from ..io import Prepared, atomic_file, read_json, write_json  # noqa: E402
 from ..tasks import Task  # noqa: E402
+from ..timing import calls_to_last  # noqa: E402
 from . import BenchResult, FitResult, OnEpoch, oom_message  # noqa: E402
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -285,6 +286,7 @@ def bench(
     repeats: int,
     synthetic: bool = False,
     energy=None,
+    min_repeat_s: float = 0.0,
 ) -> BenchResult:
     """Same contract as the torch engine's bench, through `model.fit` on a tf.data pipeline (Keras' fast path)."""
     inputs = prepared.meta.get("inputs", ["x"])
@@ -303,13 +305,19 @@ def bench(
     else:
         ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().shuffle(min(len(y), 10_000), seed=runtime.seed)
         ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    sized_s = 0.0
+    if min_repeat_s > 0:  # a fit of its own sizes the timed repeats; it traces the step once for the timed fit too
+        sizing = _RepeatTimer(None)
+        model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[sizing])
+        steps *= calls_to_last(min_repeat_s, sizing.times[1])
+        sized_s = sum(sizing.times)
     timer = _RepeatTimer(energy)
     model.fit(ds, epochs=1 + repeats, steps_per_epoch=steps, verbose=0, callbacks=[timer])
     peak = None
     if runtime.device.type == "cuda":
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     joules = timer.joules[1:] if energy else None
-    return BenchResult(batch_size, steps, timer.times[1:], timer.times[0], 0.0, joules, peak)
+    return BenchResult(batch_size, steps, timer.times[1:], sized_s + timer.times[0], 0.0, joules, peak)
 
 
 def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str], batch: int = EVAL_BATCH) -> np.ndarray:

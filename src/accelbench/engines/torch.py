@@ -18,7 +18,7 @@ from ..devices import Runtime
 from ..errors import TrainingError
 from ..io import Prepared, atomic_file
 from ..tasks import Task
-from ..timing import Stopwatch
+from ..timing import Stopwatch, calls_to_last
 from . import BenchResult, FitResult, OnEpoch, oom_message
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -368,6 +368,7 @@ def bench(
     synthetic: bool = False,
     energy=None,
     utilisation=None,
+    min_repeat_s: float = 0.0,
 ) -> BenchResult:
     """Time `repeats` x `steps` training steps after `warmup` steps.
 
@@ -375,7 +376,8 @@ def bench(
     Batches are drawn with replacement from the device-resident training split, so any batch size works;
     `synthetic` reuses one pre-gathered batch: the compute-only ceiling that the real loop is compared with.
     With cuda_graphs, the warm-up runs eagerly, then one repeat's `steps` steps are captured as one graph
-    and each repeat is one replay. `utilisation` (devices.UtilisationSampler) samples the GPU during the
+    and each repeat is one replay (or as many as it takes to last `min_repeat_s`, counted from one untimed
+    repeat; the result's `steps` says how many steps a timed repeat ran). `utilisation` (devices.UtilisationSampler) samples the GPU during the
     timed repeats, and during further untimed ones while its window is still too short to read.
     """
     dev = runtime.device.torch
@@ -425,13 +427,15 @@ def bench(
         repeat = lambda: graphed(draw(steps * batch_size))  # noqa: E731
         repeat()  # the first replay uploads the graph
     warmup_s = sw.stop("warmup", t0)
+    calls = _calls_per_repeat(repeat, sw, min_repeat_s, runtime)
     repeat_s, energy_j = [], []
     if utilisation:
         utilisation.start()
     for _ in range(repeats):
         e0 = energy() if energy else None
         t0 = sw.start()
-        repeat()
+        for _ in range(calls):
+            repeat()
         repeat_s.append(sw.stop("repeat", t0))
         if energy:
             energy_j.append(energy() - e0)
@@ -442,8 +446,19 @@ def bench(
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if runtime.device.type == "cuda" else None
     if runtime.process_group:  # the group's throughput is set by its slowest rank
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
-    return BenchResult(batch_size * runtime.world_size, steps, repeat_s, warmup_s, to_device_s, energy_j if energy else None,
-                       peak, util, graphs_applied)  # fmt: skip
+    return BenchResult(batch_size * runtime.world_size, steps * calls, repeat_s, warmup_s, to_device_s,
+                       energy_j if energy else None, peak, util, graphs_applied)  # fmt: skip
+
+
+def _calls_per_repeat(repeat: Callable[[], Any], sw: Stopwatch, min_repeat_s: float, runtime: Runtime) -> int:
+    if min_repeat_s <= 0:
+        return 1
+    t0 = sw.start()
+    repeat()
+    calls = calls_to_last(min_repeat_s, sw.stop("calibrate", t0))
+    if runtime.process_group:  # every rank must run the same steps: its collectives pair up
+        calls = int(_all_ranks(torch.tensor(calls, device=runtime.device.torch), runtime, "MAX").item())
+    return calls
 
 
 def _predict(
