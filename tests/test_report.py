@@ -169,6 +169,20 @@ def test_goals_pair_each_sides_tuned_batch_and_ablation_shows_what_each_option_b
     assert "no 4-D weights" in md
 
 
+
+def test_goal_at_a_tuned_batch_that_is_also_the_default_counts_the_sweep_record(store, tmp_path):
+    """A study that picked the default batch: the sweep's record there is tagged `default`, the ablation's at the
+    same batch count as tuned. The CPU's fastest of them all is its side of the goal, not only the ablation's."""
+    uri, client, exp = store
+    goal = {"goal_speedup": 30, "goal_batch": "tuned"}
+    cpu = log_run(client, exp, "b", "cpu", "Xeon", "hostA", 32, [4000] * 3, "default")
+    tag_run(client, cpu, **goal)
+    log_ablation(client, exp, "baseline", 3000, 0.8, device="cpu", device_name="Xeon", batch_size="32")
+    gpu = log_ablation(client, exp, "all", 120000, 0.8, batch_size="32", cuda_graphs="true")
+    [row] = build(uri, tmp_path / "reports")["goals"]
+    assert (row["cpu_run"], row["gpu_run"]) == (cpu, gpu) and row["speedup"] == pytest.approx(30.0) and row["met"]
+
+
 def log_population(client, exp_id, device, device_name, hardware, trials, epochs, pop_rate, seq_rate, pop_best, seq_best):
     tags = {"stage": "benchmark", "kind": "population", "workload": "diabetes", "variant": "mlp", "device": device,
             "device_name": device_name, "framework": "torch", "precision": "fp32", "compile": "false",

@@ -302,8 +302,9 @@ def _measured(recs: list[Rec]) -> list[Rec]:
 def _pick(rs: list[Rec], how: str) -> Rec | None:
     """The fastest record at each side's tuned batch (ablation runs are at it), at the default batch, or anywhere."""
     role = lambda r: "tuned" if r.t("kind") == "ablation" else r.t("batch_role")  # noqa: E731
-    if how == "tuned":
-        rs = [r for r in rs if role(r) == "tuned"] or [r for r in rs if role(r) == "default"]
+    if how == "tuned":  # a study that kept the default batch tags its sweep record "default": that counts too
+        tuned = {r.batch for r in rs if role(r) == "tuned"}
+        rs = [r for r in rs if r.batch in tuned] if tuned else [r for r in rs if role(r) == "default"]
     elif how == "default":
         rs = [r for r in rs if role(r) == "default"]
     return max(rs, key=lambda r: r.tput, default=None)
