@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 
 from . import devices, distributed, scaling, stats, tuning
-from .config import ABLATION_VALUES, Config, ablation_options, with_overrides
+from .config import ABLATION_VALUES, BenchmarkConfig, Config, ablation_options, with_overrides
 from .devices import Runtime
 from .engines import BenchResult, get_engine
 from .errors import AccelbenchError, ConfigError, TrainingError
@@ -161,7 +161,7 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
     return rec
 
 
-def _floor(b) -> str:
+def _floor(b: BenchmarkConfig) -> str:
     return f" (each repeat at least {b.min_repeat_s:g} s)" if b.min_repeat_s > 0 else ""
 
 

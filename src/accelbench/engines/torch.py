@@ -376,9 +376,10 @@ def bench(
     Batches are drawn with replacement from the device-resident training split, so any batch size works;
     `synthetic` reuses one pre-gathered batch: the compute-only ceiling that the real loop is compared with.
     With cuda_graphs, the warm-up runs eagerly, then one repeat's `steps` steps are captured as one graph
-    and each repeat is one replay (or as many as it takes to last `min_repeat_s`, counted from one untimed
-    repeat; the result's `steps` says how many steps a timed repeat ran). `utilisation` (devices.UtilisationSampler) samples the GPU during the
-    timed repeats, and during further untimed ones while its window is still too short to read.
+    and each repeat is one replay. A timed repeat runs its steps (or replays) again, as often as one untimed
+    repeat says it takes to last `min_repeat_s`; the result's `steps` is the steps a timed repeat ran.
+    `utilisation` (devices.UtilisationSampler) samples the GPU during the timed repeats, and during further
+    untimed ones while its window is still too short to read.
     """
     dev = runtime.device.torch
     inputs = prepared.meta.get("inputs", ["x"])
