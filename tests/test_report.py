@@ -169,7 +169,6 @@ def test_goals_pair_each_sides_tuned_batch_and_ablation_shows_what_each_option_b
     assert "no 4-D weights" in md
 
 
-
 def test_goal_at_a_tuned_batch_that_is_also_the_default_counts_the_sweep_record(store, tmp_path):
     """A study that picked the default batch: the sweep's record there is tagged `default`, the ablation's at the
     same batch count as tuned. The CPU's fastest of them all is its side of the goal, not only the ablation's."""

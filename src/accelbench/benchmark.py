@@ -140,7 +140,7 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
     sampler = {"utilisation": util} if util else {}  # torch on CUDA only
     real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime,
                         batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy, min_repeat_s=b.min_repeat_s,
-                       **sampler)  # fmt: skip
+                        **sampler)  # fmt: skip
     ceiling = None
     if b.compute_ceiling:
         ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
