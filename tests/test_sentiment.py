@@ -227,21 +227,43 @@ def test_split_left_with_one_class_fails_prepare(scratch, tmp_path):
                          output="data/prepared/sentiment")  # fmt: skip
 
 
+def _load_packed(model, ref: torch.nn.LSTM) -> None:
+    """A packed bidirectional nn.LSTM's weights into the model: each layer's two LSTMs, or the two blocks of the
+    fused LSTM (rows: gate, direction, unit; columns: direction, input)."""
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                fwd, bwd = (getattr(ref, f"{name}_l{i}{suffix}") for suffix in ("", "_reverse"))
+                if hasattr(layer, "fwd"):
+                    getattr(layer.fwd, f"{name}_l0").copy_(fwd)
+                    getattr(layer.bwd, f"{name}_l0").copy_(bwd)
+                    continue
+                w = getattr(layer.lstm, f"{name}_l0")
+                w.zero_()
+                if w.dim() == 1:
+                    w.view(4, 2, -1)[:, 0], w.view(4, 2, -1)[:, 1] = fwd.view(4, -1), bwd.view(4, -1)
+                else:
+                    blocks, units = w.view(4, 2, ref.hidden_size, 2, -1), (4, ref.hidden_size, -1)
+                    blocks[:, 0, :, 0], blocks[:, 1, :, 1] = fwd.view(units), bwd.view(units)
+
+
+def _tweets(n_tokens: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([1, n_tokens, 7, 12, n_tokens - 1, 2])
+    tokens = torch.randint(2, 500, (len(lengths), n_tokens))
+    tokens[torch.arange(n_tokens) >= lengths[:, None]] = 0
+    return tokens, lengths
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["two_lstms", "fused"])
 @pytest.mark.parametrize("layers", [1, 3])
-def test_bilstm_is_a_packed_bidirectional_lstm(layers):
+def test_bilstm_is_a_packed_bidirectional_lstm(layers, fuse):
     """The padded model (backward direction reversed within each length) against torch's packed BiLSTM with the
     same weights: padding must reach no state that is used. Tolerance: float32 rounding of the same products."""
     torch.manual_seed(0)
-    model = _torch_bilstm(500, 16, 8, layers, 0.3, 3).eval()
+    model = _torch_bilstm(500, 16, 8, layers, 0.3, 3, fuse_directions=fuse).eval()
     ref = torch.nn.LSTM(16, 8, num_layers=layers, batch_first=True, bidirectional=True)
-    with torch.no_grad():
-        for i, directions in enumerate(model.layers):
-            for lstm, suffix in zip(directions, ("", "_reverse")):
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                    getattr(ref, f"{name}_l{i}{suffix}").copy_(getattr(lstm, f"{name}_l0"))
-    lengths = torch.tensor([1, 30, 7, 12, 29, 2])
-    tokens = torch.randint(2, 500, (len(lengths), 30))
-    tokens[torch.arange(30) >= lengths[:, None]] = 0
+    _load_packed(model, ref)
+    tokens, lengths = _tweets()
     _, (h, _) = ref(pack_padded_sequence(model.embed(tokens), lengths, batch_first=True, enforce_sorted=False))
     ours = model.features(tokens, lengths)
     torch.testing.assert_close(ours, torch.cat([h[-2], h[-1]], dim=1), rtol=0, atol=1e-6)
@@ -250,3 +272,30 @@ def test_bilstm_is_a_packed_bidirectional_lstm(layers):
     model.features(tokens, lengths).sum().backward()  # the embedding's gradient: nothing flows into padding
     grad = model.embed.weight.grad
     assert grad[0].abs().max() == 0 and (grad[tokens[0, 0]].abs() > 0).any()
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_fused_directions_train_as_two_lstms(layers):
+    """AdamW with weight decay on the block-diagonal LSTM: no weight may come to join the directions, so after
+    some steps it computes what two separate LSTMs trained from the same weights compute."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(16, 8, num_layers=layers, batch_first=True, bidirectional=True)
+    models = {fuse: _torch_bilstm(500, 16, 8, layers, 0.0, 3, fuse_directions=fuse) for fuse in (False, True)}
+    tokens, lengths = _tweets()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for model in models.values():
+        _load_packed(model, ref)
+        model.embed.load_state_dict(models[False].embed.state_dict())
+        model.head.load_state_dict(models[False].head.state_dict())
+    for model in models.values():
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(tokens, lengths), y).backward()
+            opt.step()
+    fused = models[True].layers[0].lstm
+    assert fused.weight_hh_l0[:8, 8:16].abs().max() == 0 < fused.weight_hh_l0[:8, :8].abs().max()  # i gate: fwd units
+    trained = models[False].features(tokens, lengths)
+    torch.testing.assert_close(models[True].features(tokens, lengths), trained, rtol=0, atol=1e-5)
+    _load_packed(models[False], ref)  # the steps moved the weights
+    assert (models[False].features(tokens, lengths) - trained).abs().max() > 1e-2
