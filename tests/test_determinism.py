@@ -88,3 +88,20 @@ def test_fused_optimizer_is_the_same_update(config, prepared):
     params = config.params("stock")
     model = get_workload("stock").build_model("torch", params, prepared("stock").meta)
     assert engine._optimizer(model, params.train, runtime, graphed=False).defaults["fused"] is True
+
+
+def test_compile_runs_the_optimizer_step_compiled_to_the_same_update(config, prepared):
+    """compile: AdamW's step through torch.compile too (inductor's kernel, not the per-tensor loop or the fused
+    kernel), on the CPU: the same losses and validation metric within float rounding. Dropout off: compiled
+    dropout draws its own random numbers."""
+    from accelbench.engines import torch as engine
+
+    params = with_overrides(config.params("diabetes"), {"model.dropout": 0.0})
+    cfg = dataclasses.replace(config, sections={**config.sections, "diabetes": params})
+    runs = {c: train_once(dataclasses.replace(cfg, compile=c), "diabetes", "torch", prepared("diabetes")) for c in (False, True)}
+    for plain, compiled in zip(runs[False], runs[True], strict=True):
+        assert compiled == pytest.approx(plain, rel=1e-5, abs=1e-7)
+    runtime = runtime_for(dataclasses.replace(cfg, compile=True, fused_optimizer=True), get_workload("diabetes"))
+    model = get_workload("diabetes").build_model("torch", params, prepared("diabetes").meta)
+    opt = engine._optimizer(model, params.train, runtime, graphed=False)
+    assert opt.defaults["fused"] is None and hasattr(opt.step, "_torchdynamo_orig_callable")

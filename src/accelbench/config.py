@@ -189,7 +189,7 @@ class Config:
     framework: Framework = "torch"
     seed: int = 42
     precision: Precision = "fp32"
-    compile: bool = False
+    compile: bool = False  # torch: the model and AdamW's step (one generated kernel, in place of fused_optimizer's)
     channels_last: bool = False  # torch: NHWC memory layout for 4-D (image) models
     cuda_graphs: bool = False  # torch on CUDA: capture the training steps once, replay them (no per-kernel launches)
     fused_optimizer: bool = False  # torch: AdamW's fused kernel, one launch for every parameter, instead of foreach
