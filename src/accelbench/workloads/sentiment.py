@@ -518,7 +518,7 @@ class Sentiment(Workload):
 
 
 def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dropout: float, n_classes: int,
-                  fuse_directions: bool = True):
+                  fuse_directions: bool):
     import torch
     from torch import nn
 
@@ -600,7 +600,7 @@ def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dro
                     y = self.between(torch.cat([out[..., :hidden], within_length(out[..., hidden:], reverse)], dim=2))
                     pair = torch.stack([y, within_length(y, reverse)], dim=2)
                 out = layer(pair)
-            # a gather, whose backward is a scatter; indexing's backward sorts its indices on CUDA (5 kernels)
+            # a gather, whose backward is a scatter; out[rows, last]'s backward sorts its indices first on CUDA
             return out.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.shape[2])).squeeze(1)
 
         def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
