@@ -547,15 +547,14 @@ def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dro
             super().__init__()
             self.lstm = nn.LSTM(2 * inputs, 2 * hidden, batch_first=True)
             bound = hidden**-0.5  # nn.LSTM's own init range for `hidden` units
-            for name, w in self.lstm.named_parameters():
-                with torch.no_grad():
+            with torch.no_grad():
+                for name, w in self.lstm.named_parameters():
                     w.uniform_(-bound, bound)
-                if w.dim() == 2:
-                    mask = self._block_diagonal(w.shape[1] // 2)
-                    with torch.no_grad():
+                    if w.dim() == 2:
+                        mask = self._block_diagonal(w.shape[1] // 2)
                         w.mul_(mask)
-                    self.register_buffer(f"{name}_mask", mask, persistent=False)
-                    w.register_hook(lambda grad, key=f"{name}_mask": grad * getattr(self, key))
+                        self.register_buffer(f"{name}_mask", mask, persistent=False)
+                        w.register_hook(lambda grad, key=f"{name}_mask": grad * getattr(self, key))
 
         @staticmethod
         def _block_diagonal(inputs: int) -> torch.Tensor:
