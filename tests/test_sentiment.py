@@ -299,3 +299,15 @@ def test_fused_directions_train_as_two_lstms(layers):
     torch.testing.assert_close(models[True].features(tokens, lengths), trained, rtol=0, atol=1e-5)
     _load_packed(models[False], ref)  # the steps moved the weights
     assert (models[False].features(tokens, lengths) - trained).abs().max() > 1e-2
+
+
+def test_compile_traces_all_but_the_lstms():
+    """dynamo does not trace into nn.LSTM, and it cannot resume a frame inside a loop after that break: the work
+    around the layers must sit where it compiles, else it runs op by op under compile=true."""
+    model = _torch_bilstm(500, 16, 8, 2, 0.3, 3, fuse_directions=True)
+    tokens, lengths = _tweets()
+    torch.compiler.reset()
+    explained = torch._dynamo.explain(model)(tokens, lengths)
+    traced = {getattr(op, "__name__", str(op)) for ops in explained.ops_per_graph for op in ops}
+    assert {"where", "stack", "cat", "dropout"} <= traced  # the first pair, between the layers, the head
+    assert explained.break_reasons and all("LSTM" in b.reason for b in explained.break_reasons)
