@@ -260,7 +260,7 @@ def test_bilstm_is_a_packed_bidirectional_lstm(layers, fuse):
     """The padded model (backward direction reversed within each length) against torch's packed BiLSTM with the
     same weights: padding must reach no state that is used. Tolerance: float32 rounding of the same products."""
     torch.manual_seed(0)
-    model = _torch_bilstm(500, 16, 8, layers, 0.3, 3, fuse_directions=fuse).eval()
+    model = _torch_bilstm(500, 16, 8, layers, 0.3, 3, fuse_directions=fuse, narrow_head=True).eval()
     ref = torch.nn.LSTM(16, 8, num_layers=layers, batch_first=True, bidirectional=True)
     _load_packed(model, ref)
     tokens, lengths = _tweets()
@@ -280,7 +280,8 @@ def test_fused_directions_train_as_two_lstms(layers):
     some steps it computes what two separate LSTMs trained from the same weights compute."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(16, 8, num_layers=layers, batch_first=True, bidirectional=True)
-    models = {fuse: _torch_bilstm(500, 16, 8, layers, 0.0, 3, fuse_directions=fuse) for fuse in (False, True)}
+    models = {fuse: _torch_bilstm(500, 16, 8, layers, 0.0, 3, fuse_directions=fuse, narrow_head=True)
+              for fuse in (False, True)}
     tokens, lengths = _tweets()
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     for model in models.values():
@@ -301,10 +302,27 @@ def test_fused_directions_train_as_two_lstms(layers):
     assert (models[False].features(tokens, lengths) - trained).abs().max() > 1e-2
 
 
+def test_narrow_head_is_the_dense_head():
+    """The head as a multiply and sum: the same init, state, outputs and gradients as nn.Linear's matmul."""
+    models = []
+    for narrow in (False, True):
+        torch.manual_seed(0)
+        models.append(_torch_bilstm(500, 16, 8, 1, 0.0, 3, fuse_directions=True, narrow_head=narrow))
+    dense, narrow = models
+    assert type(narrow.head) is not torch.nn.Linear
+    torch.testing.assert_close(narrow.state_dict(), dense.state_dict(), rtol=0, atol=0)
+    tokens, lengths = _tweets()
+    for model in models:
+        torch.nn.functional.cross_entropy(model(tokens, lengths), torch.tensor([0, 1, 2, 0, 1, 2])).backward()
+    torch.testing.assert_close(narrow(tokens, lengths), dense(tokens, lengths), rtol=0, atol=1e-6)
+    for (name, a), b in zip(narrow.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=name)
+
+
 def test_compile_traces_all_but_the_lstms():
     """dynamo does not trace into nn.LSTM, and it cannot resume a frame inside a loop after that break: the work
     around the layers must sit where it compiles, else it runs op by op under compile=true."""
-    model = _torch_bilstm(500, 16, 8, 2, 0.3, 3, fuse_directions=True)
+    model = _torch_bilstm(500, 16, 8, 2, 0.3, 3, fuse_directions=True, narrow_head=True)
     tokens, lengths = _tweets()
     torch.compiler.reset()
     explained = torch._dynamo.explain(model)(tokens, lengths)
