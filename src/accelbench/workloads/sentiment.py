@@ -607,7 +607,8 @@ def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dro
                 out = layer(self.next_pair(out, reverse))
             return self.last_states(out, last)
 
-        def first_pair(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        def first_pair(self, tokens: torch.Tensor, lengths: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             """The first layer's input pairs, each tweet's order reversed within its length, its last index."""
             steps = torch.arange(tokens.shape[1], device=tokens.device)
             last = lengths.long() - 1
