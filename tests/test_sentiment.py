@@ -321,11 +321,13 @@ def test_narrow_head_is_the_dense_head():
 
 def test_compile_traces_all_but_the_lstms():
     """dynamo does not trace into nn.LSTM, and it cannot resume a frame inside a loop after that break: the work
-    around the layers must sit where it compiles, else it runs op by op under compile=true."""
+    around the layers must sit where it compiles, else it runs op by op under compile=true. The one exception,
+    on the CPU only: the embedding lookup."""
     model = _torch_bilstm(500, 16, 8, 2, 0.3, 3, fuse_directions=True, narrow_head=True)
     tokens, lengths = _tweets()
     torch.compiler.reset()
     explained = torch._dynamo.explain(model)(tokens, lengths)
     traced = {getattr(op, "__name__", str(op)) for ops in explained.ops_per_graph for op in ops}
     assert {"where", "stack", "cat", "dropout"} <= traced  # the first pair, between the layers, the head
-    assert explained.break_reasons and all("LSTM" in b.reason for b in explained.break_reasons)
+    reasons = [b.reason for b in explained.break_reasons]  # explain lists each kind of break once
+    assert reasons and all("LSTM" in r or "disable" in r for r in reasons)
