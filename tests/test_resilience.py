@@ -106,6 +106,7 @@ def test_changed_params_start_fresh(long_training):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_ends_the_run_killed_with_the_epoch(long_training, sig, code):
     project = long_training
+    project.update("diabetes.train.epochs", 2000)  # the signal ends it: 40 epochs (~1 s) could end before it came
     proc = train_popen(project)
     wait_for_checkpoint(project, proc, min_epoch=4)
     proc.send_signal(sig)
