@@ -19,9 +19,16 @@ import pytest
 from conftest import REPO, make_project
 
 
+def _sigint_default() -> None:
+    # a job started in the background of a script (as a CI runner may start the tests) inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: the stage is started as a foreground one would be
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train_popen(project):
     return subprocess.Popen([sys.executable, "stages/train.py", "diabetes"], cwd=project.root, env=project.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)  # fmt: skip
 
 
 def wait_for_checkpoint(project, proc, min_epoch: int, timeout: float = 300, framework: str = "torch") -> int:
@@ -106,7 +113,7 @@ def test_changed_params_start_fresh(long_training):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_ends_the_run_killed_with_the_epoch(long_training, sig, code):
     project = long_training
-    project.update("diabetes.train.epochs", 2000)  # the signal ends it: 40 epochs (~1 s) could end before it came
+    project.update("diabetes.train.epochs", 2000)  # the signal ends it; 40 epochs (~1 s) could end before it came
     proc = train_popen(project)
     wait_for_checkpoint(project, proc, min_epoch=4)
     proc.send_signal(sig)
