@@ -636,7 +636,7 @@ def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dro
         @staticmethod
         def last_states(out: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
             # a gather, whose backward is a scatter; out[rows, last]'s backward sorts its indices first on CUDA
-            return out.gather(1, last.view(-1, 1, 1).expand(-1, 1, out.shape[2])).squeeze(1)
+            return within_length(out, last[:, None]).squeeze(1)
 
         def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
             return self.head(self.drop(self.features(tokens, lengths))).float()
