@@ -194,10 +194,13 @@ def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
         torch.testing.assert_close(curves["graphs"][k], curves["eager"][k], rtol=1e-5, atol=1e-6)
 
 
-def test_guava_stem_pads_to_8_channels_on_cuda_and_matches_the_cpu(monkeypatch):
-    """On CUDA in channels_last the stem zero-pads RGB to 8 channels (cuDNN's NHWC tensor-core kernels): the
-    logits and the stem's weight gradient are the CPU's, and the parameters keep their 3 input channels."""
+@pytest.mark.parametrize("space_to_depth", [True, False])
+def test_guava_stem_on_cuda_matches_the_cpu(monkeypatch, space_to_depth):
+    """On CUDA in channels_last the stem runs in 8-channel multiples (cuDNN's NHWC tensor-core kernels): over 2x2
+    pixel blocks (12 channels padded to 16) or on RGB padded to 8. The logits and the stem's weight gradient are
+    the CPU's, and the parameters keep their 3 input channels."""
     import copy
+    import dataclasses
 
     import torch
 
@@ -209,18 +212,56 @@ def test_guava_stem_pads_to_8_channels_on_cuda_and_matches_the_cpu(monkeypatch):
     original = guava.pad_channels
     monkeypatch.setattr(guava, "pad_channels", lambda *a: padded.append(a[0].shape) or original(*a))
     meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
+    params = guava.Params()
+    params = dataclasses.replace(params, model=dataclasses.replace(params.model, space_to_depth_stem=space_to_depth))
     torch.manual_seed(0)
-    cpu = guava.WORKLOAD.build_model("torch", guava.Params(), meta).eval()  # eval: no augmentation, BN's running stats
+    cpu = guava.WORKLOAD.build_model("torch", params, meta).eval()  # eval: no augmentation, BN's running stats
     gpu = _place(copy.deepcopy(cpu), Runtime(Device("cuda"), "torch", channels_last=True))
     x = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32 convs, to compare with the CPU
     logits = {"cpu": cpu(x), "cuda": gpu(x.cuda())}
     for out in logits.values():
         out.square().sum().backward()
-    assert padded == [torch.Size([8, 3, 64, 64])]  # the CUDA forward alone: the CPU stem is a plain conv
+    # the CUDA forward alone: the CPU stem is a plain conv
+    assert padded == [torch.Size([8, 12, 33, 33]) if space_to_depth else torch.Size([8, 3, 64, 64])]
     assert gpu.features[0].weight.shape == cpu.features[0].weight.shape == (8, 3, 3, 3)
     torch.testing.assert_close(logits["cuda"].cpu(), logits["cpu"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu.features[0].weight.grad.cpu(), cpu.features[0].weight.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (37, 53)])
+def test_guava_fused_augmentation_is_the_reference(monkeypatch, size):
+    """The Triton kernel computes the torch reference (warp, jitter, normalisation) for the same draws: maps within
+    the image and beyond its borders (reflected), parts switched off, fp32 and bf16 out; and a training forward on
+    CUDA runs it unless `fused_augment` is off."""
+    import dataclasses
+
+    import torch
+
+    from accelbench.workloads import guava, guava_cuda
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, *size, 3), dtype=torch.uint8, device="cuda")
+    mean, std = torch.tensor([110.0, 120.0, 90.0], device="cuda"), torch.tensor([50.0, 60.0, 55.0], device="cuda")
+    theta, factors = guava.draw_augmentation(16, guava.Augment(), "cuda")
+    for th, fa in [(theta, factors), (theta * 1.5, factors), (None, factors), (theta, None), (None, None)]:
+        want = (guava.augment_reference(x.permute(0, 3, 1, 2).float(), th, fa) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        got = guava_cuda.augment_normalize(x, th, fa, mean, std, torch.float32)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+        half = guava_cuda.augment_normalize(x, th, fa, mean, std, torch.bfloat16)
+        torch.testing.assert_close(half.float(), want, rtol=2**-8, atol=1e-3)
+
+    calls = []
+    monkeypatch.setattr(guava_cuda, "augment_normalize", lambda *a: calls.append(a[-1]) or a[0].permute(0, 3, 1, 2).float())
+    meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
+    for fused in (True, False):
+        params = guava.Params()
+        params = dataclasses.replace(params, model=dataclasses.replace(params.model, fused_augment=fused))
+        model = guava.WORKLOAD.build_model("torch", params, meta).cuda().train()
+        with torch.autocast("cuda", torch.bfloat16):
+            model(x)
+    assert calls == [torch.bfloat16]
 
 
 def test_compiled_steps_capture_with_a_ragged_last_batch(tmp_path):

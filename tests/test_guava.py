@@ -106,6 +106,50 @@ def test_padded_channels_are_the_same_conv(channels):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("size", [(16, 16), (17, 23)])
+def test_space_to_depth_is_the_same_conv(size):
+    """The stem's 2x2 conv over 2x2 pixel blocks (what it runs on CUDA in channels_last) is the stride-2 3x3 conv:
+    outputs and both gradients, on even and odd sides."""
+    import torch
+    from torch.nn import functional as F
+
+    from accelbench.workloads.guava import space_to_depth
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    blocks, wb = space_to_depth(x, w)
+    assert blocks.shape[1] == 12 and wb.shape == (8, 12, 2, 2)
+    plain, by_blocks = F.conv2d(x, w, stride=2, padding=1), F.conv2d(blocks, wb)
+    torch.testing.assert_close(by_blocks, plain, rtol=0, atol=1e-12)
+    g = torch.randn_like(plain)
+    for a, b in zip(*(torch.autograd.grad(out, (x, w), g) for out in (plain, by_blocks))):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_augmentation_draws_per_image_and_keeps_the_range():
+    """Each image gets its own map and factors; a switched-off part is skipped (its draw is None) and changes
+    nothing; the jitter's contrast is around the mean of the image before the warp, and the result stays 0-255."""
+    import torch
+
+    from accelbench.workloads.guava import Augment, augment_reference, draw_augmentation
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 20, 24)).float()
+    theta, factors = draw_augmentation(6, Augment(), "cpu")
+    assert theta.shape == (6, 2, 3) and factors.shape == (6, 3) and len(set(factors[:, 0].tolist())) == 6
+    assert ((factors - 1).abs() <= 0.2).all()
+    out = augment_reference(x, theta, factors)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 255 and not torch.allclose(out, x)
+    assert draw_augmentation(6, Augment(flip=False, rotation_deg=0.0, crop_min=1.0, jitter=0.0), "cpu") == (None, None)
+    torch.testing.assert_close(augment_reference(x, None, None), x, rtol=0, atol=0)
+    # contrast 0 (brightness, saturation 1) after zooming into a corner: every pixel becomes the mean of the
+    # image as it came, not of the corner
+    corner = torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.5, -0.5]]).repeat(6, 1, 1)
+    flat = augment_reference(x, corner, torch.tensor([[1.0, 0.0, 1.0]]).repeat(6, 1))
+    torch.testing.assert_close(flat, x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x))
+
 # ---------------------------------------------------------------- a `path` ImageFolder with bad files
 
 

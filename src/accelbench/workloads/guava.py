@@ -62,6 +62,8 @@ class Model:
     channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # one conv block per entry; the first has stride 2
     dropout: float = 0.2
     augment: Augment = field(default_factory=Augment)
+    fused_augment: bool = True  # CUDA: augmentation and normalisation as one Triton kernel (the same function)
+    space_to_depth_stem: bool = True  # CUDA in channels_last: the stem as a 2x2 conv over 2x2 pixel blocks (the same conv)
 
 
 @dataclass(frozen=True)
@@ -573,6 +575,16 @@ class Guava(Workload):
             _misclassified_png(prepared.splits[split]["x"], y, pred, classes, out_dir / f"{prefix}_misclassified.png")
         return {f"{split}/recall_{_metric_safe(c)}": float(r) for c, r in zip(classes, recall)}
 
+    def run_tags(self, params: Params, runtime: Any) -> dict[str, str]:
+        if runtime.framework != "torch":
+            return {"augment": "Keras random layers", "stem": "3x3 stride-2 conv"}
+        m, cuda = params.model, runtime.device.type == "cuda"
+        stem = "3x3 stride-2 conv"
+        if cuda and runtime.channels_last:
+            stem = "2x2 conv over 2x2 pixel blocks, 16 channels" if m.space_to_depth_stem else "3x3 stride-2 conv, RGB padded to 8 channels"
+        fused = cuda and m.fused_augment
+        return {"augment": "one Triton kernel with the normalisation" if fused else "torch ops", "stem": stem}
+
     def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
         """Logistic regression on each image's mean R, G, B: what colour alone explains."""
         from sklearn.linear_model import LogisticRegression
@@ -591,7 +603,8 @@ class Guava(Workload):
 
     def build_torch(self, params: Params, meta: dict[str, Any]):
         m = params.model
-        return _torch_model_class()(m.channels, m.dropout, m.augment, meta["channel_mean"], meta["channel_std"], len(meta["classes"]))
+        return _torch_model_class()(m.channels, m.dropout, m.augment, meta["channel_mean"], meta["channel_std"], len(meta["classes"]),
+                                    m.fused_augment, m.space_to_depth_stem)  # fmt: skip
 
     def build_tensorflow(self, params: Params, meta: dict[str, Any]):
         import keras
@@ -674,6 +687,65 @@ def pad_channels(x, weight, multiple: int):
             F.pad(weight, pad).contiguous(memory_format=torch.channels_last))  # fmt: skip
 
 
+def space_to_depth(x, weight):
+    """A stride-2, padding-1 3x3 conv's input and weight as a stride-1 2x2 conv's over 2x2 pixel blocks (4x the
+    channels, half the side): the same conv. The kernel's fourth row and column are zeros."""
+    from torch.nn import functional as F
+
+    c, o = x.shape[1], weight.shape[0]
+    blocks = F.pixel_unshuffle(F.pad(x, (1, 1 + x.shape[3] % 2, 1, 1 + x.shape[2] % 2)), 2)  # channel c*4 + dy*2 + dx
+    # weight[o, c, 2*by + dy, 2*bx + dx] -> [o, c*4 + dy*2 + dx, by, bx]
+    w = F.pad(weight, (0, 1, 0, 1)).view(o, c, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, 2, 2)
+    return blocks, w
+
+
+def augment_reference(x, theta, factors):
+    """The augmentation in torch ops, on float NCHW 0-255 images: each image warped by its affine map `theta`
+    (N x 2 x 3, as `F.affine_grid` takes it; sampled bilinearly, reflected at the borders), then its colour
+    jittered by its (brightness, contrast, saturation) `factors` (N x 3) around the mean of the image as it came
+    (before the warp: what lets the CUDA kernel do it all in one pass), then clamped to 0-255. None skips a part."""
+    import torch
+    from torch.nn import functional as F
+
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    if theta is not None:
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        # Under torch.compile the warp ends its own graph: fused with the jitter, Inductor's CPU code ran 5x
+        # slower (2 cores, b64 at 224: 50 against 245 img/s).
+        torch._dynamo.graph_break()  # a no-op when not compiling
+    if factors is not None:
+        brightness, contrast, saturation = (f[:, None, None, None] for f in factors.unbind(1))
+        x, mean = x * brightness, mean * brightness
+        x = (x - mean) * contrast + mean
+        # weights as Python floats: a CPU tensor moved here would be a host-to-device copy in every step
+        luma = GRAY[0] * x[:, 0:1] + GRAY[1] * x[:, 1:2] + GRAY[2] * x[:, 2:3]
+        x = ((x - luma) * saturation + luma).clamp(0, 255)
+    return x
+
+
+def draw_augmentation(n: int, aug: Augment, device):
+    """Each image's affine map (flip, rotation, crop-and-zoom; N x 2 x 3) and colour factors (N x 3), drawn on
+    `device`; None for a part that `aug` switches off."""
+    import torch
+
+    uniform = lambda *shape: torch.rand(*shape, device=device) * 2 - 1  # noqa: E731
+    theta = factors = None
+    if aug.flip or aug.rotation_deg or aug.crop_min < 1:
+        angle = uniform(n) * math.radians(aug.rotation_deg)
+        scale = 1 - (1 - aug.crop_min) * torch.rand(n, device=device)  # share of the side kept
+        shift = uniform(n, 2) * (1 - scale)[:, None]  # the crop stays inside the image
+        flip = torch.where(torch.rand(n, 2, device=device) < 0.5, -1.0, 1.0) if aug.flip else torch.ones(n, 2, device=device)
+        cos, sin = angle.cos() * scale, angle.sin() * scale
+        theta = torch.stack(
+            [torch.stack([cos * flip[:, 0], -sin * flip[:, 1], shift[:, 0]], 1),
+             torch.stack([sin * flip[:, 0], cos * flip[:, 1], shift[:, 1]], 1)], 1
+        )  # fmt: skip
+    if aug.jitter:
+        factors = 1 + uniform(n, 3) * aug.jitter
+    return theta, factors
+
+
 @functools.cache
 def _torch_model_class():
     """Defined on first use so that importing this module does not import torch."""
@@ -681,67 +753,43 @@ def _torch_model_class():
     from torch import nn
     from torch.nn import functional as F
 
-    def _warp(x: torch.Tensor, aug: Augment, uniform) -> torch.Tensor:
-        """Flip, rotate and crop-and-zoom each image by its own random affine map, sampled bilinearly."""
-        n, dev = x.shape[0], x.device
-        angle = uniform(n) * math.radians(aug.rotation_deg)
-        scale = 1 - (1 - aug.crop_min) * torch.rand(n, device=dev)  # share of the side kept
-        shift = uniform(n, 2) * (1 - scale)[:, None]  # the crop stays inside the image
-        flip = torch.where(torch.rand(n, 2, device=dev) < 0.5, -1.0, 1.0) if aug.flip else torch.ones(n, 2, device=dev)
-        cos, sin = angle.cos() * scale, angle.sin() * scale
-        theta = torch.stack(
-            [torch.stack([cos * flip[:, 0], -sin * flip[:, 1], shift[:, 0]], 1),
-             torch.stack([sin * flip[:, 0], cos * flip[:, 1], shift[:, 1]], 1)], 1
-        )  # fmt: skip
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-    def augment(x: torch.Tensor, aug: Augment) -> torch.Tensor:
-        """Random flips, crop-and-zoom, rotation and colour jitter, drawn per image, applied to the batch at once."""
-        n, dev = x.shape[0], x.device
-        uniform = lambda *shape: torch.rand(*shape, device=dev) * 2 - 1  # noqa: E731
-        if aug.flip or aug.rotation_deg or aug.crop_min < 1:
-            # Under torch.compile the warp ends its own graph. Otherwise Inductor fuses the sampling into the
-            # contrast's per-image mean, and that reduction then samples each image within one program: 5x slower
-            # on the CPU (2 cores, b64 at 224: 51 against 260 img/s) and 2% slower on the H100.
-            x = _warp(x, aug, uniform)
-            torch._dynamo.graph_break()  # a no-op when not compiling
-        if aug.jitter:
-            factor = lambda: 1 + uniform(n, 1, 1, 1) * aug.jitter  # noqa: E731
-            x = x * factor()  # brightness
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * factor() + mean  # contrast
-            # weights as Python floats: a CPU tensor moved here would be a host-to-device copy in every step
-            luma = GRAY[0] * x[:, 0:1] + GRAY[1] * x[:, 1:2] + GRAY[2] * x[:, 2:3]
-            x = ((x - luma) * factor() + luma).clamp(0, 255)  # saturation
-        return x
-
     class Stem(nn.Conv2d):
-        """The first conv. On CUDA in channels_last, the RGB input and the weights are zero-padded to 8 channels:
-        cuDNN's NHWC tensor-core kernels want a multiple of 8, and for 3 channels cuDNN pads the input itself in
-        every call and then runs a slower kernel (H100, b1024, every option on, side script: 95.0k -> 105.1k img/s). The zero
-        channels add nothing to any output or gradient; the parameters keep their 3 input channels."""
+        """The first conv (3x3, stride 2). On CUDA in channels_last it runs in a shape cuDNN's NHWC tensor-core
+        kernels take, a multiple of 8 input channels; for 3 channels cuDNN pads the input itself in every call and
+        picks a slower kernel. With `space_to_depth` the conv runs over 2x2 pixel blocks (12 channels, padded to 16;
+        its input is half the bytes of RGB padded to 8), else on RGB zero-padded to 8 channels. H100, every option on,
+        `dvc exp run` at b2048 with the fused augmentation: 149.3k img/s padded to 8, 169.3k over blocks (side
+        script, b1024, before the fused augmentation: 95.0k as cuDNN pads, 105.9k padded to 8, 111.8k over blocks).
+        The zero channels add nothing to any output or gradient; the parameters keep their 3x3x3 shape."""
+
+        def __init__(self, *args, space_to_depth: bool, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.space_to_depth = space_to_depth
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.is_cuda and x.is_contiguous(memory_format=torch.channels_last):
-                x, weight = pad_channels(x, self.weight, 8)
-                return self._conv_forward(x, weight, self.bias)
-            return super().forward(x)
+            if not (x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)):
+                return super().forward(x)
+            if not self.space_to_depth:
+                return self._conv_forward(*pad_channels(x, self.weight, 8), self.bias)
+            return F.conv2d(*pad_channels(*space_to_depth(x, self.weight), 8), self.bias)
 
     class GuavaCNN(nn.Module):
         """uint8 NHWC in, logits out: conv blocks with batch norm, global pooling, a dense head."""
 
-        def __init__(self, channels, dropout, aug: Augment, mean, std, n_classes):
+        def __init__(self, channels, dropout, aug: Augment, mean, std, n_classes, fused_augment=True, space_to_depth_stem=True):
             super().__init__()
             blocks, width = [], 3
             for i, c in enumerate(channels):
-                stride = 2 if i == 0 else 1  # a strided stem: the full-resolution block costs a quarter
-                conv = (Stem if i == 0 else nn.Conv2d)(width, c, 3, stride, padding=1, bias=False)
+                if i == 0:  # a strided stem: the full-resolution block costs a quarter
+                    conv = Stem(width, c, 3, 2, padding=1, bias=False, space_to_depth=space_to_depth_stem)
+                else:
+                    conv = nn.Conv2d(width, c, 3, 1, padding=1, bias=False)
                 blocks += [conv, nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
                 width = c
             self.features = nn.Sequential(*blocks)
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, n_classes))
-            self.aug = aug
+            self.aug, self.fused_augment = aug, fused_augment
+            self.augments = bool(aug.flip or aug.rotation_deg or aug.crop_min < 1 or aug.jitter)
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -751,11 +799,22 @@ def _torch_model_class():
             return torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(self.inputs(x).contiguous(memory_format=self.memory_format())))
+
+        def inputs(self, x: torch.Tensor) -> torch.Tensor:
+            """uint8 NHWC -> the normalised NCHW batch (laid out channels-last), augmented while training."""
+            augments = self.training and self.augments
+            if augments and self.fused_augment and x.is_cuda:
+                from .guava_cuda import augment_normalize
+
+                theta, factors = draw_augmentation(len(x), self.aug, x.device)
+                # written in the dtype the stem computes in: the cast that autocast would make after it
+                dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
+                return augment_normalize(x, theta, factors, self.mean.view(3), self.std.view(3), dtype)
             x = x.permute(0, 3, 1, 2).float()  # NHWC uint8 -> NCHW float (still laid out channels-last)
-            if self.training:
-                x = augment(x, self.aug)
-            x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format())
-            return self.head(self.features(x))
+            if augments:
+                x = augment_reference(x, *draw_augmentation(len(x), self.aug, x.device))
+            return (x - self.mean) / self.std
 
     return GuavaCNN
 

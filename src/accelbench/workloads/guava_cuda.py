@@ -1,0 +1,99 @@
+"""Guava's training augmentation as one Triton kernel, for CUDA (imports triton: load only on a GPU).
+
+One program computes a block of output pixels of one image: each pixel's source point under the image's
+affine map (reflected at the borders, as `F.grid_sample(padding_mode="reflection", align_corners=False)`),
+the bilinear blend of its four uint8 RGB neighbours, the colour jitter and the normalisation, written once in
+the dtype the stem computes in. The same function in torch ops (`guava.augment_reference`) materialises the
+sampled image and reads it again in each pass that follows (H100, every option on, `dvc exp run` at b2048: 116.0k
+img/s with torch ops, 169.3k with this kernel). Sizes travel as int arguments and are made float
+inside: float arguments ran the kernel 1.8x slower under torch.compile (H100, b1024 at 224, side script:
+1,526 against 851 us a call, its compiled mean included), the same when called eagerly.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from accelbench.workloads.guava import GRAY
+
+
+@triton.jit
+def _reflect(c, size):
+    """grid_sample's reflection for align_corners=False: mirror over [-0.5, size - 0.5], then clip."""
+    c = tl.abs(c + 0.5)
+    flips = tl.floor(c / size)
+    extra = c - flips * size
+    odd = (flips - 2 * tl.floor(flips / 2)) > 0
+    c = tl.where(odd, size - extra, extra) - 0.5
+    return tl.minimum(tl.maximum(c, 0.0), size - 1.0)
+
+
+@triton.jit
+def _tap(base, y, x, w, stride_y):
+    offset = y * stride_y + x * 3
+    return (tl.load(base + offset).to(tl.float32) * w, tl.load(base + offset + 1).to(tl.float32) * w,
+            tl.load(base + offset + 2).to(tl.float32) * w)  # fmt: skip
+
+
+@triton.jit
+def _augment_kernel(src, out, theta, factors, src_mean, mean, std, H, W, gray_r, gray_g, gray_b,
+                    BLOCK: tl.constexpr):  # fmt: skip
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = p < H * W
+    p = tl.where(inside, p, 0)
+    oy, ox = p // W, p % W
+    wf, hf = W * 1.0, H * 1.0  # not W.to(): torch.compile's analysis of the kernel reads sizes as Python ints
+    xn = (2 * ox + 1).to(tl.float32) / wf - 1  # affine_grid's base grid, align_corners=False
+    yn = (2 * oy + 1).to(tl.float32) / hf - 1
+    t = theta + n * 6
+    gx = tl.load(t) * xn + tl.load(t + 1) * yn + tl.load(t + 2)
+    gy = tl.load(t + 3) * xn + tl.load(t + 4) * yn + tl.load(t + 5)
+    ix = _reflect(((gx + 1) * wf - 1) / 2, wf)
+    iy = _reflect(((gy + 1) * hf - 1) / 2, hf)
+    x0f, y0f = tl.floor(ix), tl.floor(iy)
+    wx, wy = ix - x0f, iy - y0f
+    x0, y0 = x0f.to(tl.int32), y0f.to(tl.int32)
+    x1, y1 = tl.minimum(x0 + 1, W - 1), tl.minimum(y0 + 1, H - 1)  # a clipped tap has weight 0
+    base = src + n * H * W * 3
+    r00, g00, b00 = _tap(base, y0, x0, (1 - wy) * (1 - wx), W * 3)
+    r01, g01, b01 = _tap(base, y0, x1, (1 - wy) * wx, W * 3)
+    r10, g10, b10 = _tap(base, y1, x0, wy * (1 - wx), W * 3)
+    r11, g11, b11 = _tap(base, y1, x1, wy * wx, W * 3)
+    r, g, b = r00 + r01 + r10 + r11, g00 + g01 + g10 + g11, b00 + b01 + b10 + b11
+    f = factors + n * 3
+    brightness, contrast, saturation = tl.load(f), tl.load(f + 1), tl.load(f + 2)
+    m = tl.load(src_mean + n) * brightness
+    r, g, b = (r * brightness - m) * contrast + m, (g * brightness - m) * contrast + m, (b * brightness - m) * contrast + m
+    luma = gray_r * r + gray_g * g + gray_b * b
+    r = tl.minimum(tl.maximum((r - luma) * saturation + luma, 0.0), 255.0)
+    g = tl.minimum(tl.maximum((g - luma) * saturation + luma, 0.0), 255.0)
+    b = tl.minimum(tl.maximum((b - luma) * saturation + luma, 0.0), 255.0)
+    o = out + n * H * W * 3 + p * 3
+    ty = out.dtype.element_ty
+    tl.store(o, ((r - tl.load(mean)) / tl.load(std)).to(ty), mask=inside)
+    tl.store(o + 1, ((g - tl.load(mean + 1)) / tl.load(std + 1)).to(ty), mask=inside)
+    tl.store(o + 2, ((b - tl.load(mean + 2)) / tl.load(std + 2)).to(ty), mask=inside)
+
+
+def augment_normalize(
+    x: torch.Tensor, theta: torch.Tensor | None, factors: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """uint8 NHWC images on CUDA -> the augmented, normalised NCHW batch in `dtype`, laid out channels-last:
+    `guava.augment_reference` then the normalisation, in one pass. `theta`: N x 2 x 3 affine maps as
+    `F.affine_grid` takes them; `factors`: N x 3 (brightness, contrast, saturation); None is the identity.
+    `mean`, `std`: the 3 channels' normalisation."""
+    n, h, w, _ = x.shape
+    if theta is None:
+        theta = torch.eye(2, 3, device=x.device).expand(n, 2, 3)  # made on the device: no copy to capture
+    if factors is None:
+        factors = torch.ones(n, 3, device=x.device)
+    out = torch.empty_like(x, dtype=dtype)
+    src_mean = x.mean(dim=(1, 2, 3), dtype=torch.float32)
+    block = 256
+    _augment_kernel[(triton.cdiv(h * w, block), n)](
+        x.contiguous(), out, theta.float().contiguous(), factors.float().contiguous(), src_mean,
+        mean.float().contiguous(), std.float().contiguous(), h, w, *GRAY, BLOCK=block,
+    )  # fmt: skip
+    return out.permute(0, 3, 1, 2)
