@@ -106,7 +106,6 @@ def test_padded_channels_are_the_same_conv(channels):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
-
 @pytest.mark.parametrize("size", [(16, 16), (17, 23)])
 def test_space_to_depth_is_the_same_conv(size):
     """The stem's 2x2 conv over 2x2 pixel blocks (what it runs on CUDA in channels_last) is the stride-2 3x3 conv:
@@ -149,6 +148,7 @@ def test_augmentation_draws_per_image_and_keeps_the_range():
     corner = torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.5, -0.5]]).repeat(6, 1, 1)
     flat = augment_reference(x, corner, torch.tensor([[1.0, 0.0, 1.0]]).repeat(6, 1))
     torch.testing.assert_close(flat, x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x))
+
 
 # ---------------------------------------------------------------- a `path` ImageFolder with bad files
 

@@ -56,6 +56,11 @@ class Augment:
     crop_min: float = 0.8  # a random crop keeps at least this share of the side, then is zoomed back
     jitter: float = 0.2  # brightness, contrast and saturation factors drawn from 1 +- jitter
 
+    @property
+    def warps(self) -> bool:
+        """Whether a geometric part (flip, rotation, crop-and-zoom) is on."""
+        return bool(self.flip or self.rotation_deg or self.crop_min < 1)
+
 
 @dataclass(frozen=True)
 class Model:
@@ -707,7 +712,7 @@ def augment_reference(x, theta, factors):
     import torch
     from torch.nn import functional as F
 
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True) if factors is not None else None
     if theta is not None:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -731,7 +736,7 @@ def draw_augmentation(n: int, aug: Augment, device):
 
     uniform = lambda *shape: torch.rand(*shape, device=device) * 2 - 1  # noqa: E731
     theta = factors = None
-    if aug.flip or aug.rotation_deg or aug.crop_min < 1:
+    if aug.warps:
         angle = uniform(n) * math.radians(aug.rotation_deg)
         scale = 1 - (1 - aug.crop_min) * torch.rand(n, device=device)  # share of the side kept
         shift = uniform(n, 2) * (1 - scale)[:, None]  # the crop stays inside the image
@@ -789,7 +794,7 @@ def _torch_model_class():
             self.features = nn.Sequential(*blocks)
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, n_classes))
             self.aug, self.fused_augment = aug, fused_augment
-            self.augments = bool(aug.flip or aug.rotation_deg or aug.crop_min < 1 or aug.jitter)
+            self.augments = aug.warps or bool(aug.jitter)
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 

@@ -87,10 +87,11 @@ def augment_normalize(
     n, h, w, _ = x.shape
     if theta is None:
         theta = torch.eye(2, 3, device=x.device).expand(n, 2, 3)  # made on the device: no copy to capture
-    if factors is None:
-        factors = torch.ones(n, 3, device=x.device)
+    if factors is None:  # no jitter: the kernel's colour step is the identity and needs no mean
+        factors, src_mean = torch.ones(n, 3, device=x.device), torch.zeros(n, device=x.device)
+    else:
+        src_mean = x.mean(dim=(1, 2, 3), dtype=torch.float32)
     out = torch.empty_like(x, dtype=dtype)
-    src_mean = x.mean(dim=(1, 2, 3), dtype=torch.float32)
     block = 256
     _augment_kernel[(triton.cdiv(h * w, block), n)](
         x.contiguous(), out, theta.float().contiguous(), factors.float().contiguous(), src_mean,
