@@ -1,6 +1,7 @@
 """Fast checks of the core pieces that the pipeline tests exercise only end to end."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 
 from accelbench import devices
-from accelbench.config import load_config, with_overrides
+from accelbench.config import ablation_options, load_config, with_overrides
 from accelbench.errors import ConfigError, DeviceError
 from accelbench.io import atomic_dir
 from accelbench.timing import median, spread, steady
@@ -33,6 +34,21 @@ def test_overrides_are_type_checked_and_paths_checked():
         with_overrides(p, {"train.lrr": 1})
     with pytest.raises(ConfigError, match="train.batch_size: expected int"):
         with_overrides(p, {"train.batch_size": "big"})
+
+
+def test_compile_mode_needs_compile_and_its_ablation_entry_compiles(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("compile_mode: default", "compile_mode: max-autotune-no-cudagraphs")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="compile_mode 'max-autotune-no-cudagraphs' needs compile: true"):
+        load_config(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(text.replace("compile: false", "compile: true"))
+    assert load_config(tmp_path / "params.yaml").compile_mode == "max-autotune-no-cudagraphs"
+    # alone in an ablation, the mode is compile in that mode; the default mode changes only the mode
+    assert ablation_options(["compile_mode=max-autotune-no-cudagraphs", "compile_mode=default"]) == {
+        "compile_mode=max-autotune-no-cudagraphs": {"compile_mode": "max-autotune-no-cudagraphs", "compile": True},
+        "compile_mode=default": {"compile_mode": "default"}}
+    with pytest.raises(ValueError, match=re.escape("compile_mode=default|max-autotune-no-cudagraphs")):
+        ablation_options(["compile_mode=max-autotune"])  # its own CUDA graphs would fight cuda_graphs'
 
 
 def test_search_spec_needs_range_or_choices(tmp_path):

@@ -253,7 +253,7 @@ def test_guava_fused_augmentation_is_the_reference(monkeypatch, size):
         torch.testing.assert_close(half.float(), want, rtol=2**-8, atol=1e-3)
 
     calls = []
-    monkeypatch.setattr(guava_cuda, "augment_normalize", lambda *a: calls.append(a[-1]) or a[0].permute(0, 3, 1, 2).float())
+    monkeypatch.setattr(guava_cuda, "augment_normalize", lambda *a: calls.append(a[5]) or a[0].permute(0, 3, 1, 2).float())
     meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
     for fused in (True, False):
         params = guava.Params()
@@ -262,6 +262,49 @@ def test_guava_fused_augmentation_is_the_reference(monkeypatch, size):
         with torch.autocast("cuda", torch.bfloat16):
             model(x)
     assert calls == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (37, 53)])
+def test_guava_kernel_writes_the_stems_blocks(monkeypatch, size):
+    """With the block stem in channels_last, the kernel writes the stem's input as `space_to_depth` and
+    `pad_channels` lay it out (bit for bit, fp32 and bf16), and a training step through it is the step through
+    the pass that lays it out: the same logits and stem gradient for the same draws."""
+    import torch
+
+    from accelbench.devices import Device, Runtime
+    from accelbench.engines.torch import _place
+    from accelbench.workloads import guava, guava_cuda
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (16, *size, 3), dtype=torch.uint8, device="cuda")
+    mean, std = torch.tensor([110.0, 120.0, 90.0], device="cuda"), torch.tensor([50.0, 60.0, 55.0], device="cuda")
+    theta, factors = guava.draw_augmentation(16, guava.Augment(), "cuda")
+    weight = torch.zeros(8, 3, 3, 3, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        pixels = guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype)
+        blocks = guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype, blocks=True)
+        want = guava.pad_channels(*guava.space_to_depth(pixels, weight), 8)[0]
+        assert blocks.shape == want.shape and blocks.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(blocks, want, rtol=0, atol=0)
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
+    model = _place(guava.WORKLOAD.build_model("torch", guava.Params(), meta), Runtime(Device("cuda"), "torch", channels_last=True))
+    model.head[2].p = 0.0  # dropout off: the two steps draw nothing but the augmentation
+    calls, original = [], guava_cuda.augment_normalize
+    monkeypatch.setattr(guava_cuda, "augment_normalize", lambda *a: calls.append(a[6]) or original(*a))
+    results = []
+    for writes_blocks in (True, False):
+        if not writes_blocks:
+            monkeypatch.setattr(type(model), "writes_blocks", lambda self, x: False)
+        model.zero_grad()
+        torch.manual_seed(1)
+        logits = model.train()(x)
+        logits.square().sum().backward()
+        results.append((logits.detach(), model.features[0].weight.grad.clone()))
+    assert calls == [True, False]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_steps_capture_with_a_ragged_last_batch(tmp_path):

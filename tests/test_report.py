@@ -153,6 +153,8 @@ def test_goals_pair_each_sides_tuned_batch_and_ablation_shows_what_each_option_b
     client.log_metric(runs["gpu256"], "bench/gpu_util_pct", 97.0)
     log_ablation(client, exp, "baseline", 8000, 0.81)
     graphs = log_ablation(client, exp, "cuda_graphs=true", 90000, 0.81, cuda_graphs="true")
+    log_ablation(client, exp, "compile_mode=max-autotune-no-cudagraphs", 12000, 0.81, compile="true",
+                 compile_mode="max-autotune-no-cudagraphs")  # fmt: skip
     client.log_metric(graphs, "bench/gpu_util_pct", 96.0)
     log_ablation(client, exp, "channels_last=true", None, skipped="no 4-D weights: channels_last changes nothing")
     summary = build(uri, tmp_path / "reports")
@@ -161,7 +163,7 @@ def test_goals_pair_each_sides_tuned_batch_and_ablation_shows_what_each_option_b
     assert goal_row["speedup"] == pytest.approx(90.0) and goal_row["met"] and goal_row["util_met"]
     assert (goal_row["cpu_run"], goal_row["gpu_run"]) == (runs["cpu64"], graphs)
     assert [(a["setting"], a["speedup"]) for a in summary["ablation"]] == [
-        ("baseline", 1.0), ("channels_last=true", None), ("cuda_graphs=true", 11.25)]
+        ("baseline", 1.0), ("channels_last=true", None), ("compile_mode=max-autotune-no-cudagraphs", 1.5), ("cuda_graphs=true", 11.25)]
     md = (tmp_path / "reports" / "report.md").read_text()
     assert "## Goals: GPU against the same host's CPU" in md and "| 90.00x | yes |" in md
     assert "b64 fp32: 1,000" in md and "b256 fp32+graphs: 90,000" in md
@@ -177,9 +179,11 @@ def test_goal_at_a_tuned_batch_that_is_also_the_default_counts_the_sweep_record(
     cpu = log_run(client, exp, "b", "cpu", "Xeon", "hostA", 32, [4000] * 3, "default")
     tag_run(client, cpu, **goal)
     log_ablation(client, exp, "baseline", 3000, 0.8, device="cpu", device_name="Xeon", batch_size="32")
-    gpu = log_ablation(client, exp, "all", 120000, 0.8, batch_size="32", cuda_graphs="true")
+    gpu = log_ablation(client, exp, "all", 120000, 0.8, batch_size="32", cuda_graphs="true", compile="true",
+                       compile_mode="max-autotune-no-cudagraphs")  # fmt: skip
     [row] = build(uri, tmp_path / "reports")["goals"]
     assert (row["cpu_run"], row["gpu_run"]) == (cpu, gpu) and row["speedup"] == pytest.approx(30.0) and row["met"]
+    assert "b32 fp32+compile(max-autotune-no-cudagraphs)+graphs: 120,000" in (tmp_path / "reports" / "report.md").read_text()
 
 
 def log_population(client, exp_id, device, device_name, hardware, trials, epochs, pop_rate, seq_rate, pop_best, seq_best):

@@ -87,7 +87,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     runtime = Runtime(
         device, framework, cfg.precision, cfg.compile, cfg.seed, b.cpu_threads or cfg.cpu_threads,
         deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
-        fused_optimizer=cfg.fused_optimizer,
+        fused_optimizer=cfg.fused_optimizer, compile_mode=cfg.compile_mode,
     )  # fmt: skip
     engine = get_engine(framework)
     engine.setup(runtime)

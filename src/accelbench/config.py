@@ -20,6 +20,7 @@ from .errors import ConfigError
 Device = str  # cpu | cuda | cuda:N | auto, validated in devices.resolve
 Framework = Literal["torch", "tensorflow"]
 Precision = Literal["fp32", "bf16", "fp16"]
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]  # torch.compile's modes that leave CUDA graphs to cuda_graphs
 
 
 @dataclass(frozen=True)
@@ -136,11 +137,13 @@ class BenchmarkConfig:
 
 
 ABLATION_VALUES = {"precision": ("fp32", "bf16", "fp16"), "channels_last": (True, False), "compile": (True, False),
-                   "cuda_graphs": (True, False), "fused_optimizer": (True, False)}  # fmt: skip
+                   "compile_mode": typing.get_args(CompileMode), "cuda_graphs": (True, False),
+                   "fused_optimizer": (True, False)}  # fmt: skip
 
 
 def ablation_options(entries: list[str]) -> dict[str, dict[str, Any]]:
-    """'precision=bf16' -> {'precision=bf16': {'precision': 'bf16'}}; ValueError naming a bad entry."""
+    """'precision=bf16' -> {'precision=bf16': {'precision': 'bf16'}}; ValueError naming a bad entry. A compile mode
+    other than the default compiles too: alone, it is compile in that mode."""
     out = {}
     for entry in entries:
         key, _, raw = entry.partition("=")
@@ -149,6 +152,8 @@ def ablation_options(entries: list[str]) -> dict[str, dict[str, Any]]:
             allowed = ", ".join(f"{k}={'|'.join(str(v).lower() for v in vs)}" for k, vs in ABLATION_VALUES.items())
             raise ValueError(f"ablation: '{entry}' is not one of {allowed}")
         out[entry] = {key.strip(): value}
+        if key.strip() == "compile_mode" and value != "default":
+            out[entry]["compile"] = True
     return out
 
 
@@ -190,6 +195,7 @@ class Config:
     seed: int = 42
     precision: Precision = "fp32"
     compile: bool = False  # torch: the model and AdamW's step (one generated kernel, in place of fused_optimizer's)
+    compile_mode: CompileMode = "default"  # torch: the model's; max-autotune-no-cudagraphs times Triton templates against cuDNN/cuBLAS
     channels_last: bool = False  # torch: NHWC memory layout for 4-D (image) models
     cuda_graphs: bool = False  # torch on CUDA: capture the training steps once, replay them (no per-kernel launches)
     fused_optimizer: bool = False  # torch: AdamW's fused kernel, one launch for every parameter, instead of foreach
@@ -200,6 +206,10 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     sections: dict[str, WorkloadParams] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"compile_mode '{self.compile_mode}' needs compile: true (without it nothing is compiled)")
 
     def params(self, workload: str) -> WorkloadParams:
         return self.sections[workload]

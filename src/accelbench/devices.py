@@ -169,6 +169,7 @@ class Runtime:
     channels_last: bool = False
     cuda_graphs: bool = False  # torch on CUDA: training steps replayed from captured CUDA graphs
     fused_optimizer: bool = False  # torch: AdamW as one fused kernel (CPU and CUDA)
+    compile_mode: str = "default"  # torch.compile's mode for the model, when compile is on
     world_size: int = 1  # data-parallel ranks (torch processes, TF replicas) one training step spans
     rank: int = 0  # this process's rank; only rank 0 logs and writes outputs
     process_group: bool = False  # torch: a torch.distributed group is up (torchrun), so the model is DDP-wrapped
@@ -184,6 +185,7 @@ class Runtime:
             "framework": self.framework,
             "precision": self.precision,
             "compile": str(self.compile).lower(),
+            "compile_mode": self.compile_mode,
             "channels_last": str(self.channels_last).lower(),
             "world_size": str(self.world_size),
             "cuda_graphs": str(self.cuda_graphs).lower(),

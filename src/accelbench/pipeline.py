@@ -52,7 +52,7 @@ def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False) -> Runti
     runtime = Runtime(
         device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads,
         deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
-        fused_optimizer=cfg.fused_optimizer,
+        fused_optimizer=cfg.fused_optimizer, compile_mode=cfg.compile_mode,
     )  # fmt: skip
     if data_parallel:
         runtime = distributed.join(cfg, runtime)

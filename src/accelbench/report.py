@@ -20,7 +20,7 @@ from . import stats
 from .errors import AccelbenchError
 from .io import atomic_dir, write_json
 
-KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "channels_last", "cuda_graphs",
+KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "compile_mode", "channels_last", "cuda_graphs",
             "fused_optimizer", "setting", "batch_size", "hardware", "world_size")  # fmt: skip
 
 
@@ -288,8 +288,10 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
 
 
 def _setting(r: Rec) -> str:
-    """fp32, bf16+CL+compile+fused+graphs...: how a measurement ran, in a few characters."""
-    flags = [("channels_last", "CL"), ("compile", "compile"), ("fused_optimizer", "fused")]
+    """fp32, bf16+CL+compile+fused+graphs, bf16+compile(max-autotune-no-cudagraphs)...: how a measurement ran."""
+    mode = r.t("compile_mode")
+    compiled = "compile" + (f"({mode})" if mode not in ("", "default") else "")
+    flags = [("channels_last", "CL"), ("compile", compiled), ("fused_optimizer", "fused")]
     graphs = r.t("cuda_graphs") == "true" and r.t("cuda_graphs_applied") in ("", "on")  # not where a no-op (CPU)
     return "+".join([r.t("precision") or "fp32"] + [label for tag, label in flags if r.t(tag) == "true"] + ["graphs"] * graphs)
 

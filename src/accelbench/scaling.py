@@ -127,7 +127,7 @@ def _with_efficiency(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _log(wl: Workload, rec: dict[str, Any]) -> None:
-    runtime_tags = {k: str(rec[k]) for k in ("device", "device_name", "framework", "precision", "compile", "channels_last")}
+    runtime_tags = {k: str(rec[k]) for k in ("device", "device_name", "framework", "precision", "compile", "compile_mode", "channels_last")}
     name = run_name("scaling", runtime_tags, rec["variant"] if rec["several_variants"] else None) + f"-w{rec['world_size']}"
     keys = ("kind", "variant", "batch_size", "per_rank_batch", "world_size", "hparams", "timed",
             "dist.backend", "dist.devices", "dist.nodes")  # fmt: skip

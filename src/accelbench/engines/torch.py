@@ -179,7 +179,7 @@ def _compiled(model: nn.Module, runtime: Runtime) -> nn.Module:
     if not runtime.compile:
         return model
     torch.compiler.reset()
-    return torch.compile(model, dynamic=False)
+    return torch.compile(model, dynamic=False, mode=runtime.compile_mode)
 
 
 def _make_step(step_model, opt, scaler, loss_fn, runtime: Runtime):

@@ -697,11 +697,16 @@ def space_to_depth(x, weight):
     channels, half the side): the same conv. The kernel's fourth row and column are zeros."""
     from torch.nn import functional as F
 
-    c, o = x.shape[1], weight.shape[0]
     blocks = F.pixel_unshuffle(F.pad(x, (1, 1 + x.shape[3] % 2, 1, 1 + x.shape[2] % 2)), 2)  # channel c*4 + dy*2 + dx
-    # weight[o, c, 2*by + dy, 2*bx + dx] -> [o, c*4 + dy*2 + dx, by, bx]
-    w = F.pad(weight, (0, 1, 0, 1)).view(o, c, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, 2, 2)
-    return blocks, w
+    return blocks, block_weight(weight)
+
+
+def block_weight(weight):
+    """`space_to_depth`'s weight: weight[o, c, 2*by + dy, 2*bx + dx] -> [o, c*4 + dy*2 + dx, by, bx]."""
+    from torch.nn import functional as F
+
+    o, c = weight.shape[:2]
+    return F.pad(weight, (0, 1, 0, 1)).view(o, c, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, 2, 2)
 
 
 def augment_reference(x, theta, factors):
@@ -778,6 +783,12 @@ def _torch_model_class():
                 return self._conv_forward(*pad_channels(x, self.weight, 8), self.bias)
             return F.conv2d(*pad_channels(*space_to_depth(x, self.weight), 8), self.bias)
 
+        def over_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+            """The conv over blocks already laid out as `space_to_depth` and `pad_channels` lay them out."""
+            w = block_weight(self.weight)
+            w = F.pad(w, (0, 0, 0, 0, 0, blocks.shape[1] - w.shape[1])).contiguous(memory_format=torch.channels_last)
+            return F.conv2d(blocks, w, self.bias)
+
     class GuavaCNN(nn.Module):
         """uint8 NHWC in, logits out: conv blocks with batch norm, global pooling, a dense head."""
 
@@ -804,18 +815,31 @@ def _torch_model_class():
             return torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.writes_blocks(x):  # the kernel lays the stem's input out itself: no pass between them
+                stem, rest = self.features[0], self.features[1:]
+                return self.head(rest(stem.over_blocks(self.augmented(x, blocks=True))))
             return self.head(self.features(self.inputs(x).contiguous(memory_format=self.memory_format())))
+
+        def fuses_augmentation(self, x: torch.Tensor) -> bool:
+            return self.training and self.augments and self.fused_augment and x.is_cuda
+
+        def writes_blocks(self, x: torch.Tensor) -> bool:
+            stem = self.features[0]
+            return self.fuses_augmentation(x) and stem.space_to_depth and self.memory_format() == torch.channels_last
+
+        def augmented(self, x: torch.Tensor, blocks: bool = False) -> torch.Tensor:
+            from .guava_cuda import augment_normalize
+
+            theta, factors = draw_augmentation(len(x), self.aug, x.device)
+            # written in the dtype the stem computes in: the cast that autocast would make after it
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
+            return augment_normalize(x, theta, factors, self.mean.view(3), self.std.view(3), dtype, blocks)
 
         def inputs(self, x: torch.Tensor) -> torch.Tensor:
             """uint8 NHWC -> the normalised NCHW batch (laid out channels-last), augmented while training."""
             augments = self.training and self.augments
-            if augments and self.fused_augment and x.is_cuda:
-                from .guava_cuda import augment_normalize
-
-                theta, factors = draw_augmentation(len(x), self.aug, x.device)
-                # written in the dtype the stem computes in: the cast that autocast would make after it
-                dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
-                return augment_normalize(x, theta, factors, self.mean.view(3), self.std.view(3), dtype)
+            if self.fuses_augmentation(x):
+                return self.augmented(x)
             x = x.permute(0, 3, 1, 2).float()  # NHWC uint8 -> NCHW float (still laid out channels-last)
             if augments:
                 x = augment_reference(x, *draw_augmentation(len(x), self.aug, x.device))
