@@ -113,7 +113,7 @@ def test_space_to_depth_is_the_same_conv(size):
     import torch
     from torch.nn import functional as F
 
-    from accelbench.workloads.guava import space_to_depth
+    from accelbench.workloads.guava import CLASSES, WORKLOAD, Params, pad_channels, space_to_depth
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
@@ -125,6 +125,12 @@ def test_space_to_depth_is_the_same_conv(size):
     g = torch.randn_like(plain)
     for a, b in zip(*(torch.autograd.grad(out, (x, w), g) for out in (plain, by_blocks))):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    # the model's stem over blocks padded to 16 channels, as the CUDA kernel writes them
+    meta = {"classes": list(CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
+    stem = WORKLOAD.build_model("torch", Params(), meta).double().features[0]
+    with torch.no_grad():
+        stem.weight.copy_(w)
+        torch.testing.assert_close(stem.over_blocks(pad_channels(blocks, wb, 8)[0]), plain, rtol=0, atol=1e-12)
 
 
 def test_augmentation_draws_per_image_and_keeps_the_range():

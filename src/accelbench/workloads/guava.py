@@ -684,12 +684,15 @@ GRAY = (0.299, 0.587, 0.114)  # luma weights of R, G, B (ITU-R BT.601)
 def pad_channels(x, weight, multiple: int):
     """A conv's NCHW input and OIHW weight with their input channels zero-padded to `multiple`, both in
     channels_last: the same conv, in the channel count that NHWC tensor-core kernels take."""
+    return channels_padded(x, multiple), channels_padded(weight, multiple)
+
+
+def channels_padded(t, multiple: int):
+    """An NCHW input or OIHW weight with dim 1 zero-padded to a multiple of `multiple`, laid out channels-last."""
     import torch
     from torch.nn import functional as F
 
-    pad = (0, 0, 0, 0, 0, -x.shape[1] % multiple)
-    return (F.pad(x, pad).contiguous(memory_format=torch.channels_last),
-            F.pad(weight, pad).contiguous(memory_format=torch.channels_last))  # fmt: skip
+    return F.pad(t, (0, 0, 0, 0, 0, -t.shape[1] % multiple)).contiguous(memory_format=torch.channels_last)
 
 
 def space_to_depth(x, weight):
@@ -785,9 +788,7 @@ def _torch_model_class():
 
         def over_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
             """The conv over blocks already laid out as `space_to_depth` and `pad_channels` lay them out."""
-            w = block_weight(self.weight)
-            w = F.pad(w, (0, 0, 0, 0, 0, blocks.shape[1] - w.shape[1])).contiguous(memory_format=torch.channels_last)
-            return F.conv2d(blocks, w, self.bias)
+            return F.conv2d(blocks, channels_padded(block_weight(self.weight), 8), self.bias)
 
     class GuavaCNN(nn.Module):
         """uint8 NHWC in, logits out: conv blocks with batch norm, global pooling, a dense head."""
