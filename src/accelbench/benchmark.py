@@ -84,11 +84,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     """Inside the child process: the batch-size sweep and the time to target on one device."""
     b = cfg.benchmark
     device = devices.resolve(spec, framework)
-    runtime = Runtime(
-        device, framework, cfg.precision, cfg.compile, cfg.seed, b.cpu_threads or cfg.cpu_threads,
-        deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
-        fused_optimizer=cfg.fused_optimizer, compile_mode=cfg.compile_mode,
-    )  # fmt: skip
+    runtime = Runtime.from_config(cfg, device, framework, b.cpu_threads or cfg.cpu_threads)
     engine = get_engine(framework)
     engine.setup(runtime)
     prepared = load_prepared(root / "data" / "prepared" / wl.name)

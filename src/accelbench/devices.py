@@ -174,6 +174,13 @@ class Runtime:
     rank: int = 0  # this process's rank; only rank 0 logs and writes outputs
     process_group: bool = False  # torch: a torch.distributed group is up (torchrun), so the model is DDP-wrapped
 
+    @classmethod
+    def from_config(cls, cfg: Any, device: Device, framework: str, cpu_threads: int | None) -> Runtime:
+        """The runtime options params.yaml's shared base sets (`cfg`: a config.Config), on `device`."""
+        return cls(device, framework, cfg.precision, cfg.compile, cfg.seed, cpu_threads, deterministic=cfg.deterministic,
+                   channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs, fused_optimizer=cfg.fused_optimizer,
+                   compile_mode=cfg.compile_mode)  # fmt: skip
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -49,11 +49,7 @@ def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False) -> Runti
     """`data_parallel`: this process is (a rank of) a `distributed` run: train and benchmark, not tune/evaluate."""
     framework = framework_for(cfg, wl)
     device = devices.resolve(cfg.device, framework)
-    runtime = Runtime(
-        device, framework, cfg.precision, cfg.compile, cfg.seed, cfg.cpu_threads,
-        deterministic=cfg.deterministic, channels_last=cfg.channels_last, cuda_graphs=cfg.cuda_graphs,
-        fused_optimizer=cfg.fused_optimizer, compile_mode=cfg.compile_mode,
-    )  # fmt: skip
+    runtime = Runtime.from_config(cfg, device, framework, cfg.cpu_threads)
     if data_parallel:
         runtime = distributed.join(cfg, runtime)
     get_engine(runtime.framework).setup(runtime)
