@@ -1,6 +1,7 @@
 """DVC stage: python stages/benchmark.py <workload>"""
+from accelbench.benchmark import run
 from accelbench.cli import main
-from accelbench.pipeline import benchmark
+from accelbench.tracking import record_failure
 
 if __name__ == "__main__":
-    main("benchmark", benchmark)
+    main("benchmark", run, on_failure=record_failure)

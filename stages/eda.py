@@ -1,6 +1,6 @@
 """DVC stage: python stages/eda.py <workload>"""
 from accelbench.cli import main
-from accelbench.pipeline import eda
+from accelbench.data_stages import eda
 
 if __name__ == "__main__":
     main("eda", eda)

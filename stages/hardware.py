@@ -1,6 +1,6 @@
-"""DVC stage: python stages/hardware.py -> results/hardware.json (CPU, RAM, GPUs, CUDA, versions)."""
+"""DVC stage: python stages/hardware.py"""
 from accelbench.cli import main_global
-from accelbench.pipeline import hardware
+from accelbench.data_stages import hardware
 
 if __name__ == "__main__":
     main_global("hardware", hardware)

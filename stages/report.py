@@ -1,6 +1,6 @@
-"""DVC stage: python stages/report.py -> reports/ (report.md, report.html, PNGs) from the MLflow store."""
+"""DVC stage: python stages/report.py"""
 from accelbench.cli import main_global
-from accelbench.pipeline import report
+from accelbench.report import build_for_project
 
 if __name__ == "__main__":
-    main_global("report", report)
+    main_global("report", build_for_project)

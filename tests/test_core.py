@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from accelbench import devices
-from accelbench.config import ablation_options, load_config, with_overrides
+from accelbench.config import ablation_options, with_overrides
+from accelbench.project import load_config
 from accelbench.errors import ConfigError, DeviceError
 from accelbench.io import atomic_dir
 from accelbench.timing import median, spread, steady
-from accelbench.tuning import mask_secrets, storage_url
+from accelbench.study import mask_secrets, storage_url
 from accelbench.workloads import get_workload
 from accelbench.workloads.diabetes import read_kaggle_csv
 from conftest import FIXTURES, REPO
@@ -129,7 +130,7 @@ def test_timing_stats():
 def test_a_timed_repeat_runs_its_steps_until_it_lasts_min_repeat_s(prepared_project, framework):
     """Each engine's bench, on the prepared diabetes split: a few steps of a small MLP last about a millisecond,
     so with a 0.1 s floor every timed repeat runs them several times over; with no floor, once."""
-    from accelbench.config import load_config
+    from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve
     from accelbench.engines import get_engine
     from accelbench.io import load_prepared

@@ -15,7 +15,8 @@ import json
 
 import pytest
 
-from accelbench.config import DistributedConfig, TrainParams, load_config
+from accelbench.config import DistributedConfig, TrainParams
+from accelbench.project import load_config
 from accelbench.errors import ConfigError
 
 from conftest import make_project
@@ -43,12 +44,13 @@ def single_process(project, framework: str) -> list[dict[str, float]]:
     """The same training as the train stage's, in this process, on one device: the reference history."""
     from accelbench import pipeline
     from accelbench.engines import get_engine
+    from accelbench.runtime import runtime_for
     from accelbench.io import load_prepared
     from accelbench.workloads import get_workload
 
     cfg = load_config(project.root / "params.yaml")
     wl = get_workload("stock")
-    runtime = pipeline.runtime_for(cfg, wl)  # seeds as the stage does
+    runtime = runtime_for(cfg, wl)  # seeds as the stage does
     assert runtime.world_size == 1
     prepared = load_prepared(project.root / "data/prepared/stock")
     params, _ = pipeline.variant_params(cfg, wl, project.root)["lstm"]

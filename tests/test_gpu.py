@@ -138,7 +138,8 @@ def gpu_prepared(tmp_path_factory):
 def test_cuda_graphs_train_like_eager(gpu_prepared, workload, overrides):
     """The whole epoch replayed from one CUDA graph (ragged last batch included) ends where eager training
     does: same losses and validation metric, within float rounding (dropout off: graphs draw other numbers)."""
-    from accelbench.config import load_config, with_overrides
+    from accelbench.config import with_overrides
+from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve, seed_everything
     from accelbench.engines import torch as engine
     from accelbench.io import load_prepared
@@ -168,7 +169,8 @@ def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
     off: graphs draw other random numbers), within float rounding."""
     import torch
 
-    from accelbench.config import load_config, with_overrides
+    from accelbench.config import with_overrides
+from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve, seed_everything
     from accelbench.io import load_prepared
     from accelbench.population import fit_population
@@ -238,7 +240,7 @@ def test_guava_fused_augmentation_is_the_reference(monkeypatch, size):
 
     import torch
 
-    from accelbench.workloads import guava, guava_cuda
+    from accelbench.workloads import guava, _guava_cuda
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, *size, 3), dtype=torch.uint8, device="cuda")
@@ -246,14 +248,14 @@ def test_guava_fused_augmentation_is_the_reference(monkeypatch, size):
     theta, factors = guava.draw_augmentation(16, guava.Augment(), "cuda")
     for th, fa in [(theta, factors), (theta * 1.5, factors), (None, factors), (theta, None), (None, None)]:
         want = (guava.augment_reference(x.permute(0, 3, 1, 2).float(), th, fa) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-        got = guava_cuda.augment_normalize(x, th, fa, mean, std, torch.float32)
+        got = _guava_cuda.augment_normalize(x, th, fa, mean, std, torch.float32)
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
-        half = guava_cuda.augment_normalize(x, th, fa, mean, std, torch.bfloat16)
+        half = _guava_cuda.augment_normalize(x, th, fa, mean, std, torch.bfloat16)
         torch.testing.assert_close(half.float(), want, rtol=2**-8, atol=1e-3)
 
     calls = []
-    monkeypatch.setattr(guava_cuda, "augment_normalize", lambda *a: calls.append(a[5]) or a[0].permute(0, 3, 1, 2).float())
+    monkeypatch.setattr(_guava_cuda, "augment_normalize", lambda *a: calls.append(a[5]) or a[0].permute(0, 3, 1, 2).float())
     meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
     for fused in (True, False):
         params = guava.Params()
@@ -273,7 +275,7 @@ def test_guava_kernel_writes_the_stems_blocks(monkeypatch, size):
 
     from accelbench.devices import Device, Runtime
     from accelbench.engines.torch import _place
-    from accelbench.workloads import guava, guava_cuda
+    from accelbench.workloads import guava, _guava_cuda
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, *size, 3), dtype=torch.uint8, device="cuda")
@@ -281,8 +283,8 @@ def test_guava_kernel_writes_the_stems_blocks(monkeypatch, size):
     theta, factors = guava.draw_augmentation(16, guava.Augment(), "cuda")
     weight = torch.zeros(8, 3, 3, 3, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
-        pixels = guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype)
-        blocks = guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype, blocks=True)
+        pixels = _guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype)
+        blocks = _guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype, blocks=True)
         want = guava.pad_channels(*guava.space_to_depth(pixels, weight), 8)[0]
         assert blocks.shape == want.shape and blocks.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(blocks, want, rtol=0, atol=0)
@@ -291,8 +293,8 @@ def test_guava_kernel_writes_the_stems_blocks(monkeypatch, size):
     meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
     model = _place(guava.WORKLOAD.build_model("torch", guava.Params(), meta), Runtime(Device("cuda"), "torch", channels_last=True))
     model.head[2].p = 0.0  # dropout off: the two steps draw nothing but the augmentation
-    calls, original = [], guava_cuda.augment_normalize
-    monkeypatch.setattr(guava_cuda, "augment_normalize", lambda *a: calls.append(a[6]) or original(*a))
+    calls, original = [], _guava_cuda.augment_normalize
+    monkeypatch.setattr(_guava_cuda, "augment_normalize", lambda *a: calls.append(a[6]) or original(*a))
     results = []
     for writes_blocks in (True, False):
         if not writes_blocks:
@@ -314,7 +316,8 @@ def test_compiled_steps_capture_with_a_ragged_last_batch(tmp_path):
     dynamic-shape recompile came after a longer sequence of fits; this test passed under both on the H100.)"""
     import math
 
-    from accelbench.config import load_config, with_overrides
+    from accelbench.config import with_overrides
+from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve, seed_everything
     from accelbench.engines import torch as engine
     from accelbench.io import load_prepared

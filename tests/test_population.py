@@ -9,7 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from accelbench.config import load_config, with_overrides
+from accelbench.config import with_overrides
+from accelbench.project import load_config
 from accelbench.devices import Device, Runtime, seed_everything
 from accelbench.engines import torch as engine
 from accelbench.io import load_prepared

@@ -217,8 +217,8 @@ def test_mnist_csv_with_and_without_header_reads_alike():
 
 
 def test_global_tensorflow_leaves_quantum_on_torch(tmp_path):
-    from accelbench.config import load_config
-    from accelbench.pipeline import runtime_for
+    from accelbench.project import load_config
+    from accelbench.runtime import runtime_for
     from accelbench.workloads import get_workload
 
     path = tmp_path / "params.yaml"
@@ -461,7 +461,8 @@ def test_population_of_heads_matches_one_by_one(digits, variant, head):
     relative per op for the batched matmuls (dense: 1e-5 as for diabetes), while vmap turns N convolutions
     into one grouped convolution with another kernel, whose rounding differences compound through 12 Adam
     steps at lr up to 3e-2 (conv: 1e-4, still far below the gaps between members asserted at the end)."""
-    from accelbench.config import load_config, with_overrides
+    from accelbench.config import with_overrides
+from accelbench.project import load_config
     from accelbench.devices import Device, Runtime, seed_everything
     from accelbench.engines import torch as engine
     from accelbench.io import load_prepared

@@ -19,13 +19,17 @@ from typing import Any
 import optuna
 
 from . import devices, distributed, scaling, stats, tuning
+from .cli import main_child
 from .config import ABLATION_VALUES, BenchmarkConfig, Config, ablation_options, with_overrides
 from .devices import Runtime
 from .engines import BenchResult, get_engine
 from .errors import AccelbenchError, ConfigError, TrainingError
 from .io import Prepared, load_prepared, write_json
+from .project import prepared_dir, results_dir
+from .runtime import on_device, runtime_for
+from .study import Study, config_hash, storage_url, study_name
 from .timing import median, spread
-from .tracking import log_benchmark_run, run_name, stage_run
+from .tracking import log_benchmark_run, record_failure, run_name, stage_run
 from .workloads import Workload
 
 
@@ -66,15 +70,15 @@ def run(cfg: Config, wl: Workload, root: Path) -> None:
                 records += json.loads(out.read_text())
     if scaling.rank_counts(cfg):
         records += scaling.run(cfg, wl, root, frameworks(cfg, wl))
-    write_json(root / "results" / wl.name / "benchmark.json", {"records": records})
+    write_json(results_dir(root, wl.name) / "benchmark.json", {"records": records})
 
 
 def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, root: Path) -> tuple[dict[str, Any], str]:
     """The device's own best trial from its Optuna study, else the params as written (and say which)."""
     several = len(wl.variants(cfg.params(wl.name))) > 1
-    name = tuning.study_name(wl.name, variant if several else None, runtime)
+    name = study_name(wl.name, variant if several else None, runtime)
     try:
-        study = optuna.load_study(study_name=name, storage=tuning.storage_url(cfg.tune.storage, root))
+        study = optuna.load_study(study_name=name, storage=storage_url(cfg.tune.storage, root))
         return study.best_trial.params, f"tuned:{name}#{study.best_trial.number}"
     except (KeyError, ValueError):  # no such study, or no completed trial in it
         return {}, "defaults"
@@ -83,11 +87,10 @@ def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, r
 def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) -> list[dict[str, Any]]:
     """Inside the child process: the batch-size sweep and the time to target on one device."""
     b = cfg.benchmark
-    device = devices.resolve(spec, framework)
-    runtime = Runtime.from_config(cfg, device, framework, b.cpu_threads or cfg.cpu_threads)
+    runtime = runtime_for(on_device(cfg, wl, spec, framework, b.cpu_threads or cfg.cpu_threads), wl)
+    device = runtime.device
     engine = get_engine(framework)
-    engine.setup(runtime)
-    prepared = load_prepared(root / "data" / "prepared" / wl.name)
+    prepared = load_prepared(prepared_dir(root, wl.name))
     task = wl.task(prepared.meta)
     params = cfg.params(wl.name)
     variants = wl.variants(params)
@@ -349,14 +352,14 @@ def _population_vs_sequential(cfg, wl, variant, params, runtime, prepared, task,
 
 def _tune_timed(cfg, wl, variant, params, strategy, n_trials, runtime, prepared, task, parent_run_id) -> dict[str, Any]:
     """`n_trials` of one strategy in a throwaway study, wall-clocked with the device synchronised."""
-    from . import population
+    from . import population  # imports torch: only a stacking workload's benchmark pays for it
 
     params = with_overrides(params, {"tune.strategy": strategy})
     study = optuna.create_study(direction=task.direction, sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                 pruner=optuna.pruners.NopPruner())  # fmt: skip
-    name = f"benchmark-{strategy}-" + tuning.study_name(wl.name, variant, runtime)
-    s = tuning.Study(cfg, wl, variant, False, params, runtime, prepared, task, name,
-                     tuning.config_hash(params, runtime, prepared), study)  # fmt: skip
+    name = f"benchmark-{strategy}-" + study_name(wl.name, variant, runtime)
+    s = Study(cfg=cfg, wl=wl, variant=variant, several=False, params=params, runtime=runtime, prepared=prepared,
+              task=task, name=name, config_hash=config_hash(params, runtime, prepared), optuna=study)
     sync = _device_sync(runtime)
     sync()
     t0 = time.perf_counter()
@@ -381,9 +384,7 @@ def _device_sync(runtime: Runtime):
 
 
 def _child() -> None:
-    from .cli import main_child
-
-    main_child("benchmark", lambda cfg, wl, root, framework, spec, out: write_json(Path(out), measure(cfg, wl, framework, spec, root)))
+    main_child("benchmark", lambda cfg, wl, root, framework, spec, out: write_json(Path(out), measure(cfg, wl, framework, spec, root)), on_failure=record_failure)
 
 
 if __name__ == "__main__":

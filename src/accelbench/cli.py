@@ -1,32 +1,36 @@
 """The one error boundary of every stage: a clear line on stderr and an exit code that says why."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections.abc import Callable
 
-from . import tracking
-from .config import Config, load_config
 from .errors import AccelbenchError, ConfigError, Interrupted
-from .workloads import Workload, get_workload
+from .project import load_config, project_root
+from .stage_times import record_at_exit
+from .workloads import get_workload
 
 EXIT_ERROR = 2
+
+OnFailure = Callable[[str, str, AccelbenchError], None]  # (workload, stage, error): e.g. leave a FAILED MLflow run
 
 
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = ()) -> None:
+def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = (), on_failure: OnFailure | None = None) -> None:
     """`python stages/<stage>.py <workload>`: load params, run the stage, turn errors into exit codes.
 
     `extra_args` names further positional arguments passed on to `fn` (used by the benchmark's child process).
+    `on_failure` records an error that stopped the stage; stages that log to MLflow pass tracking's.
     """
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    root = tracking.project_root()
+    root = project_root()
     args = sys.argv[1:]
     name = args[0] if len(args) == 1 + len(extra_args) else None
+    if not extra_args:  # a stage, not one of its worker processes (they are inside the stage's wall time)
+        record_at_exit(root, stage, name)
     try:
         if name is None:
             raise ConfigError(f"usage: python stages/{stage}.py <workload> {' '.join(extra_args)}".rstrip())
@@ -37,10 +41,8 @@ def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = ()) 
                 raise ConfigError(f"params.yaml: workloads: '{name}' is not listed (listed: {cfg.workloads})")
             fn(cfg, wl, root, *args[1:])
         except AccelbenchError as exc:
-            # failed before its run began: still leave a FAILED trace (relaunched ranks leave their own)
-            quiet_rank = os.environ.get("RANK", "0") != "0"  # rank 0 speaks for a data-parallel run
-            if not tracking.RUNS_STARTED and not getattr(exc, "recorded", False) and not quiet_rank:
-                tracking.record_failed_run(name, stage, str(exc))
+            if on_failure is not None:
+                on_failure(name, stage, exc)
             raise
     except AccelbenchError as exc:
         print(f"accelbench {stage}: error: {exc}", file=sys.stderr)
@@ -53,14 +55,16 @@ def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = ()) 
         sys.exit(128 + exc.signum)
 
 
-def main_child(stage: str, fn: Callable[..., None]) -> None:
-    main(stage, fn, extra_args=("framework", "device", "out.json"))
+def main_child(stage: str, fn: Callable[..., None], on_failure: OnFailure | None = None) -> None:
+    main(stage, fn, extra_args=("framework", "device", "out.json"), on_failure=on_failure)
 
 
 def main_global(stage: str, fn: Callable[..., None]) -> None:
     """Stages that span workloads (hardware, report): same error boundary, no workload argument."""
+    root = project_root()
+    record_at_exit(root, stage, None)
     try:
-        fn(tracking.project_root())
+        fn(root)
     except AccelbenchError as exc:
         print(f"accelbench {stage}: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_ERROR)

@@ -1,8 +1,8 @@
-"""params.yaml -> typed config.
+"""The typed shape of params.yaml and the parser that checks it.
 
 Global keys are fields of `Config`; every other top-level key must be a workload
-name, whose section is parsed into that workload's own `Params` dataclass. Unknown
-keys and wrong types are rejected with the dotted path of the offending key.
+name, whose section is parsed into that workload's own `Params` dataclass (project.load_config
+looks them up). Unknown keys and wrong types are rejected with the dotted path of the offending key.
 """
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from .errors import ConfigError
 
@@ -213,42 +210,6 @@ class Config:
 
     def params(self, workload: str) -> WorkloadParams:
         return self.sections[workload]
-
-
-def load_config(path: Path | str = "params.yaml") -> Config:
-    """Read and validate params.yaml; raise ConfigError naming the key on any problem."""
-    from .workloads import available, get_workload
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    global_keys = {f.name for f in dataclasses.fields(Config)} - {"sections"}
-    known = available()
-    sections = {}
-    for key in raw:
-        if key in global_keys:
-            continue
-        if key not in known:
-            raise ConfigError(
-                f"{path}: unknown key '{key}' (expected a global key {sorted(global_keys)} "
-                f"or a workload {sorted(known)})"
-            )
-        sections[key] = parse(get_workload(key).Params, raw[key], f"{path}: {key}")
-    glob = {k: v for k, v in raw.items() if k in global_keys}
-    if "workloads" not in glob:
-        raise ConfigError(f"{path}: missing key 'workloads' (the list of workloads to run)")
-    cfg = parse(Config, glob, str(path), sep=": ")
-    for name in cfg.workloads:
-        if name not in known:
-            raise ConfigError(f"{path}: workloads: unknown workload '{name}' (known: {sorted(known)})")
-        sections.setdefault(name, get_workload(name).Params())
-    return dataclasses.replace(cfg, sections=sections)
 
 
 def parse(tp: Any, value: Any, where: str, sep: str = ".") -> Any:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import platform
@@ -12,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,9 +116,9 @@ def _version(dist: str) -> str | None:
 
 @cache
 def hardware_info() -> dict[str, Any]:
-    """What the timings depend on. No timestamps: it changes only when the machine does."""
-    import torch
-
+    """What the timings depend on. No timestamps: it changes only when the machine does. torch is imported
+    (and cuDNN loaded) only where NVML sees a GPU: on a CPU machine the build's CUDA version is read from its file."""
+    gpus = list(_nvml_gpus())
     tf_version = _version("tensorflow") or _version("tensorflow-cpu")
     return {
         "cpu": {
@@ -126,13 +128,34 @@ def hardware_info() -> dict[str, Any]:
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         },
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpus": list(_nvml_gpus()),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "gpus": gpus,
+        "cuda": _torch_build_cuda(),
+        "cudnn": _cudnn_version() if gpus else None,
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "frameworks": {"torch": torch.__version__, "tensorflow": tf_version, "keras": _version("keras")},
+        "frameworks": {"torch": _version("torch"), "tensorflow": tf_version, "keras": _version("keras")},
     }
+
+
+def recorded_hardware(path: Path) -> dict[str, Any]:
+    """The hardware stage's record (results/hardware.json) where it exists: reading it probes nothing."""
+    return json.loads(path.read_text()) if path.is_file() else hardware_info()
+
+
+def _torch_build_cuda() -> str | None:
+    """torch.version.cuda without importing torch: torch/version.py is a generated file of plain assignments."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    found = re.search(r"^cuda(?::[^=]*)?\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    return found.group(1) if found else None
+
+
+def _cudnn_version() -> int | None:
+    import torch
+
+    return torch.backends.cudnn.version() if torch.cuda.is_available() else None
 
 
 def fingerprint(info: dict[str, Any] | None = None) -> str:
@@ -216,8 +239,6 @@ def energy_counter(device: Device):
         except Exception:  # older GPU or no NVML: say n/a rather than guess
             return None
         return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
-    from pathlib import Path
-
     zones = [p / "energy_uj" for p in Path("/sys/class/powercap").glob("intel-rapl:[0-9]")]
     try:
         for z in zones:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, DistributedConfig, TrainParams
-from .devices import Device, Runtime, resolve
+from .devices import Device, Runtime, gpu_names, resolve
 from .errors import AccelbenchError, ConfigError, DeviceError
 
 # NVLink SHARP / multicast stays off in every process we start (the lent multi-GPU hosts do not support it)
@@ -152,8 +152,6 @@ def effective_train(train: TrainParams, world: int, d: DistributedConfig) -> Tra
 def _tf_cluster(d: DistributedConfig, runtime: Runtime) -> dict[str, str]:
     """Several hosts: every worker posts its address to a store at rdzv_endpoint and reads the others',
     which is what TF_CONFIG needs (MultiWorkerMirroredStrategy has no rendezvous of its own)."""
-    from .devices import gpu_names
-
     host = socket.gethostname()
     if runtime.device.type == "cuda":
         names = [f"{host}/GPU:{i} {n}" for i, n in enumerate(gpu_names()[runtime.device.index :][: d.gpus])]
@@ -200,8 +198,6 @@ def _free_port() -> int:
 
 def local_gpus_needed(cfg: Config, ranks: int | None = None) -> None:
     """Fail before launching ranks that would find no GPU of their own."""
-    from .devices import gpu_names
-
     ranks = ranks or cfg.distributed.gpus
     if cfg.device == "cuda" and len(gpu_names()) < ranks:
         raise DeviceError(f"params.yaml: distributed.gpus: {ranks} ranks asked for, {len(gpu_names())} GPU(s) on this host")

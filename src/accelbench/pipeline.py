@@ -1,4 +1,4 @@
-"""One function per stage kind; stages/*.py call them through cli.main."""
+"""The stages that train: tune, train and evaluate; stages/*.py call them through cli.main."""
 from __future__ import annotations
 
 import contextlib
@@ -6,98 +6,31 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from . import devices, distributed, tuning
+from . import distributed, tuning
 from .checkpoint import Checkpoint, params_hash
 from .config import Config, as_dict, flatten, parse, with_overrides
 from .devices import Runtime
 from .engines import get_engine
-from .errors import ConfigError, DataError
-from .io import SPLITS, atomic_dir, atomic_file, load_prepared, read_json, save_prepared, write_json
+from .errors import ConfigError
+from .io import atomic_dir, atomic_file, load_prepared, read_json, write_json
+from .project import checkpoint_dir, model_dir, prepared_dir, results_dir
+from .runtime import framework_for, runtime_for
+from .timing import work
 from .tracking import main_rank_run, run_name, stage_run
 from .workloads import Workload
 
 HOST_TAGS = {"device": "cpu", "framework": "none", "precision": "n/a"}
 
 
-def raw_dir(root: Path, name: str) -> Path:
-    return root / "data" / "raw" / name
-
-
-def prepared_dir(root: Path, name: str) -> Path:
-    return root / "data" / "prepared" / name
-
-
-def results_dir(root: Path, name: str) -> Path:
-    return root / "results" / name
-
-
-def model_dir(root: Path, name: str) -> Path:
-    return root / "models" / name
-
-
-def framework_for(cfg: Config, wl: Workload) -> str:
-    framework = cfg.params(wl.name).framework or cfg.framework
-    if framework not in wl.frameworks:
-        raise ConfigError(
-            f"params.yaml: framework: '{wl.name}' has no {framework} model "
-            f"(supported: {list(wl.frameworks)}; set {wl.name}.framework to override)"
-        )
-    return framework
-
-
-def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False) -> Runtime:
-    """`data_parallel`: this process is (a rank of) a `distributed` run: train and benchmark, not tune/evaluate."""
-    framework = framework_for(cfg, wl)
-    device = devices.resolve(cfg.device, framework)
-    runtime = Runtime.from_config(cfg, device, framework, cfg.cpu_threads)
-    if data_parallel:
-        runtime = distributed.join(cfg, runtime)
-    get_engine(runtime.framework).setup(runtime)
-    devices.seed_everything(cfg.seed + runtime.rank, framework)  # rank 0 as a single process; own dropout elsewhere
-    return runtime
-
-
-def hardware(root: Path) -> None:
-    write_json(root / "results" / "hardware.json", devices.hardware_info())
-
-
-def ingest(cfg: Config, wl: Workload, root: Path) -> None:
-    params = cfg.params(wl.name)
-    with stage_run(wl.name, "ingest", HOST_TAGS, flatten({"data": as_dict(params.data)})) as run:
-        with atomic_dir(raw_dir(root, wl.name)) as tmp:
-            summary = wl.ingest(params, tmp)
-            write_json(tmp / "source.json", summary)
-        run.set_tags({"data.source": summary["source"], "data.origin": summary["origin"]})
-        run.log_metrics({"data/rows": summary["rows"]})
-
-
-def eda(cfg: Config, wl: Workload, root: Path) -> None:
-    out = results_dir(root, wl.name) / "eda"
-    with stage_run(wl.name, "eda", HOST_TAGS) as run:
-        with atomic_dir(out) as tmp:
-            write_json(tmp / "eda.json", wl.eda(cfg.params(wl.name), raw_dir(root, wl.name), tmp))
-        run.log_artifacts(out, "eda")
-
-
-def prepare(cfg: Config, wl: Workload, root: Path) -> None:
-    params = cfg.params(wl.name)
-    with stage_run(wl.name, "prepare", HOST_TAGS, flatten({"prepare": as_dict(getattr(params, "prepare", {}))})) as run:
-        prepared = wl.prepare(params, raw_dir(root, wl.name), cfg.seed)
-        for split in SPLITS:
-            if prepared.n(split) == 0:
-                raise DataError(f"{raw_dir(root, wl.name)}: the {split} split is empty; more rows are needed")
-        save_prepared(prepared_dir(root, wl.name), prepared)
-        run.log_metrics({f"data/{s}_rows": prepared.n(s) for s in SPLITS})
-
-
 def tune(cfg: Config, wl: Workload, root: Path) -> None:
     runtime = runtime_for(cfg, wl)
     prepared = load_prepared(prepared_dir(root, wl.name))
     params = cfg.params(wl.name)
-    best = {
-        variant: tuning.run_study(cfg, wl, variant, with_overrides(params, overrides), runtime, prepared, root)
-        for variant, overrides in wl.variants(params).items()
-    }
+    with work():
+        best = {
+            variant: tuning.run_study(cfg, wl, variant, with_overrides(params, overrides), runtime, prepared, root)
+            for variant, overrides in wl.variants(params).items()
+        }
     write_json(results_dir(root, wl.name) / "best_params.json", best)
 
 
@@ -132,7 +65,7 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
     engine = get_engine(runtime.framework)
     variants = variant_params(cfg, wl, root)
     out = results_dir(root, wl.name)
-    ckpt_dir = root / "checkpoints" / wl.name
+    ckpt_dir = checkpoint_dir(root, wl.name)
     ckpt_dir.mkdir(parents=True, exist_ok=True)  # a DVC persist output: it must exist even when unused
     main = runtime.is_main  # only rank 0 of a data-parallel run logs and writes outputs
     all_metrics = {}
@@ -158,7 +91,8 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
                 cfg.checkpoint.every_epochs,
             )
             name = run_name("train", runtime.tags(), variant if len(variants) > 1 else None)
-            with main_rank_run(main, wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run:
+            with main_rank_run(main, wl.name, "train", runtime.tags(), logged, name=name, system_metrics=True, tags=tags) as run, work():
+                log_data_record(run, prepared.meta, results_dir(root, wl.name) / "eda")
                 inputs, precomputed = wl.precompute(params, prepared, runtime)
                 run.log_metrics(precomputed)
                 model = wl.build_model(runtime.framework, params, prepared.meta)
@@ -179,6 +113,14 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
                 _write_history(out / "history" / f"{variant}.csv", result.history)
     if main:
         write_json(out / "train.json", all_metrics)
+
+
+def log_data_record(run: Any, meta: dict[str, Any], eda: Path) -> None:
+    """What the data stages read (they open no MLflow store) rides on each training run: source tags and the EDA."""
+    source = meta.get("source") or {}
+    run.set_tags({f"data.{k}": v for k, v in source.items() if isinstance(v, (str, int, float, bool))})
+    if eda.is_dir():
+        run.log_artifacts(eda, "eda")
 
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -206,7 +148,7 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
                 raise ConfigError(f"{folder}: trained with {info['framework']}, framework is {runtime.framework}; rerun train")
             params = parse(wl.Params, info["params"], str(folder / "model.json"))  # exactly what was trained
             name = run_name("evaluate", runtime.tags(), variant if len(variants) > 1 else None)
-            with stage_run(wl.name, "evaluate", runtime.tags(), name=name, tags={"variant": variant}) as run:
+            with stage_run(wl.name, "evaluate", runtime.tags(), name=name, tags={"variant": variant}) as run, work():
                 model = engine.load(folder, wl.build_model(runtime.framework, params, prepared.meta), runtime)
                 inputs_v, _ = wl.precompute(params, prepared, runtime)
                 metrics: dict[str, float] = {}
@@ -222,18 +164,14 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
                 for png in sorted(plots.glob(f"{variant}_*")):
                     run.log_artifact(png, "plots")
             all_metrics[variant] = metrics
-        for baseline, metrics in wl.baselines(cfg.params(wl.name), prepared, plots).items():
+        with work():
+            baselines = wl.baselines(cfg.params(wl.name), prepared, plots)
+        for baseline, metrics in baselines.items():
             with stage_run(wl.name, "evaluate", HOST_TAGS, name=f"baseline-{baseline}",
                            tags={"variant": baseline, "baseline": "true"}) as run:  # fmt: skip
                 run.log_metrics(metrics)
             all_metrics[baseline] = metrics
     write_json(results_dir(root, wl.name) / "evaluate.json", all_metrics)
-
-
-def benchmark(cfg: Config, wl: Workload, root: Path) -> None:
-    from . import benchmark as bench
-
-    bench.run(cfg, wl, root)
 
 
 def _confusion_png(task, y, logits, path: Path, title: str) -> None:
@@ -253,10 +191,3 @@ def _confusion_png(task, y, logits, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def report(root: Path) -> None:
-    from . import report as rep
-    from .tracking import tracking_uri
-
-    rep.build(tracking_uri(root), root / "reports")

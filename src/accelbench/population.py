@@ -14,15 +14,23 @@ import functools
 import time
 from dataclasses import dataclass, field
 
+import mlflow
 import numpy as np
+import optuna
 import torch
+from mlflow.entities import Metric, Param
 from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from .devices import Runtime
+from .config import with_overrides
+from .devices import Runtime, seed_everything
+from .engines.torch import GraphedSteps, _side_stream, _to_device, loss_function  # the single model's splits and loss
+from .errors import ConfigError
 from .io import Prepared
+from .study import Study, suggest
 from .tasks import Task
 from .timing import Stopwatch
+from .tracking import base_tags, use_experiment
 
 # Hyperparameters that may differ between members of one stacked population.
 PER_MEMBER = ("train.lr", "train.weight_decay", "model.dropout")
@@ -105,8 +113,6 @@ def _cpu_threads(runtime: Runtime):
 
 
 def _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size, runtime, on_epoch, dropout) -> PopulationResult:
-    from .engines.torch import GraphedSteps, _side_stream, _to_device, loss_function  # the single model's splits and loss
-
     dev = runtime.device.torch
     sw = Stopwatch(torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None))
     tr = _to_device(prepared.splits["train"], task, dev)
@@ -235,14 +241,9 @@ class TuneStats:
     groups: int = 0  # stacked models trained
 
 
-def optimize(s, n_trials: int, parent_run_id: str) -> TuneStats:
+def optimize(s: Study, n_trials: int, parent_run_id: str) -> TuneStats:
     """Ask Optuna for up to `tune.population` trials at a time, train each shape group as one population,
-    report intermediate values for pruning and tell every result. `s` is a tuning.Study."""
-    import optuna
-
-    from .errors import ConfigError
-    from .tuning import suggest
-
+    report intermediate values for pruning and tell every result."""
     where = f"params.yaml: {s.wl.name}.tune.strategy"
     if s.runtime.framework != "torch":
         raise ConfigError(f"{where}: population tuning needs framework torch")
@@ -260,16 +261,12 @@ def optimize(s, n_trials: int, parent_run_id: str) -> TuneStats:
             shape_key = tuple(sorted((k, str(v)) for k, v in overrides.items() if k not in PER_MEMBER))
             groups.setdefault(shape_key, []).append((trial, overrides))
         for members in groups.values():
-            _train_group(s, members, parent_run_id, optuna, stats)
+            _train_group(s, members, parent_run_id, stats)
         done += size
     return stats
 
 
-def _train_group(s, members, parent_run_id: str, optuna, stats: TuneStats) -> None:
-    from .config import with_overrides
-    from .devices import seed_everything
-    from .errors import ConfigError
-
+def _train_group(s: Study, members, parent_run_id: str, stats: TuneStats) -> None:
     # Members differ only in PER_MEMBER values: one model built from the seed is where each of them would start
     # alone; its RateDropout layers then take each member's model.dropout.
     params = with_overrides(s.params, members[0][1])
@@ -321,11 +318,6 @@ def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: Popul
     """One nested MLflow run per trial, written in bulk: a round trip per trial, not per metric. Its curves
     hold the epochs reported to Optuna (every `report_every` and the last): writing all 150 epochs of
     1,000 trials took 82 s on the H100 host, many times the training."""
-    import mlflow
-    from mlflow.entities import Metric, Param
-
-    from .tracking import base_tags, use_experiment
-
     client = mlflow.MlflowClient()
     experiment_id = use_experiment(s.wl.name)
     common = {**base_tags(s.wl.name, "trial", s.runtime.tags()), "mlflow.parentRunId": parent_run_id,

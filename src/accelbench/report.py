@@ -19,6 +19,8 @@ import mlflow
 from . import stats
 from .errors import AccelbenchError
 from .io import atomic_dir, write_json
+from .project import reports_dir
+from .tracking import tracking_uri
 
 KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "compile_mode", "channels_last", "cuda_graphs",
             "fused_optimizer", "setting", "batch_size", "hardware", "world_size")  # fmt: skip
@@ -180,6 +182,11 @@ class Doc:
                 data = base64.b64encode(v[0].read_bytes()).decode()
                 out.append(f"<p><img alt='{html.escape(v[1])}' src='data:image/png;base64,{data}'></p>")
         return "\n".join(out)
+
+
+def build_for_project(root: Path) -> dict[str, Any]:
+    """The report stage: the project's tracking store (or server) -> reports/."""
+    return build(tracking_uri(root), reports_dir(root))
 
 
 def build(uri: str, out_dir: Path) -> dict[str, Any]:

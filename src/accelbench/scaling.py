@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
+from .cli import main_child
 from .config import Config, with_overrides
 from .engines import get_engine
 from .errors import ConfigError
 from .io import load_prepared, write_json
+from .project import prepared_dir
+from .runtime import on_device, runtime_for
 from .timing import median, spread
-from .tracking import log_benchmark_run, run_name
+from .tracking import log_benchmark_run, record_failure, run_name
 from .workloads import Workload
 
 RANKS_ENV = "ACCELBENCH_RANKS"
@@ -75,18 +78,14 @@ def _measure_in_child(cfg: Config, wl: Workload, framework: str, ranks: int, roo
 
 def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) -> list[dict[str, Any]]:
     """Inside a child (each torch rank): time the workload's training steps at this child's rank count."""
-    from .pipeline import runtime_for
-
     ranks = int(os.environ[RANKS_ENV])
     b = cfg.benchmark
     dist_cfg = dataclasses.replace(cfg.distributed, gpus=ranks, nodes=1, node_rank=0)
-    cfg = dataclasses.replace(cfg, device=spec, framework=framework, cpu_threads=b.cpu_threads or cfg.cpu_threads,
-                              distributed=dist_cfg)  # fmt: skip
-    cfg = dataclasses.replace(cfg, sections={**cfg.sections, wl.name: dataclasses.replace(cfg.params(wl.name), framework=framework)})
+    cfg = dataclasses.replace(on_device(cfg, wl, spec, framework, b.cpu_threads or cfg.cpu_threads), distributed=dist_cfg)
     runtime = runtime_for(cfg, wl, data_parallel=True)
     try:
         engine = get_engine(framework)
-        prepared = load_prepared(root / "data" / "prepared" / wl.name)
+        prepared = load_prepared(prepared_dir(root, wl.name))
         task = wl.task(prepared.meta)
         params = cfg.params(wl.name)
         records = []
@@ -136,9 +135,7 @@ def _log(wl: Workload, rec: dict[str, Any]) -> None:
 
 
 def _child() -> None:
-    from .cli import main_child
-
-    main_child("benchmark", lambda cfg, wl, root, framework, spec, out: _write_main(Path(out), measure(cfg, wl, framework, spec, root)))
+    main_child("benchmark", lambda cfg, wl, root, framework, spec, out: _write_main(Path(out), measure(cfg, wl, framework, spec, root)), on_failure=record_failure)
 
 
 def _write_main(out: Path, records: list[dict[str, Any]]) -> None:

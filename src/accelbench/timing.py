@@ -1,11 +1,29 @@
 """One timer for every engine: synchronise before reading the clock, keep warm-up apart."""
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+_work_s = 0.0  # this process's seconds inside work(): the rest of its wall time is the stage's fixed cost
+
+
+@contextlib.contextmanager
+def work() -> Iterator[None]:
+    """Mark the stage's useful work (reading data, training, timing), so that what is left is overhead."""
+    global _work_s
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _work_s += time.perf_counter() - t0
+
+
+def work_seconds() -> float:
+    return _work_s
 
 
 def no_sync() -> None:

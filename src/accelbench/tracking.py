@@ -16,13 +16,9 @@ from mlflow.entities import Metric, RunTag
 
 from . import devices
 from .errors import AccelbenchError, Interrupted
+from .project import hardware_file, project_root
 
 RUNS_STARTED = 0  # lets the CLI tell a failure before any run began from one inside a run
-
-
-def project_root() -> Path:
-    """DVC sets DVC_ROOT for every stage, also in queued/temp experiments, so all log to one store."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -82,7 +78,7 @@ def _alive(pid: int) -> bool:
 
 def base_tags(workload: str, stage: str, runtime_tags: dict[str, str]) -> dict[str, str]:
     root = project_root()
-    hw = devices.hardware_info()
+    hw = devices.recorded_hardware(hardware_file(root))
     return {
         "host": socket.gethostname(),
         "pid": str(os.getpid()),
@@ -260,6 +256,14 @@ def _end(tracker: Tracker, status: str, reason: str) -> None:
         tracker.set_tags({"failure_reason": reason[:5000]})
     finally:
         mlflow.end_run(status)
+
+
+def record_failure(workload: str, stage: str, exc: AccelbenchError) -> None:
+    """cli.main's on_failure for stages that log runs: an error before the stage's run began (bad params) still
+    leaves a FAILED trace. Runs that began end themselves; ranks other than 0 leave theirs to rank 0."""
+    if RUNS_STARTED or getattr(exc, "recorded", False) or os.environ.get("RANK", "0") != "0":
+        return
+    record_failed_run(workload, stage, str(exc))
 
 
 def record_failed_run(workload: str, stage: str, reason: str) -> None:

@@ -6,14 +6,11 @@ a rerun with the same hash only adds the trials still missing from `n_trials`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,91 +18,17 @@ import optuna
 from tqdm.auto import tqdm
 
 from . import claims, devices
-from .config import Config, SearchSpec, WorkloadParams, as_dict, get_path, with_overrides
+from .cli import main
+from .config import Config, WorkloadParams, as_dict, with_overrides
 from .devices import Runtime
 from .engines import get_engine
-from .errors import AccelbenchError, ConfigError, TrainingError
-from .io import Prepared
-from .tracking import run_name, stage_run
+from .errors import AccelbenchError, TrainingError
+from .io import Prepared, load_prepared
+from .project import prepared_dir
+from .runtime import runtime_for
+from .study import Study, mask_secrets, open_study, suggest
+from .tracking import record_failure, run_name, stage_run
 from .workloads import Workload
-
-
-def study_name(workload: str, variant: str | None, runtime: Runtime) -> str:
-    """`diabetes-cpu-torch`; a workload comparing several models adds the variant: `rnn-gru-cuda-torch`."""
-    return "-".join(p for p in (workload, variant, runtime.device.label, runtime.framework) if p)
-
-
-def storage_url(storage: str, root: Path) -> str:
-    """Relative SQLite paths are relative to the project root, wherever the stage runs."""
-    prefix = "sqlite:///"
-    if storage.startswith(prefix) and not storage[len(prefix) :].startswith("/"):
-        path = root / storage[len(prefix) :]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"{prefix}{path}"
-    return storage
-
-
-def mask_secrets(url: str) -> str:
-    """postgresql://user:pass@host/db -> postgresql://user:***@host/db"""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
-def suggest(trial: optuna.Trial, key: str, spec: SearchSpec) -> Any:
-    if spec.choices is not None:
-        return trial.suggest_categorical(key, spec.choices)
-    ints = all(isinstance(v, int) for v in (spec.low, spec.high)) and (spec.step is None or float(spec.step).is_integer())
-    if ints:
-        return trial.suggest_int(key, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
-    return trial.suggest_float(key, spec.low, spec.high, log=spec.log, step=spec.step)
-
-
-def config_hash(params: WorkloadParams, runtime: Runtime, prepared: Prepared) -> str:
-    key = {
-        "params": as_dict(params),
-        "runtime": runtime.tags() | {"seed": runtime.seed},
-        "data": prepared.meta,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@dataclass
-class Study:
-    """One variant's study plus what its trials need."""
-
-    cfg: Config
-    wl: Workload
-    variant: str
-    several: bool
-    params: WorkloadParams
-    runtime: Runtime
-    prepared: Prepared
-    task: Any
-    name: str
-    config_hash: str
-    optuna: optuna.Study
-
-
-def open_study(cfg: Config, wl: Workload, variant: str, params: WorkloadParams, runtime: Runtime,
-               prepared: Prepared, root: Path) -> Study:  # fmt: skip
-    for key in params.search:
-        try:
-            get_path(params, key)
-        except AttributeError:
-            raise ConfigError(f"params.yaml: {wl.name}.search.{key}: no such parameter in '{wl.name}'") from None
-    several = len(wl.variants(cfg.params(wl.name))) > 1
-    task = wl.task(prepared.meta)
-    name = study_name(wl.name, variant if several else None, runtime)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=name,
-        storage=claims.storage(storage_url(cfg.tune.storage, root)),
-        load_if_exists=True,
-        direction=task.direction,
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-        pruner=optuna.pruners.MedianPruner(n_warmup_steps=cfg.tune.prune_warmup_epochs),
-    )
-    return Study(cfg, wl, variant, several, params, runtime, prepared, task, name,
-                 config_hash(params, runtime, prepared), study)  # fmt: skip
 
 
 def objective_for(s: Study, parent_run_id: str):
@@ -150,7 +73,7 @@ def objective_for(s: Study, parent_run_id: str):
 
 def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
     if n_trials > 0 and s.params.tune.strategy == "population":
-        from . import population
+        from . import population  # imports torch: only a population study pays for it
 
         population.optimize(s, n_trials, parent_run_id)
     elif n_trials > 0:
@@ -230,11 +153,8 @@ def _wait(proc: subprocess.Popen) -> str | None:
 
 def worker(cfg: Config, wl: Workload, root: Path, variant: str, n_trials: str, parent_run_id: str) -> None:
     """A tuning worker process: its share of one variant's trials, nested under the tune stage's run."""
-    from .pipeline import runtime_for
-    from .io import load_prepared
-
     runtime = runtime_for(cfg, wl)
-    prepared = load_prepared(root / "data" / "prepared" / wl.name)
+    prepared = load_prepared(prepared_dir(root, wl.name))
     params = with_overrides(cfg.params(wl.name), wl.variants(cfg.params(wl.name))[variant])
     optimize(open_study(cfg, wl, variant, params, runtime, prepared, root), int(n_trials), parent_run_id)
 
@@ -244,6 +164,4 @@ def _matching(study: optuna.Study, h: str, states) -> list[optuna.trial.FrozenTr
 
 
 if __name__ == "__main__":
-    from .cli import main
-
-    main("tune", worker, extra_args=("variant", "n_trials", "parent_run_id"))
+    main("tune", worker, extra_args=("variant", "n_trials", "parent_run_id"), on_failure=record_failure)

@@ -829,7 +829,7 @@ def _torch_model_class():
             return self.fuses_augmentation(x) and stem.space_to_depth and self.memory_format() == torch.channels_last
 
         def augmented(self, x: torch.Tensor, blocks: bool = False) -> torch.Tensor:
-            from .guava_cuda import augment_normalize
+            from ._guava_cuda import augment_normalize
 
             theta, factors = draw_augmentation(len(x), self.aug, x.device)
             # written in the dtype the stem computes in: the cast that autocast would make after it

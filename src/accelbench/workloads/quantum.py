@@ -31,6 +31,7 @@ from ..config import BenchmarkConfig, BenchTarget, DataParams, TrainParams, Work
 from ..errors import ConfigError, DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
+from ..timing import Stopwatch, median, spread
 from . import Workload, kaggle_file
 
 RAW_FILE = "digits.csv"
@@ -199,7 +200,9 @@ def write_digits_csv(path: Path, labels: np.ndarray, images: np.ndarray) -> None
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
     """(N, s, s) in [0, 1] -> (N, size, size): area averaging down, bilinear up."""
-    import torch
+    if size == images.shape[1]:
+        return images.astype(np.float32)
+    import torch  # torch's pooling and interpolation: loaded only when a size change is asked for
     import torch.nn.functional as F
 
     x = torch.from_numpy(images[:, None].astype(np.float32))
@@ -792,8 +795,6 @@ def benchmark_simulators(
     import torch
     from sklearn.datasets import load_digits
 
-    from ..timing import median, spread
-
     q = Quanv()
     images = (load_digits().images[:n_images] / 16.0)[:, None]
     circuits = len(images) * output_side(q, 8) ** 2
@@ -865,8 +866,6 @@ def benchmark_circuits(params: Params, runtime: Any, bench: BenchmarkConfig) -> 
     (compilation included), then `bench.repeats` timed passes, each closed by a device sync; the images
     are copied to the device once, before the clock (that copy is its own figure)."""
     import torch
-
-    from ..timing import Stopwatch, median, spread
 
     c = params.benchmark.circuits
     if not c.modes or not c.simulators:

@@ -4,19 +4,17 @@ One program computes a block of output pixels of one image: each pixel's source 
 affine map (reflected at the borders, as `F.grid_sample(padding_mode="reflection", align_corners=False)`),
 the bilinear blend of its four uint8 RGB neighbours, the colour jitter and the normalisation, written once in
 the dtype the stem computes in. The same function in torch ops (`guava.augment_reference`) materialises the
-sampled image and reads it again in each pass that follows (H100, every option on, `dvc exp run` at b2048: 116.0k
-img/s with torch ops, 169.3k with this kernel). For the block stem a second kernel writes the stem's 2x2 pixel
-blocks directly, with the padding and the zero channels: no pass lays them out after it (H100, every option on,
-b2048, side script: 167.2k -> 178.6k img/s). Sizes travel as int arguments and are made float
-inside: float arguments ran the kernel 1.8x slower under torch.compile (H100, b1024 at 224, side script:
-1,526 against 851 us a call, its compiled mean included), the same when called eagerly.
+sampled image and reads it again in each pass that follows. For the block stem a second kernel writes the
+stem's 2x2 pixel blocks directly, with the padding and the zero channels, so no pass lays them out after it.
+Sizes travel as int arguments and are made float inside: float arguments made the compiled kernel slower.
+tests/test_gpu.py pins both kernels to the torch ops.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from accelbench.workloads.guava import GRAY
+GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights, as guava.GRAY (the GPU tests pin the two)
 
 BLOCKS_BLOCK = 64
 
