@@ -136,6 +136,20 @@ def make_project(path: Path, workloads: list[str] | None = None) -> Project:
     return project
 
 
+RUN_STAGES = {"tune", "train", "evaluate", "benchmark"}  # the stages that log MLflow runs
+
+
+def assert_failure_recorded(project: Project, workload: str, stage: str, reason: str) -> None:
+    """A stage that logs runs ends its run FAILED with the reason; a data stage opens no store at all, so the
+    one error line and the absent output are its whole record."""
+    runs = project.runs(workload, f"tags.stage = '{stage}'")
+    if stage in RUN_STAGES:
+        assert runs and runs[0].info.status == "FAILED", runs
+        assert reason in runs[0].data.tags["failure_reason"], (reason, runs[0].data.tags["failure_reason"])
+    else:
+        assert runs == [], f"{stage} logged {len(runs)} run(s)"
+
+
 @pytest.fixture
 def project(tmp_path) -> Project:
     return make_project(tmp_path / "project")

@@ -139,7 +139,7 @@ def test_cuda_graphs_train_like_eager(gpu_prepared, workload, overrides):
     """The whole epoch replayed from one CUDA graph (ragged last batch included) ends where eager training
     does: same losses and validation metric, within float rounding (dropout off: graphs draw other numbers)."""
     from accelbench.config import with_overrides
-from accelbench.project import load_config
+    from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve, seed_everything
     from accelbench.engines import torch as engine
     from accelbench.io import load_prepared
@@ -170,7 +170,7 @@ def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
     import torch
 
     from accelbench.config import with_overrides
-from accelbench.project import load_config
+    from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve, seed_everything
     from accelbench.io import load_prepared
     from accelbench.population import fit_population
@@ -317,7 +317,7 @@ def test_compiled_steps_capture_with_a_ragged_last_batch(tmp_path):
     import math
 
     from accelbench.config import with_overrides
-from accelbench.project import load_config
+    from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve, seed_everything
     from accelbench.engines import torch as engine
     from accelbench.io import load_prepared

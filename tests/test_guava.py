@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import assert_failure_recorded
 from accelbench.workloads.guava import CLASSES, channel_means, draw_guava, generate_images
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "guava"  # 6 images per class: PNG/JPEG, RGB/RGBA/L/CMYK/P
@@ -188,7 +189,6 @@ def path_project(tmp_path_factory):
     project.bad = bad
     project.ingest = project.stage("ingest", "guava")
     project.strict = project.stage("prepare", "guava")
-    project.strict_run = project.runs("guava", "tags.stage = 'prepare'")[0]
     project.strict_left = leftovers(project.root / "data" / "prepared" / "guava")
     project.update("guava.prepare.max_bad_fraction", 0.2)
     project.lenient = project.stage("prepare", "guava")
@@ -204,8 +204,8 @@ def leftovers(output: Path) -> list[Path]:
     return [output] * output.exists() + sorted(output.parent.glob(f".{output.name}.*"))
 
 
-def assert_failed_cleanly(proc, stage: str, run, left: list[Path], *words: str) -> None:
-    """Non-zero exit, one error line holding `words`, no output left, and the MLflow run FAILED with it."""
+def assert_failed_cleanly(proc, project, stage: str, left: list[Path], *words: str) -> None:
+    """Non-zero exit, one error line holding `words`, no output left, and no MLflow run (data stages open no store)."""
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1, proc.stderr[-2000:]
@@ -213,8 +213,7 @@ def assert_failed_cleanly(proc, stage: str, run, left: list[Path], *words: str) 
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert left == [], left
-    assert run.info.status == "FAILED" and run.data.tags["stage"] == stage
-    assert lines[0].split("error: ", 1)[1] in run.data.tags["failure_reason"]
+    assert_failure_recorded(project, "guava", stage, lines[0].split("error: ", 1)[1])
 
 
 def test_ingest_copies_the_folder_with_its_bad_files(path_project):
@@ -232,7 +231,7 @@ def test_bad_file_above_threshold_fails_prepare_naming_it(path_project, bad_file
     """corrupt JPEG, non-image file, image too small for the crop: each named with its reason."""
     p = path_project
     line = error_lines(p.strict)
-    assert_failed_cleanly(p.strict, "prepare", p.strict_run, p.strict_left, "3 of 21 files", "max_bad_fraction=0.0", bad_file)
+    assert_failed_cleanly(p.strict, p, "prepare", p.strict_left, "3 of 21 files", "max_bad_fraction=0.0", bad_file)
     reason = path_project.bad[bad_file]
     assert f"{bad_file}: " in line[0] and reason in line[0].split(f"{bad_file}: ", 1)[1].split(";")[0]
 
@@ -320,5 +319,4 @@ def test_unusable_folder_fails_ingest(ingest_project, tmp_path, layout, words):
     project.update("guava.data.source", "path")
     project.update("guava.data.path", str(folder))
     proc = project.stage("ingest", "guava")
-    run = project.runs("guava", "tags.stage = 'ingest'")[0]
-    assert_failed_cleanly(proc, "ingest", run, leftovers(project.root / "data" / "raw" / "guava"), str(folder), *words)
+    assert_failed_cleanly(proc, project, "ingest", leftovers(project.root / "data" / "raw" / "guava"), str(folder), *words)

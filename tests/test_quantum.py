@@ -12,6 +12,7 @@ import pennylane as qml
 import pytest
 import torch
 
+from conftest import assert_failure_recorded
 from accelbench.errors import DataError
 from accelbench.workloads.quantum import (
     Circuits,
@@ -410,9 +411,7 @@ def assert_clean_failure(project, proc, stage: str, output: Path, before: str, *
         assert needle in lines[0], lines[0]
     assert _tree_digest(output) == before, f"{output} changed"
     assert not list(output.parent.glob(f".{output.name}.*")), "a temp folder was left behind"
-    run = project.runs("quantum", f"tags.stage = '{stage}'")[0]
-    assert run.info.status == "FAILED"
-    assert needles[-1] in run.data.tags["failure_reason"]
+    assert_failure_recorded(project, "quantum", stage, needles[-1])
 
 
 @pytest.mark.parametrize(
@@ -462,7 +461,7 @@ def test_population_of_heads_matches_one_by_one(digits, variant, head):
     into one grouped convolution with another kernel, whose rounding differences compound through 12 Adam
     steps at lr up to 3e-2 (conv: 1e-4, still far below the gaps between members asserted at the end)."""
     from accelbench.config import with_overrides
-from accelbench.project import load_config
+    from accelbench.project import load_config
     from accelbench.devices import Device, Runtime, seed_everything
     from accelbench.engines import torch as engine
     from accelbench.io import load_prepared

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
-from conftest import FIXTURES, make_project
+from conftest import FIXTURES, assert_failure_recorded, make_project
 
 from accelbench.workloads.sentiment import Prepare, _torch_bilstm, clean, tokenize
 
@@ -89,9 +89,10 @@ def test_bundled_eda_holds_sane_numbers(bundled):
         assert 3 < stats["mean"] < 60 and stats["max"] >= stats["p95"] >= stats["median"]
     assert eda["top_terms"]["positive"]["tokens"][0][0] in {"great", "thank", "thanks"}
     assert eda["duplicates"]["near_duplicate_rows"] >= eda["duplicates"]["exact_duplicate_rows"]
-    eda_run = bundled.runs("sentiment", "tags.stage = 'eda'")[0]
-    logged = {a.path for a in bundled.client().list_artifacts(eda_run.info.run_id, "eda")}
+    train_run = bundled.runs("sentiment", "tags.stage = 'train'")[0]  # the EDA rides on the training run
+    logged = {a.path for a in bundled.client().list_artifacts(train_run.info.run_id, "eda")}
     assert "eda/vader_compound.png" in logged and "eda/eda.json" in logged
+    assert train_run.data.tags["data.source"] == "bundled" and int(train_run.data.tags["data.rows"]) > 0
 
 
 def test_bundled_bilstm_and_baseline_side_by_side(bundled):
@@ -194,8 +195,7 @@ def assert_fails_cleanly(project, stage: str, *expected: str, output: str = "dat
     for text in expected:
         assert text in lines[0], lines[0]
     assert not (project.root / output).exists()
-    run = project.runs("sentiment", f"tags.stage = '{stage}'")[0]
-    assert run.info.status == "FAILED" and expected[0] in run.data.tags["failure_reason"]
+    assert_failure_recorded(project, "sentiment", stage, expected[0])
 
 
 @pytest.mark.parametrize(

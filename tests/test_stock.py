@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import assert_failure_recorded
 from accelbench.io import write_json
 from accelbench.workloads import get_workload
 
@@ -207,9 +208,7 @@ def assert_fails_cleanly(project, stage: str, workload: str, output: str, *expec
     for text in expected:
         assert text in errors[0], errors[0]
     assert not (project.root / output).exists()
-    run = project.runs(workload, f"tags.stage = '{stage}'")[0]
-    assert run.info.status == "FAILED"
-    assert run.data.tags["failure_reason"] == errors[0].split(": error: ", 1)[1]
+    assert_failure_recorded(project, workload, stage, errors[0].split(": error: ", 1)[1])
     return errors[0]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DataParams, TrainParams, WorkloadParams
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
 from . import Workload, kaggle_file
