@@ -24,8 +24,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRA),dev]"
 	touch $@
 
+# The whole study: the quick CPU study, or on a machine with an NVIDIA GPU the GPU-sized one (params.yaml: studies),
+# which trains on the GPU and benchmarks the CPU and the GPU side by side.
+STUDY ?= $(if $(HAS_GPU),gpu,quick)
+
 repro: setup
-	dvc repro
+	@if [ "$(STUDY)" = quick ]; then dvc repro; else dvc exp run -S study=$(STUDY); fi
 
 # Two workers, one test file each: most of the time is single-threaded stage start-up.
 test: setup postgres-server

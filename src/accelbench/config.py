@@ -70,7 +70,8 @@ class BenchTarget:
 class WorkloadTune:
     """How this workload is tuned: one trial at a time, or populations trained as one stacked model."""
 
-    strategy: Literal["sequential", "population"] = "sequential"
+    # auto: population on CUDA where the model stacks (study.strategy_for decides), else sequential
+    strategy: Literal["auto", "sequential", "population"] = "auto"
     population: int = 256  # trials asked from Optuna and trained together (torch only)
     report_every: int = 10  # epochs between intermediate values reported for pruning
 
@@ -198,6 +199,8 @@ class Config:
     fused_optimizer: bool = False  # torch: AdamW's fused kernel, one launch for every parameter, instead of foreach
     cpu_threads: int | None = None
     deterministic: bool = False
+    study: str = "quick"  # the named size in `studies` whose overrides apply (project.load_config applies them)
+    studies: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

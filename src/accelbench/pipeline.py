@@ -75,6 +75,7 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
             logged = flatten({"model": as_dict(getattr(params, "model", {})), "train": as_dict(params.train)})
             tags = {
                 "variant": variant,
+                "study": cfg.study,
                 "tuned_from": best.get("study") or "defaults",
                 "tuned_trial": str(best.get("trial")),
                 "cpu_threads": str(engine.threads()),

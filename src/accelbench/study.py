@@ -95,3 +95,13 @@ def open_study(cfg: Config, wl: Workload, variant: str, params: WorkloadParams, 
     )
     return Study(cfg, wl, variant, several, params, runtime, prepared, task, name,
                  config_hash(params, runtime, prepared), study)  # fmt: skip
+
+
+def strategy_for(wl: Workload, params: WorkloadParams, runtime: Runtime) -> str:
+    """`auto` tunes populations where they pay: torch on CUDA and a model that stacks. On the CPU one trial at a
+    time is as fast per trial, and the stacked population would only add its set-up."""
+    if params.tune.strategy != "auto":
+        return params.tune.strategy
+    if runtime.framework != "torch" or runtime.device.type != "cuda":
+        return "sequential"
+    return "population" if wl.stacks(params) else "sequential"

@@ -26,12 +26,14 @@ from .errors import AccelbenchError, TrainingError
 from .io import Prepared, load_prepared
 from .project import prepared_dir
 from .runtime import runtime_for
-from .study import Study, mask_secrets, open_study, suggest
+from .study import Study, mask_secrets, open_study, strategy_for, suggest
 from .tracking import record_failure, run_name, stage_run
 from .workloads import Workload
 
 
-def objective_for(s: Study, parent_run_id: str):
+def objective_for(s: Study, parent_run_id: str, deadline: float = float("inf")):
+    """`deadline` (time.monotonic): tune.timeout_s bounds the study, so a trial still training then stops at its
+    next epoch end, as pruned, rather than running on for minutes past it."""
     engine = get_engine(s.runtime.framework)
 
     def objective(trial: optuna.Trial) -> float:
@@ -49,6 +51,8 @@ def objective_for(s: Study, parent_run_id: str):
                 trial.report(row.get(s.task.objective, float("nan")), epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
+                if time.monotonic() > deadline:
+                    raise optuna.TrialPruned(f"tune.timeout_s ({s.cfg.tune.timeout_s} s) reached at epoch {epoch + 1}")
 
             trial_inputs, _ = s.wl.precompute(trial_params, s.prepared, s.runtime)
             model = s.wl.build_model(s.runtime.framework, trial_params, s.prepared.meta)
@@ -72,13 +76,13 @@ def objective_for(s: Study, parent_run_id: str):
 
 
 def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
-    if n_trials > 0 and s.params.tune.strategy == "population":
+    if n_trials > 0 and strategy_for(s.wl, s.params, s.runtime) == "population":
         from . import population  # imports torch: only a population study pays for it
 
         population.optimize(s, n_trials, parent_run_id)
     elif n_trials > 0:
-        objective = objective_for(s, parent_run_id)
         deadline = time.monotonic() + s.cfg.tune.timeout_s
+        objective = objective_for(s, parent_run_id, deadline)
         with tqdm(total=n_trials, desc=s.name, unit="trial", disable=None) as bar:
             # at most this process's share, and never past n_trials in the whole study (other hosts included)
             for _ in range(n_trials):
@@ -105,7 +109,7 @@ def run_study(
     tune_params = {
         "tune.n_trials": cfg.tune.n_trials,
         "tune.workers": cfg.tune.workers,
-        "tune.strategy": params.tune.strategy,
+        "tune.strategy": strategy_for(wl, params, runtime),
         "tune.timeout_s": cfg.tune.timeout_s,
         "tune.storage": mask_secrets(cfg.tune.storage),
         "tune.objective": s.task.objective,

@@ -52,6 +52,10 @@ class Workload:
         log (its timings). Called by tune (per trial), train and evaluate. Default: inputs as prepared."""
         return prepared, {}
 
+    def stacks(self, params: WorkloadParams) -> bool:
+        """Whether `population_model` can stack these params' models (tune.strategy auto asks, cheaply)."""
+        return False
+
     def population_model(
         self, params: WorkloadParams, prepared: Prepared, runtime: Any
     ) -> tuple[Callable[[WorkloadParams], Any], Prepared] | None:

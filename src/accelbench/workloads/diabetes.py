@@ -215,6 +215,9 @@ class Diabetes(Workload):
         }  # fmt: skip
         return Prepared(splits, meta)
 
+    def stacks(self, params: Params) -> bool:
+        return True
+
     def population_model(self, params: Params, prepared: Prepared, runtime: Any):
         return (lambda p: self.build_torch(p, prepared.meta)), prepared  # the MLP stacks as it is
 

@@ -734,6 +734,9 @@ class Quantum(Workload):
     def extra_benchmarks(self, params: Params, runtime: Any, bench: BenchmarkConfig) -> list[dict[str, Any]]:
         return benchmark_circuits(params, runtime, bench)
 
+    def stacks(self, params: Params) -> bool:
+        return params.model.features != "quanv" or params.model.quanv.mode == "fixed"
+
     def population_model(self, params: Params, prepared: Prepared, runtime: Any):
         """The head trains; the quanvolution in mode fixed is computed once for the whole population."""
         m = params.model
