@@ -165,3 +165,53 @@ def test_benchmark_run_twice_on_the_cpu_reports_both_runs_and_their_agreement(pr
     for r in tput:  # the flag each record earned is beside its figure
         if r["flag"]:
             assert r["flag"] in md
+
+
+# ---- the report from a store with two runs of the study, CPU and GPU ----
+
+
+def _log(client, exp_id, device, session, intervals, flag=""):
+    name = "Xeon" if device == "cpu" else "NVIDIA FakeGPU"
+    tags = {"stage": "benchmark", "kind": "throughput", "workload": "diabetes", "variant": "mlp", "device": device,
+            "device_name": name, "framework": "torch", "precision": "fp32", "compile": "false", "batch_size": "32",
+            "batch_role": "default", "hardware": "hostA", "hparams": "defaults", "bench_session": session, "flag": flag}  # fmt: skip
+    run = client.create_run(exp_id, run_name=f"benchmark-{device}-torch-b32", tags=tags)
+    for i, v in enumerate(intervals):
+        client.log_metric(run.info.run_id, "bench/repeat_samples_per_s", v, step=i)
+        client.log_metric(run.info.run_id, "bench/interval_samples_per_s", v, step=i)
+    client.log_metric(run.info.run_id, "bench/samples_per_s", sorted(intervals)[len(intervals) // 2])
+    client.log_metric(run.info.run_id, "bench/interval_spread", stats.relative_spread(intervals))
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def test_report_speedup_ci_from_intervals_and_the_two_runs_agreement(tmp_path):
+    import mlflow
+
+    from accelbench.report import build
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("diabetes", artifact_location=(tmp_path / "artifacts").as_uri())
+    _log(client, exp, "cpu", "run1", [100.0, 100.0, 100.0])
+    _log(client, exp, "cuda", "run1", [1000.0, 1000.0, 1000.0])
+    time.sleep(0.01)  # the second run starts later
+    cpu2, gpu2 = [100.0, 40.0, 100.0], [1200.0, 480.0, 1250.0]  # a slow spell in interval 2 hit both sides
+    flag = stats.stability_flag(cpu2, [{"others_cores": 1.5}] * 3, 2, cpu_side=True)
+    _log(client, exp, "cpu", "run2", cpu2, flag)
+    _log(client, exp, "cuda", "run2", gpu2)
+    summary = build(uri, tmp_path / "reports")
+    md = (tmp_path / "reports/report.md").read_text()
+    (comp,) = summary["comparisons"]
+    assert comp["ci_from"] == "intervals"
+    point, lo, hi = stats.interval_ratio_ci(gpu2, cpu2)
+    assert comp["speedup"] == pytest.approx(point) and comp["ci95"] == pytest.approx([lo, hi])
+    _, unpaired_lo, unpaired_hi = stats.ratio_ci(gpu2, cpu2)
+    assert 11 < lo < point < hi < 13.5 and unpaired_hi - unpaired_lo > 2 * (hi - lo)  # paired: the slow spell cancels
+    assert "100 ⚠ contended+unstable" in md  # the flag beside the CPU figure
+    rows = {a["figure"]: a for a in summary["agreement"]}
+    assert rows["Xeon samples/s"]["agree"] and rows["Xeon samples/s"]["difference"] == 0.0
+    assert rows["NVIDIA FakeGPU samples/s"]["previous"] == 1000.0 and rows["NVIDIA FakeGPU samples/s"]["latest"] == 1200.0
+    assert not rows["NVIDIA FakeGPU samples/s"]["agree"]  # 20% apart
+    assert rows["GPU/CPU speedup"]["previous"] == pytest.approx(10.0)
+    assert rows["GPU/CPU speedup"]["latest"] == pytest.approx(point)
+    assert "⚠ no: the runs differ by 20%" in md

@@ -70,7 +70,8 @@ def _devices_in_turns(wl: Workload, framework: str, specs: list[str], root: Path
     """One child per device, taking turns interval by interval (interleave.py); their records in device order."""
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"records-{i}.json" for i in range(len(specs))]
-        cmds = [[sys.executable, "-m", "accelbench.benchmark", wl.name, framework, spec, str(out)] for spec, out in zip(specs, outs)]
+        child = [sys.executable, "-m", "accelbench.benchmark", wl.name, framework]
+        cmds = [[*child, spec, str(out)] for spec, out in zip(specs, outs)]
         results = interleave.run_in_turns(cmds, root, env, Path(tmp))
         for code, stderr in results:
             if code != 0:
@@ -143,7 +144,8 @@ def _skipped(wl: Workload, runtime: Runtime, what: str, why: str) -> dict[str, A
     """A measurement left out, said on stderr and kept as its own run so that the record shows why."""
     print(f"accelbench benchmark: {wl.name} {runtime.device.label} {runtime.precision}: {what} not timed: {why}", file=sys.stderr)
     rec = {"kind": "skipped", "workload": wl.name, "variant": "", **runtime.tags(), "skipped": f"{what}: {why}"}
-    log_benchmark_run(wl.name, runtime.tags(), f"{run_name('benchmark', runtime.tags())}-skipped", {"kind": "skipped", "skipped": rec["skipped"]}, rec)
+    name = f"{run_name('benchmark', runtime.tags())}-skipped"
+    log_benchmark_run(wl.name, runtime.tags(), name, {"kind": "skipped", "skipped": rec["skipped"]}, rec)
     return rec
 
 
@@ -163,7 +165,8 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
     devices.seed_everything(cfg.seed, runtime.framework)
     sampler = {"utilisation": util} if util else {}  # torch on CUDA only
     probe = hostload.HostProbe()
-    plan = IntervalPlan(stats.split_repeats(b.repeats, b.intervals), probe.begin, lambda: (probe.end(), interleave.turn().hand_on()))
+    hand_on = lambda: (probe.end(), interleave.turn().hand_on())  # noqa: E731
+    plan = IntervalPlan(stats.split_repeats(b.repeats, b.intervals), probe.begin, hand_on)
     real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime,
                         batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy, min_repeat_s=b.min_repeat_s,
                         intervals=plan, **sampler)  # fmt: skip
@@ -184,7 +187,7 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
                steps_per_repeat=real.steps,
                cpu_threads=engine.threads(), **hostload.thread_settings(),
                timed=f"{b.repeats} x {real.steps} training steps{_floor(b)} after {b.warmup_steps} warm-up, in {b.intervals} "
-               "interval(s) each re-warmed by a step, taking turns with the other devices; batches drawn from the "
+               "interval(s), each after the first re-warmed, taking turns with the other devices; batches drawn from the "
                "device-resident training split")  # fmt: skip
     return rec
 

@@ -133,7 +133,8 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         ablation_options(self.ablation)
         if not 1 <= self.intervals <= self.repeats:
-            raise ValueError(f"intervals: {self.intervals} must be from 1 to repeats ({self.repeats}): each interval times at least one repeat")
+            raise ValueError(f"intervals: {self.intervals} must be from 1 to repeats ({self.repeats}): "
+                             "each interval times at least one repeat")  # fmt: skip
 
 
 ABLATION_VALUES = {"precision": ("fp32", "bf16", "fp16"), "channels_last": (True, False), "compile": (True, False),

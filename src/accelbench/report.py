@@ -344,13 +344,17 @@ def _stability(doc: Doc, tput: list[Rec], comps: list[Comparison]) -> dict[str, 
     doc.table(["workload", "variant", "framework", "device", "batch", "samples/s", "intervals", "spread", "steal % (max)",
                "other load, cores (max)", "MHz", "threads", "flag"],
               [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), str(r.batch), _fmt(r.tput),
-                str(len(r.intervals) or 1), _fmt(100 * r.metrics["bench/interval_spread"], 1) + "%" if "bench/interval_spread" in r.metrics else "n/a",
+                str(len(r.intervals) or 1), _pct(r.metrics.get("bench/interval_spread")),
                 m(r, "bench/steal_pct_max", 1), m(r, "bench/others_cores_max", 2),
                 f"{m(r, 'bench/cpu_mhz_min')}-{m(r, 'bench/cpu_mhz_max')}" if "bench/cpu_mhz_min" in r.metrics else "n/a",
                 r.t("cpu_threads"), r.t("flag") or "-"] for r in tput])  # fmt: skip
     return {"stability": [{"workload": r.t("workload"), "variant": r.t("variant"), "device": r.t("device_name"),
                            "batch": r.batch, "flag": r.t("flag") or None, "run": r.run_id} for r in tput],
             "agreement": _agreement(doc, tput, comps)}  # fmt: skip
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
 
 
 def _agreement(doc: Doc, tput: list[Rec], comps: list[Comparison]) -> list[dict[str, Any]]:
@@ -362,8 +366,9 @@ def _agreement(doc: Doc, tput: list[Rec], comps: list[Comparison]) -> list[dict[
     for what, r, now, before in pairs:
         gap = stats.agreement(now, before)
         agree = gap <= stats.AGREEMENT
-        rows.append([r.t("workload"), r.t("variant"), r.t("framework"), str(r.batch), what, _fmt(before, 2 if "speedup" in what else 0),
-                     _fmt(now, 2 if "speedup" in what else 0), f"{100 * gap:.1f}%",
+        digits = 2 if "speedup" in what else 0
+        rows.append([r.t("workload"), r.t("variant"), r.t("framework"), str(r.batch), what, _fmt(before, digits), _fmt(now, digits),
+                     f"{100 * gap:.1f}%",
                      "yes" if agree else f"⚠ no: the runs differ by {100 * gap:.0f}%"])  # fmt: skip
         out.append({"workload": r.t("workload"), "variant": r.t("variant"), "framework": r.t("framework"), "batch": r.batch,
                     "figure": what, "previous": before, "latest": now, "difference": gap, "agree": agree})  # fmt: skip

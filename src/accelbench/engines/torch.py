@@ -439,23 +439,8 @@ def bench(
     warmup_s = sw.stop("warmup", t0)
     calls = _calls_per_repeat(repeat, sw, min_repeat_s, runtime)
     plan = intervals or IntervalPlan([repeats])
-    repeat_s, energy_j = [], []
-    for k, count in enumerate(plan.counts):
-        if k:  # caches, clocks and allocator come back after the other device's turn: one step (one replay)
-            repeat() if graphs else eager(1)
-            _sync(runtime)()
-        if utilisation and k == len(plan.counts) - 1:
-            utilisation.start()
-        plan.begin()
-        for _ in range(count):
-            e0 = energy() if energy else None
-            t0 = sw.start()
-            for _ in range(calls):
-                repeat()
-            repeat_s.append(sw.stop("repeat", t0))
-            if energy:
-                energy_j.append(energy() - e0)
-        plan.end()
+    rewarm = repeat if graphs else (lambda: eager(1))  # one step (one replay) after the other device's turn
+    repeat_s, energy_j = _timed_intervals(plan, lambda: [repeat() for _ in range(calls)], rewarm, sw, energy, utilisation)
     while utilisation and utilisation.wants_more():
         repeat()
         _sync(runtime)()
@@ -465,6 +450,29 @@ def bench(
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
     return BenchResult(batch_size * runtime.world_size, steps * calls, repeat_s, warmup_s, to_device_s,
                        energy_j if energy else None, peak, util, graphs_applied, plan.interval_of())  # fmt: skip
+
+
+def _timed_intervals(plan: IntervalPlan, timed: Callable[[], Any], rewarm: Callable[[], Any], sw: Stopwatch, energy,
+                     utilisation) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Each interval's repeats of `timed`, the interval's hooks at its edges; GPU utilisation over the last one
+    (the earlier ones are paused while another device's process takes its turn). Seconds and joules per repeat."""
+    repeat_s, energy_j = [], []
+    for k, count in enumerate(plan.counts):
+        if k:  # caches, clocks and the allocator come back after the other device's turn
+            rewarm()
+            sw.sync()  # the re-warm is finished before the interval's readings begin
+        if utilisation and k == len(plan.counts) - 1:
+            utilisation.start()
+        plan.begin()
+        for _ in range(count):
+            e0 = energy() if energy else None
+            t0 = sw.start()
+            timed()
+            repeat_s.append(sw.stop("repeat", t0))
+            if energy:
+                energy_j.append(energy() - e0)
+        plan.end()
+    return repeat_s, energy_j
 
 
 def _calls_per_repeat(repeat: Callable[[], Any], sw: Stopwatch, min_repeat_s: float, runtime: Runtime) -> int:
