@@ -54,7 +54,7 @@ def shrink(params: dict) -> dict:
     params["device"] = "cpu"
     params["cpu_threads"] = 1  # two test workers share two cores: one thread each, no oversubscription
     params["tune"].update(n_trials=2, timeout_s=120, prune_warmup_epochs=1)
-    params["benchmark"].update(batch_sizes=[64], steps=3, warmup_steps=1, repeats=2, min_repeat_s=0.05)
+    params["benchmark"].update(batch_sizes=[64], steps=3, warmup_steps=1, repeats=2, intervals=2, min_repeat_s=0.05)
     params["benchmark"]["population"] = None  # tuning twice per device: test_population switches it on, tiny
     for workload, overrides in SMALL.items():
         for dotted, value in overrides.items():

@@ -197,7 +197,7 @@ def test_circuits_benchmark_on_cuda_sets_the_goals_beside_mnists_size():
 
     params = with_overrides(Params(), {"benchmark.circuits.images": 70000, "benchmark.circuits.modes": ["fixed", "trainable"],
                                        "benchmark.circuits.chunk_amplitudes": 1 << 26, "benchmark.circuits.compile": [False, True]})  # fmt: skip
-    records = benchmark_circuits(params, Runtime(resolve("cuda", "torch"), "torch"), BenchmarkConfig(repeats=2))
+    records = benchmark_circuits(params, Runtime(resolve("cuda", "torch"), "torch"), BenchmarkConfig(repeats=2, intervals=2))
     by_variant = {r["variant"]: r for r in records}
     assert set(by_variant) == {f"{m}-{s}{c}" for m in ("fixed", "trainable") for s in ("unitary", "lightcone") for c in ("", "-compiled")}
     fixed = by_variant["fixed-unitary"]

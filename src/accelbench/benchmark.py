@@ -9,16 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from . import devices, distributed, scaling, stats, tuning
+from . import devices, distributed, hostload, interleave, scaling, stats, tuning
 from .cli import main_child
 from .config import ABLATION_VALUES, BenchmarkConfig, Config, ablation_options, with_overrides
 from .devices import Runtime
@@ -28,7 +28,7 @@ from .io import Prepared, load_prepared, write_json
 from .project import prepared_dir, results_dir
 from .runtime import on_device, runtime_for
 from .study import Study, config_hash, storage_url, study_name
-from .timing import median, spread
+from .timing import IntervalPlan, median, spread
 from .tracking import log_benchmark_run, record_failure, run_name, stage_run
 from .workloads import Workload
 
@@ -58,19 +58,26 @@ def run(cfg: Config, wl: Workload, root: Path) -> None:
     With several ranks (`distributed`), the scaling points (kind=scaling) are measured after them."""
     cfg = distributed.for_workload(cfg, wl)
     records: list[dict[str, Any]] = []
+    env = {**os.environ, "DVC_ROOT": str(root), interleave.SESSION_ENV: uuid.uuid4().hex[:12]}
     for framework in frameworks(cfg, wl):
-        for spec in device_specs(cfg):
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "records.json"
-                cmd = [sys.executable, "-m", "accelbench.benchmark", wl.name, framework, spec, str(out)]
-                proc = subprocess.run(cmd, cwd=root, env={**os.environ, "DVC_ROOT": str(root)}, stderr=subprocess.PIPE, text=True)
-                if proc.returncode != 0:
-                    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("accelbench ")]
-                    raise AccelbenchError(lines[-1].split("error: ", 1)[-1] if lines else proc.stderr.strip()[-2000:])
-                records += json.loads(out.read_text())
+        records += _devices_in_turns(wl, framework, device_specs(cfg), root, env)
     if scaling.rank_counts(cfg):
         records += scaling.run(cfg, wl, root, frameworks(cfg, wl))
     write_json(results_dir(root, wl.name) / "benchmark.json", {"records": records})
+
+
+def _devices_in_turns(wl: Workload, framework: str, specs: list[str], root: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """One child per device, taking turns interval by interval (interleave.py); their records in device order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"records-{i}.json" for i in range(len(specs))]
+        child = [sys.executable, "-m", "accelbench.benchmark", wl.name, framework]
+        cmds = [[*child, spec, str(out)] for spec, out in zip(specs, outs)]
+        results = interleave.run_in_turns(cmds, root, env, Path(tmp))
+        for code, stderr in results:
+            if code != 0:
+                lines = [ln for ln in stderr.splitlines() if ln.startswith("accelbench ")]
+                raise AccelbenchError(lines[-1].split("error: ", 1)[-1] if lines else stderr.strip()[-2000:])
+        return [rec for out in outs for rec in json.loads(out.read_text())]
 
 
 def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, root: Path) -> tuple[dict[str, Any], str]:
@@ -86,9 +93,13 @@ def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, r
 
 def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) -> list[dict[str, Any]]:
     """Inside the child process: the batch-size sweep and the time to target on one device."""
+    interleave.turn().wait()  # nothing of this process runs while another device's process times
     b = cfg.benchmark
-    runtime = runtime_for(on_device(cfg, wl, spec, framework, b.cpu_threads or cfg.cpu_threads), wl)
+    fair = hostload.physical_cores() if spec == "cpu" else None  # one thread per physical core
+    runtime = runtime_for(on_device(cfg, wl, spec, framework, b.cpu_threads or cfg.cpu_threads or fair), wl)
     device = runtime.device
+    if blocker := _precision_blocker(runtime):
+        return [_skipped(wl, runtime, "throughput, ablation and time to target", blocker)]
     engine = get_engine(framework)
     prepared = load_prepared(prepared_dir(root, wl.name))
     task = wl.task(prepared.meta)
@@ -122,6 +133,22 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     return records
 
 
+def _precision_blocker(runtime: Runtime) -> str | None:
+    """Why bf16 is not timed on this CPU (it has no native bf16: the figure would be the emulation's), else None."""
+    if runtime.device.type == "cpu" and runtime.precision == "bf16":
+        return hostload.native_bf16()
+    return None
+
+
+def _skipped(wl: Workload, runtime: Runtime, what: str, why: str) -> dict[str, Any]:
+    """A measurement left out, said on stderr and kept as its own run so that the record shows why."""
+    print(f"accelbench benchmark: {wl.name} {runtime.device.label} {runtime.precision}: {what} not timed: {why}", file=sys.stderr)
+    rec = {"kind": "skipped", "workload": wl.name, "variant": "", **runtime.tags(), "skipped": f"{what}: {why}"}
+    name = f"{run_name('benchmark', runtime.tags())}-skipped"
+    log_benchmark_run(wl.name, runtime.tags(), name, {"kind": "skipped", "skipped": rec["skipped"]}, rec)
+    return rec
+
+
 def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str, Any]:
     """A workload's own measurement as its own run: its values as tags, `bench/` metrics, repeats as steps."""
     rec = {"workload": wl.name, **runtime.tags(), **rec}  # a record may set a runtime tag its own way (compile)
@@ -137,15 +164,18 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
     b = cfg.benchmark
     devices.seed_everything(cfg.seed, runtime.framework)
     sampler = {"utilisation": util} if util else {}  # torch on CUDA only
+    probe = hostload.HostProbe()
+    hand_on = lambda: (probe.end(), interleave.turn().hand_on())  # noqa: E731
+    plan = IntervalPlan(stats.split_repeats(b.repeats, b.intervals), probe.begin, hand_on)
     real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime,
                         batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy, min_repeat_s=b.min_repeat_s,
-                        **sampler)  # fmt: skip
+                        intervals=plan, **sampler)  # fmt: skip
     ceiling = None
     if b.compute_ceiling:
         ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
                                runtime, batch, b.steps, b.warmup_steps, b.repeats, synthetic=True,
                                min_repeat_s=b.min_repeat_s)  # fmt: skip
-    rec = _summarize(real, ceiling)
+    rec = {**_summarize(real, ceiling), **_stability(real, probe.readings, runtime)}
     goal = params.benchmark
     if goal.gpu_speedup_goal is not None:  # read by the report's goals table
         rec.update(goal_speedup=goal.gpu_speedup_goal, goal_batch=goal.goal_batch)
@@ -155,9 +185,36 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
         rec[f"bench/{unit}_per_s"] = rec["bench/samples_per_s"] * per_sample
     rec.update(kind="throughput", workload=wl.name, variant=variant, **runtime.tags(), cuda_graphs_applied=real.cuda_graphs, batch_size=batch,
                steps_per_repeat=real.steps,
-               cpu_threads=engine.threads(), timed=f"{b.repeats} x {real.steps} training steps{_floor(b)} after {b.warmup_steps} warm-up; "
-               "batches drawn from the device-resident training split")  # fmt: skip
+               cpu_threads=engine.threads(), **hostload.thread_settings(),
+               timed=f"{b.repeats} x {real.steps} training steps{_floor(b)} after {b.warmup_steps} warm-up, in {b.intervals} "
+               "interval(s), each after the first re-warmed, taking turns with the other devices; batches drawn from the "
+               "device-resident training split")  # fmt: skip
     return rec
+
+
+def _stability(real: BenchResult, readings: list[dict[str, float | None]], runtime: Runtime) -> dict[str, Any]:
+    """Each interval's throughput, how far apart they are, what the host did meanwhile, and the flag they earn."""
+    per_interval = stats.interval_medians(real.samples_per_s(), real.interval_of or [0] * len(real.repeat_s))
+    cores = hostload.logical_cores()
+
+    def extreme(key: str, pick) -> float | None:
+        values = [r[key] for r in readings if r.get(key) is not None]
+        return pick(values) if values else None
+
+    return {
+        "intervals_samples_per_s": per_interval,
+        "bench/intervals": float(len(per_interval)),
+        "bench/interval_spread": stats.relative_spread(per_interval),
+        "bench/steal_pct_max": extreme("steal_pct", max),
+        "bench/others_cores_max": extreme("others_cores", max),
+        "bench/ours_cores_min": extreme("ours_cores", min),
+        "bench/cpu_mhz_min": extreme("mhz", min),
+        "bench/cpu_mhz_max": extreme("mhz", max),
+        "host_readings": readings,
+        "logical_cores": cores,
+        "flag": stats.stability_flag(per_interval, readings, cores, cpu_side=runtime.device.type == "cpu"),
+        "bench_session": os.environ.get(interleave.SESSION_ENV, ""),
+    }
 
 
 def _floor(b: BenchmarkConfig) -> str:
@@ -167,9 +224,11 @@ def _floor(b: BenchmarkConfig) -> str:
 def _log_throughput(wl, variant, runtime, rec, real_repeats, several) -> None:
     name = run_name("benchmark", runtime.tags(), variant if several else None) + f"-b{rec['batch_size']}"
     keys = ("kind", "variant", "batch_size", "batch_role", "hparams", "timed", "cpu_threads", "cuda_graphs_applied",
-            "goal_speedup", "goal_batch", "goal_util_pct")  # fmt: skip
+            "goal_speedup", "goal_batch", "goal_util_pct", "flag", "bench_session", "logical_cores",
+            *hostload.thread_settings())  # fmt: skip
     tags = {k: str(rec[k]) for k in keys if k in rec}
-    log_benchmark_run(wl.name, runtime.tags(), name, tags, rec, {"bench/repeat_samples_per_s": real_repeats})
+    series = {"bench/repeat_samples_per_s": real_repeats, "bench/interval_samples_per_s": rec["intervals_samples_per_s"]}
+    log_benchmark_run(wl.name, runtime.tags(), name, tags, rec, series)
 
 
 def _summarize(real: BenchResult, ceiling: BenchResult | None) -> dict[str, Any]:
@@ -237,7 +296,7 @@ def _not_applicable(change: dict[str, Any], runtime: Runtime, probe, engine) -> 
         return "no 4-D weights: channels_last changes nothing for this model"
     if change.get("cuda_graphs"):
         return engine.graph_blocker(dataclasses.replace(runtime, **change))
-    return None
+    return _precision_blocker(dataclasses.replace(runtime, **change))
 
 
 def _ablation_point(cfg, wl, params, runtime, prepared, task, engine, util) -> dict[str, Any]:

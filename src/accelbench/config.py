@@ -119,8 +119,9 @@ class BenchmarkConfig:
     steps: int = 20  # training steps per timed repeat
     warmup_steps: int = 5
     repeats: int = 5
+    intervals: int = 5  # the repeats split into this many re-warmed intervals, CPU and GPU interleaved
     min_repeat_s: float = 0.0  # a timed repeat runs its steps again until it lasts this long; 0: once
-    cpu_threads: int | None = None  # null: the global cpu_threads, else the framework's default (all cores)
+    cpu_threads: int | None = None  # null: the global cpu_threads, else one per physical core on the CPU
     compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
     scaling: list[int] | None = None  # data-parallel rank counts timed; null: 1, 2, 4 ... distributed.gpus when > 1
     gpu_util_min_s: float = 2.0  # NVML utilisation window: untimed repeats continue until it is this long
@@ -132,6 +133,9 @@ class BenchmarkConfig:
 
     def __post_init__(self) -> None:
         ablation_options(self.ablation)
+        if not 1 <= self.intervals <= self.repeats:
+            raise ValueError(f"intervals: {self.intervals} must be from 1 to repeats ({self.repeats}): "
+                             "each interval times at least one repeat")  # fmt: skip
 
 
 ABLATION_VALUES = {"precision": ("fp32", "bf16", "fp16"), "channels_last": (True, False), "compile": (True, False),

@@ -34,6 +34,8 @@ class Rec:
     tags: dict[str, str]
     metrics: dict[str, float]
     repeats: list[float] = field(default_factory=list)
+    intervals: list[float] = field(default_factory=list)  # throughput of each interleaved interval
+    previous: Rec | None = None  # the same measurement from the run of the study before this one, if stored
 
     @property
     def gpu(self) -> bool:
@@ -50,25 +52,42 @@ class Rec:
     def t(self, key: str) -> str:
         return self.tags.get(key, "")
 
+    @property
+    def session(self) -> str:
+        """The benchmark stage call that measured it (older records without one: the run itself)."""
+        return self.t("bench_session") or self.run_id
+
 
 def collect(uri: str) -> list[Rec]:
-    """Newest FINISHED benchmark run per measurement, with its per-repeat throughputs."""
+    """Newest FINISHED benchmark run per measurement, with its per-repeat throughputs; a throughput measured by an
+    earlier run of the study too carries that run's record as `previous`."""
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exp_ids, "tags.stage = 'benchmark' and attributes.status = 'FINISHED'", max_results=50000) if exp_ids else []
-    newest: dict[tuple, Any] = {}
-    for run in runs:
-        key = tuple(run.data.tags.get(k, "") for k in KEY_TAGS)
-        if key not in newest or run.info.start_time > newest[key].info.start_time:
-            newest[key] = run
+    by_key: dict[tuple, list[Any]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
+        by_key[tuple(run.data.tags.get(k, "") for k in KEY_TAGS)].append(run)
     recs = []
-    for run in newest.values():
-        rec = Rec(run.info.run_id, run.info.run_name, run.info.start_time, dict(run.data.tags), dict(run.data.metrics))
-        if rec.t("kind") in ("throughput", "scaling"):
-            history = client.get_metric_history(rec.run_id, "bench/repeat_samples_per_s")
-            rec.repeats = [m.value for m in sorted(history, key=lambda m: m.step)]
+    for history in by_key.values():
+        rec = _rec(client, history[0])
+        if rec.t("kind") == "throughput":
+            earlier = next((r for r in history[1:] if r.data.tags.get("bench_session", r.info.run_id) != rec.session), None)
+            rec.previous = _rec(client, earlier) if earlier else None
         recs.append(rec)
     return sorted(recs, key=lambda r: (r.t("workload"), r.t("variant"), r.t("framework"), r.gpu, r.t("device_name"), r.batch))
+
+
+def _rec(client: mlflow.MlflowClient, run: Any) -> Rec:
+    rec = Rec(run.info.run_id, run.info.run_name, run.info.start_time, dict(run.data.tags), dict(run.data.metrics))
+    if rec.t("kind") in ("throughput", "scaling"):
+        rec.repeats = _series(client, rec.run_id, "bench/repeat_samples_per_s")
+    if rec.t("kind") == "throughput":
+        rec.intervals = _series(client, rec.run_id, "bench/interval_samples_per_s")
+    return rec
+
+
+def _series(client: mlflow.MlflowClient, run_id: str, metric: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
 
 
 @dataclass
@@ -86,6 +105,7 @@ class Comparison:
     crossover: int | None
     largest: int
     sentence: str
+    ci_from: str = "intervals"  # what the CI spans: interleaved intervals, or (older records) one interval's repeats
 
 
 def compare(recs: list[Rec]) -> list[Comparison]:
@@ -108,11 +128,19 @@ def compare(recs: list[Rec]) -> list[Comparison]:
                 continue
             ref = next((b for b in common if gpu_by_b[b].t("batch_role") == "default"), common[0])
             g, c = gpu_by_b[ref], cpu_by_b[ref]
-            s, lo, hi = stats.ratio_ci(g.repeats or [g.tput], c.repeats or [c.tput])
+            s, lo, hi, ci_from = speedup_ci(g, c)
             cross = stats.crossover(common, [cpu_by_b[b].tput for b in common], [gpu_by_b[b].tput for b in common])
             sentence = stats.verdict(s, lo, hi, ref, cross, common[-1])
-            out.append(Comparison(workload, variant, framework, g, c, s, lo, hi, cross, common[-1], sentence))
+            out.append(Comparison(workload, variant, framework, g, c, s, lo, hi, cross, common[-1], sentence, ci_from))
     return out
+
+
+def speedup_ci(gpu: Rec, cpu: Rec) -> tuple[float, float, float, str]:
+    """GPU/CPU samples/s with its 95% CI over the interleaved intervals; records from before intervals were timed
+    (or with one interval) fall back to the repeats of their one interval, and say so."""
+    if len(gpu.intervals) > 1 and len(cpu.intervals) > 1:
+        return (*stats.interval_ratio_ci(gpu.intervals, cpu.intervals), "intervals")
+    return (*stats.ratio_ci(gpu.repeats or [gpu.tput], cpu.repeats or [cpu.tput]), "repeats of one interval")
 
 
 def _cpu_side(cpus: list[Rec], gpu_host: str) -> list[Rec]:
@@ -222,7 +250,8 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
         doc.table(
             ["workload", "variant", "framework", "CPU", "GPU", "batch", "CPU samples/s", "GPU samples/s", "speedup (95% CI)", "verdict"],
             [[c.workload, c.variant, c.framework, c.cpu.t("device_name"), c.gpu.t("device_name"), str(c.cpu.batch),
-              _fmt(c.cpu.tput), _fmt(c.gpu.tput), f"{c.speedup:.2f}x ({c.lo:.2f}-{c.hi:.2f})", c.sentence] for c in comps],
+              _fmt(c.cpu.tput) + _mark(c.cpu), _fmt(c.gpu.tput) + _mark(c.gpu), f"{c.speedup:.2f}x ({c.lo:.2f}-{c.hi:.2f})",
+              c.sentence] for c in comps],
         )  # fmt: skip
         _speedup_png(comps, out / "speedup.png")
         doc.img(out / "speedup.png", "GPU/CPU speedup per workload")
@@ -231,13 +260,15 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
         ["workload", "variant", "framework", "device", "batch", "samples/s (95% CI)", "step ms", "compute-only samples/s",
          "input share", "J / 1k samples", "peak GPU MB", "hyperparameters"],
         [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), str(r.batch),
-          f"{_fmt(r.tput)} ({_fmt(r.metrics.get('bench/samples_per_s_ci_low'))}-{_fmt(r.metrics.get('bench/samples_per_s_ci_high'))})",
+          f"{_fmt(r.tput)} ({_fmt(r.metrics.get('bench/samples_per_s_ci_low'))}-{_fmt(r.metrics.get('bench/samples_per_s_ci_high'))})"
+          + _mark(r),
           _fmt(r.metrics.get("bench/step_ms"), 2), _fmt(r.metrics.get("bench/compute_only_samples_per_s")),
           _fmt(100 * r.metrics["bench/input_share"], 1) + "%" if "bench/input_share" in r.metrics else "n/a",
           _fmt(r.metrics.get("bench/energy_j_per_1k_samples"), 2), _fmt(r.metrics.get("bench/peak_gpu_mb"), 1),
           r.t("hparams")] for r in tput],
     )  # fmt: skip
     doc.p("Energy is NVML's counter on GPUs and RAPL on the CPU where readable; n/a means the hardware exposed none.")
+    stability = _stability(doc, tput, comps)
     sweep_dir = out / "sweep"
     sweep_dir.mkdir()
     for workload in sorted({r.t("workload") for r in tput}):
@@ -286,12 +317,67 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
         "has_gpu": has_gpu,
         "runs": [r.run_id for r in recs],
         "comparisons": [{"workload": c.workload, "variant": c.variant, "framework": c.framework, "speedup": c.speedup,
-                         "ci95": [c.lo, c.hi], "batch": c.cpu.batch, "crossover": c.crossover, "verdict": c.sentence,
+                         "ci95": [c.lo, c.hi], "ci_from": c.ci_from, "batch": c.cpu.batch, "crossover": c.crossover, "verdict": c.sentence,
                          "cpu_run": c.cpu.run_id, "gpu_run": c.gpu.run_id} for c in comps],
         "goals": goals,
         "ablation": ablation,
         "population": population,
+        **stability,
     }  # fmt: skip
+
+
+def _mark(r: Rec) -> str:
+    """The flag beside a figure: which kind, the measured cause in the Stability section."""
+    kinds = [k for k in ("contended", "unstable") if k in r.t("flag")]
+    return f" ⚠ {'+'.join(kinds)}" if kinds else ""
+
+
+def _stability(doc: Doc, tput: list[Rec], comps: list[Comparison]) -> dict[str, Any]:
+    """Each figure's intervals and host readings with its flag; where an earlier run of the study is in the store,
+    both runs' figures and whether they agree within 15%."""
+    doc.h(2, "Stability: intervals, host load and run-to-run agreement")
+    doc.p(f"Each figure is timed in interleaved intervals (the CPU's and the GPU's processes take turns, each "
+          f"interval re-warmed); a speedup's CI spans those intervals. Flagged: unstable when the intervals are "
+          f"more than {100 * stats.UNSTABLE_SPREAD:.0f}% apart, with the cause the host readings show; contended "
+          "when other processes used the CPU while a CPU figure was timed: it is not the CPU's own speed.")  # fmt: skip
+    m = lambda r, k, d=0: _fmt(r.metrics.get(k), d)  # noqa: E731
+    doc.table(["workload", "variant", "framework", "device", "batch", "samples/s", "intervals", "spread", "steal % (max)",
+               "other load, cores (max)", "MHz", "threads", "flag"],
+              [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), str(r.batch), _fmt(r.tput),
+                str(len(r.intervals) or 1), _pct(r.metrics.get("bench/interval_spread")),
+                m(r, "bench/steal_pct_max", 1), m(r, "bench/others_cores_max", 2),
+                f"{m(r, 'bench/cpu_mhz_min')}-{m(r, 'bench/cpu_mhz_max')}" if "bench/cpu_mhz_min" in r.metrics else "n/a",
+                r.t("cpu_threads"), r.t("flag") or "-"] for r in tput])  # fmt: skip
+    return {"stability": [{"workload": r.t("workload"), "variant": r.t("variant"), "device": r.t("device_name"),
+                           "batch": r.batch, "flag": r.t("flag") or None, "run": r.run_id} for r in tput],
+            "agreement": _agreement(doc, tput, comps)}  # fmt: skip
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
+def _agreement(doc: Doc, tput: list[Rec], comps: list[Comparison]) -> list[dict[str, Any]]:
+    """This run's figures beside the previous run's: every throughput and every speedup measured by both."""
+    rows, out = [], []
+    pairs = [(f"{r.t('device_name')} samples/s", r, r.tput, r.previous.tput) for r in tput if r.previous]
+    pairs += [("GPU/CPU speedup", c.cpu, c.speedup, speedup_ci(c.gpu.previous, c.cpu.previous)[0])
+              for c in comps if c.gpu.previous and c.cpu.previous]  # fmt: skip
+    for what, r, now, before in pairs:
+        gap = stats.agreement(now, before)
+        agree = gap <= stats.AGREEMENT
+        digits = 2 if "speedup" in what else 0
+        rows.append([r.t("workload"), r.t("variant"), r.t("framework"), str(r.batch), what, _fmt(before, digits), _fmt(now, digits),
+                     f"{100 * gap:.1f}%",
+                     "yes" if agree else f"⚠ no: the runs differ by {100 * gap:.0f}%"])  # fmt: skip
+        out.append({"workload": r.t("workload"), "variant": r.t("variant"), "framework": r.t("framework"), "batch": r.batch,
+                    "figure": what, "previous": before, "latest": now, "difference": gap, "agree": agree})  # fmt: skip
+    if rows:
+        doc.p(f"Two runs of the study are in this store: each figure from both, and whether they agree within "
+              f"{100 * stats.AGREEMENT:.0f}% (difference as a share of the smaller).")  # fmt: skip
+        doc.table(["workload", "variant", "framework", "batch", "figure", "previous run", "latest run", "difference",
+                   f"agree within {100 * stats.AGREEMENT:.0f}%"], rows)  # fmt: skip
+    return out
 
 
 def _setting(r: Rec) -> str:

@@ -54,6 +54,20 @@ class Stopwatch:
         return sum(self.laps.get(name, []))
 
 
+@dataclass
+class IntervalPlan:
+    """Timed repeats split into intervals, each re-warmed, with hooks at its edges: the host readings, and the
+    hand-over to the other device's process so that the CPU and GPU intervals interleave."""
+
+    counts: list[int]  # repeats in each interval
+    begin: Callable[[], None] = no_sync
+    end: Callable[[], None] = no_sync
+
+    def interval_of(self) -> list[int]:
+        """The interval index of each repeat, in timing order."""
+        return [k for k, n in enumerate(self.counts) for _ in range(n)]
+
+
 def calls_to_last(min_s: float, one_call_s: float) -> int:
     """How many calls of a timed region make one window of at least `min_s` (at least one). A repeat of a few
     small-model steps lasts milliseconds, and a window that short reads the host's jitter as much as the work: on

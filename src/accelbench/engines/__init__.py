@@ -42,6 +42,7 @@ class FitResult:
     resumed_from: int = 0  # epochs restored from a checkpoint (0: trained from scratch)
     n_params: int | None = None  # trainable parameters: what a "bigger model" costs, beside its time
     cuda_graphs: str = "off"  # on | off | n/a: <why the steps ran eagerly>
+    interval_of: list[int] | None = None  # the interval of each repeat, when they were timed in several
 
     def summary(self, warmup_epochs: int = 1, units_per_sample: dict[str, float] | None = None) -> dict[str, float]:
         """Timing metrics under the design's names; the first epoch (warm-up) is excluded when others exist.
@@ -84,6 +85,7 @@ class BenchResult:
     peak_gpu_mb: float | None = None
     gpu_util_pct: list[float] | None = None  # NVML samples over the timed repeats; None where not a CUDA GPU
     cuda_graphs: str = "off"  # on | off | n/a: <why the steps ran eagerly>
+    interval_of: list[int] | None = None  # the interval of each repeat, when they were timed in several
 
     def samples_per_s(self) -> list[float]:
         return [self.steps * self.batch_size / t for t in self.repeat_s]

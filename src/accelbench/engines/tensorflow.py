@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -21,7 +22,7 @@ from ..devices import Runtime  # noqa: E402
 from ..errors import DeviceError, TrainingError  # noqa: E402
 from ..io import Prepared, atomic_file, read_json, write_json  # noqa: E402
 from ..tasks import Task  # noqa: E402
-from ..timing import calls_to_last  # noqa: E402
+from ..timing import IntervalPlan, calls_to_last  # noqa: E402
 from . import BenchResult, FitResult, OnEpoch, oom_message  # noqa: E402
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -258,12 +259,14 @@ def _resume(checkpoint: Checkpoint | None, model: keras.Model, result: FitResult
 class _RepeatTimer(keras.callbacks.Callback):
     """Each Keras 'epoch' is one repeat of `steps` steps; epoch 0 is the warm-up (tracing, XLA)."""
 
-    def __init__(self, energy):
+    def __init__(self, energy, timed_from: Callable[[], None] | None = None):
         super().__init__()
-        self.energy, self.times, self.joules = energy, [], []
+        self.energy, self.times, self.joules, self.timed_from = energy, [], [], timed_from
 
     def on_epoch_begin(self, epoch, logs=None):
         _sync()
+        if epoch == 1 and self.timed_from:  # the interval's timed epochs start here
+            self.timed_from()
         self.e0 = self.energy() if self.energy else None
         self.t0 = time.perf_counter()
 
@@ -287,8 +290,10 @@ def bench(
     synthetic: bool = False,
     energy=None,
     min_repeat_s: float = 0.0,
+    intervals: IntervalPlan | None = None,
 ) -> BenchResult:
-    """Same contract as the torch engine's bench, through `model.fit` on a tf.data pipeline (Keras' fast path)."""
+    """Same contract as the torch engine's bench, through `model.fit` on a tf.data pipeline (Keras' fast path).
+    Each interval is one fit whose first epoch is untimed: the warm-up in the first, a re-warm in the others."""
     inputs = prepared.meta.get("inputs", ["x"])
     tr = prepared.splits["train"]
     x, y = _inputs(tr, inputs), _targets(tr, task)
@@ -311,13 +316,20 @@ def bench(
         model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[sizing])
         steps *= calls_to_last(min_repeat_s, sizing.times[1])
         sized_s = sum(sizing.times)
-    timer = _RepeatTimer(energy)
-    model.fit(ds, epochs=1 + repeats, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    plan = intervals or IntervalPlan([repeats])
+    times, joules, warmup_s = [], [], sized_s
+    for count in plan.counts:
+        timer = _RepeatTimer(energy, plan.begin)
+        model.fit(ds, epochs=1 + count, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+        plan.end()
+        warmup_s += timer.times[0] if not times else 0.0
+        times += timer.times[1:]
+        joules += timer.joules[1:]
     peak = None
     if runtime.device.type == "cuda":
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    joules = timer.joules[1:] if energy else None
-    return BenchResult(batch_size, steps, timer.times[1:], sized_s + timer.times[0], 0.0, joules, peak)
+    return BenchResult(batch_size, steps, times, warmup_s, 0.0, joules if energy else None, peak,
+                       interval_of=plan.interval_of())  # fmt: skip
 
 
 def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str], batch: int = EVAL_BATCH) -> np.ndarray:

@@ -18,7 +18,7 @@ from ..devices import Runtime
 from ..errors import TrainingError
 from ..io import Prepared, atomic_file
 from ..tasks import Task
-from ..timing import Stopwatch, calls_to_last
+from ..timing import IntervalPlan, Stopwatch, calls_to_last
 from . import BenchResult, FitResult, OnEpoch, oom_message
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -375,6 +375,7 @@ def bench(
     energy=None,
     utilisation=None,
     min_repeat_s: float = 0.0,
+    intervals: IntervalPlan | None = None,
 ) -> BenchResult:
     """Time `repeats` x `steps` training steps after `warmup` steps.
 
@@ -385,7 +386,9 @@ def bench(
     and each repeat is one replay. A timed repeat runs its steps (or replays) again, as often as one untimed
     repeat says it takes to last `min_repeat_s`; the result's `steps` is the steps a timed repeat ran.
     `utilisation` (devices.UtilisationSampler) samples the GPU during the timed repeats, and during further
-    untimed ones while its window is still too short to read.
+    untimed ones while its window is still too short to read (over the last interval only: the earlier ones
+    are paused while the other device's process takes its turn). `intervals` splits the repeats into intervals,
+    each after the first re-warmed by one untimed step (one replay under CUDA graphs), its hooks run at each interval's edges.
     """
     dev = runtime.device.torch
     inputs = prepared.meta.get("inputs", ["x"])
@@ -435,17 +438,9 @@ def bench(
         repeat()  # the first replay uploads the graph
     warmup_s = sw.stop("warmup", t0)
     calls = _calls_per_repeat(repeat, sw, min_repeat_s, runtime)
-    repeat_s, energy_j = [], []
-    if utilisation:
-        utilisation.start()
-    for _ in range(repeats):
-        e0 = energy() if energy else None
-        t0 = sw.start()
-        for _ in range(calls):
-            repeat()
-        repeat_s.append(sw.stop("repeat", t0))
-        if energy:
-            energy_j.append(energy() - e0)
+    plan = intervals or IntervalPlan([repeats])
+    rewarm = repeat if graphs else (lambda: eager(1))  # one step (one replay) after the other device's turn
+    repeat_s, energy_j = _timed_intervals(plan, lambda: [repeat() for _ in range(calls)], rewarm, sw, energy, utilisation)
     while utilisation and utilisation.wants_more():
         repeat()
         _sync(runtime)()
@@ -454,7 +449,30 @@ def bench(
     if runtime.process_group:  # the group's throughput is set by its slowest rank
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
     return BenchResult(batch_size * runtime.world_size, steps * calls, repeat_s, warmup_s, to_device_s,
-                       energy_j if energy else None, peak, util, graphs_applied)  # fmt: skip
+                       energy_j if energy else None, peak, util, graphs_applied, plan.interval_of())  # fmt: skip
+
+
+def _timed_intervals(plan: IntervalPlan, timed: Callable[[], Any], rewarm: Callable[[], Any], sw: Stopwatch, energy,
+                     utilisation) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Each interval's repeats of `timed`, the interval's hooks at its edges; GPU utilisation over the last one
+    (the earlier ones are paused while another device's process takes its turn). Seconds and joules per repeat."""
+    repeat_s, energy_j = [], []
+    for k, count in enumerate(plan.counts):
+        if k:  # caches, clocks and the allocator come back after the other device's turn
+            rewarm()
+            sw.sync()  # the re-warm is finished before the interval's readings begin
+        if utilisation and k == len(plan.counts) - 1:
+            utilisation.start()
+        plan.begin()
+        for _ in range(count):
+            e0 = energy() if energy else None
+            t0 = sw.start()
+            timed()
+            repeat_s.append(sw.stop("repeat", t0))
+            if energy:
+                energy_j.append(energy() - e0)
+        plan.end()
+    return repeat_s, energy_j
 
 
 def _calls_per_repeat(repeat: Callable[[], Any], sw: Stopwatch, min_repeat_s: float, runtime: Runtime) -> int:
