@@ -70,8 +70,7 @@ class IntervalPlan:
 
 def calls_to_last(min_s: float, one_call_s: float) -> int:
     """How many calls of a timed region make one window of at least `min_s` (at least one). A repeat of a few
-    small-model steps lasts milliseconds, and a window that short reads the host's jitter as much as the work: on
-    the H100 host two records of the same CPU setting, 20 steps a repeat, differed by 25%."""
+    small-model steps lasts milliseconds, and a window that short reads the host's jitter as much as the work."""
     return max(1, math.ceil(min_s / one_call_s))
 
 
