@@ -35,7 +35,9 @@ def setup(runtime: Runtime) -> None:
     # cuDNN autotuning picks kernels by timing: fast, but not reproducible run to run
     torch.backends.cudnn.benchmark = not runtime.deterministic
     torch.backends.cudnn.deterministic = runtime.deterministic
-    torch.use_deterministic_algorithms(runtime.deterministic, warn_only=False)
+    # the call imports Inductor (seconds of a stage's start-up): made only where it changes the setting
+    if torch.are_deterministic_algorithms_enabled() != runtime.deterministic or torch.is_deterministic_algorithms_warn_only_enabled():
+        torch.use_deterministic_algorithms(runtime.deterministic, warn_only=False)
 
 
 def determinism_flags() -> dict[str, str]:
