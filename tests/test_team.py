@@ -167,17 +167,17 @@ def team(tmp_path_factory):
 def run_the_study(t: Team) -> None:
     """Both machines' stages against the server, the tuning of both and a training stage at once."""
     laptop, gpubox = t.laptop, t.gpubox
+    t.wait(laptop.popen("stages/hardware.py"), gpubox.popen("stages/hardware.py"))  # each machine's fingerprint
     leave_orphan(laptop)
     leave_orphan(gpubox)
     t.facts["orphans_before"] = orphans(t)
-    for stage in ("ingest", "eda", "prepare"):
+    for stage in ("ingest", "eda", "prepare", "train"):  # data stages open no MLflow store; train reaps first
         t.wait(t.stage(laptop, stage))
-        if stage == "ingest":  # the laptop's first stage has reaped: the GPU box's orphan is not its to judge
-            t.facts["orphans_after_laptop"] = orphans(t)
-    for folder in ("data/raw", "data/prepared"):  # what `dvc pull` from the team's remote would bring
+    t.facts["orphans_after_laptop"] = orphans(t)  # the GPU box's orphan is not the laptop's to judge
+    for folder in ("data/raw", "data/prepared", "results/diabetes/eda"):  # what `dvc pull` from the team's remote brings
         shutil.copytree(laptop.project.root / folder, gpubox.project.root / folder)
     t.facts["counts_before"] = status_counts(t.runs())
-    at_once = [t.stage(m, "tune") for m in (laptop, laptop, gpubox, gpubox)] + [t.stage(laptop, "train")]
+    at_once = [t.stage(m, "tune") for m in (laptop, laptop, gpubox, gpubox)] + [t.stage(gpubox, "train")]
     t.wait(*at_once)
     t.facts["counts_after"] = status_counts(t.runs())
     t.wait(t.stage(laptop, "evaluate"), t.stage(gpubox, "benchmark"))
@@ -245,7 +245,7 @@ def test_artifacts_are_read_back_through_the_server(team):
     """EDA, model and plots, downloaded through the server (the proxy), equal the laptop's own files."""
     root = team.laptop.project.root
     expected = {"eda": root / "results/diabetes/eda", "model": root / "models/diabetes/mlp", "plots": root / "results/diabetes/plots"}
-    stage_of = {"eda": "eda", "model": "train", "plots": "evaluate"}
+    stage_of = {"eda": "train", "model": "train", "plots": "evaluate"}  # the EDA rides on the training run
     with as_team(), tempfile.TemporaryDirectory() as tmp:
         for name, local in expected.items():
             [run] = team.runs(f"tags.stage = '{stage_of[name]}' and tags.checkout = '{root}' and attributes.status = 'FINISHED'")
@@ -280,7 +280,7 @@ def test_concurrent_tuning_and_training_lose_no_run(team):
 
 def test_reaping_touches_only_runs_of_the_same_host_and_checkout(team):
     assert team.facts["orphans_before"] == {"laptop": "RUNNING", "gpubox": "RUNNING"}
-    # the laptop's first stage reaped its own orphan and left the GPU box's (a pid there means nothing here)
+    # the laptop's first run-logging stage reaped its own orphan and left the GPU box's (a pid there means nothing here)
     assert team.facts["orphans_after_laptop"] == {"laptop": "KILLED", "gpubox": "RUNNING"}
     assert orphans(team) == {"laptop": "KILLED", "gpubox": "KILLED"}  # the GPU box's own stage reaped its own
 
