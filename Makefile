@@ -9,7 +9,7 @@ EXTRA := $(if $(HAS_GPU),gpu,cpu)
 # PyTorch's CPU wheel index, used only when it answers (offline mirrors serve the CPU build by name).
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: setup repro test postgres-server gpu-test ui clean
+.PHONY: setup repro test postgres-server gpu-test ui server clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,19 @@ gpu-test: setup
 
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+
+# The team's tracking server, started as tests/test_team.py starts it (docs/team.md): a database backend, artifacts
+# proxied into ARTIFACTS, MLflow's basic-auth app (MLFLOW_AUTH_CONFIG_PATH, MLFLOW_AUTH_ADMIN_PASSWORD and
+# MLFLOW_FLASK_SERVER_SECRET_KEY from the environment). HOST=0.0.0.0 to serve other machines.
+BACKEND ?= sqlite:///mlserver/mlflow.db
+ARTIFACTS ?= mlserver/artifacts
+HOST ?= 127.0.0.1
+PORT ?= 5000
+WORKERS ?= 4
+server: setup
+	@mkdir -p mlserver
+	mlflow server --host $(HOST) --port $(PORT) --workers $(WORKERS) --backend-store-uri "$(BACKEND)" \
+	  --artifacts-destination "$(ARTIFACTS)" --app-name basic-auth
 
 clean:
 	rm -rf data/raw data/prepared models results reports mlruns

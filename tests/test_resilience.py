@@ -1,22 +1,18 @@
 """Runs that survive: SIGKILL and resume, SIGTERM, determinism, parallel tuning workers and hosts, secrets."""
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 
 from conftest import REPO, make_project
+from servers import postgres_missing, postgres_server
 
 
 def _sigint_default() -> None:
@@ -227,59 +223,13 @@ def test_secrets_never_reach_the_store_or_the_logs(tmp_path):
 PASSWORD = "pg-s3cret-9e1b"  # planted: it must reach no MLflow record and no log
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres_url():
-    """A throwaway server: its own data dir and socket in a temp dir, password auth over TCP."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin; apt-get install postgresql)")
-    pytest.importorskip("psycopg", reason="psycopg (the dev extra psycopg[binary], the driver SQLAlchemy uses for postgresql://) is not installed")
-    as_pg: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        import pwd
-
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and no 'postgres' user to run the server as (postgres refuses root)")
-        if not shutil.which("runuser"):
-            pytest.skip("running as root without runuser: cannot start postgres as its own user")
-        as_pg = ["runuser", "-u", "postgres", "--"]
-    tmp = Path(tempfile.mkdtemp(prefix="accelbench-pg-"))
-    if as_pg:
-        shutil.chown(tmp, "postgres")
-    data, port = tmp / "data", _free_port()
-    pwfile = tmp / "pw"
-    pwfile.write_text("superpw\n")
-    if as_pg:
-        shutil.chown(pwfile, "postgres")
-
-    def pg(*cmd: str) -> None:
-        subprocess.run([*as_pg, *cmd], check=True, capture_output=True, text=True, timeout=120)
-
-    pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
-       "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8")  # fmt: skip
-    pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "server.log"), "-w", "-t", "60", "start",
-       "-o", f"-p {port} -k {tmp} -h 127.0.0.1 -c fsync=off -c max_connections=200")  # fmt: skip
-    try:
-        psql = [str(bindir / "psql"), "-h", str(tmp), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
-        pg(*psql, "-c", f"CREATE USER tuner WITH PASSWORD '{PASSWORD}'")
-        pg(*psql, "-c", "CREATE DATABASE studies OWNER tuner")
-        yield f"postgresql://tuner:{PASSWORD}@127.0.0.1:{port}/studies"
-    finally:
-        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A throwaway server (tests/servers.py) with one login and database for the studies."""
+    if why := postgres_missing():
+        pytest.skip(why)
+    with postgres_server() as pg:
+        yield pg.database("studies", "tuner", PASSWORD)
 
 
 def test_two_hosts_share_one_postgres_study(prepared_project, postgres_url):

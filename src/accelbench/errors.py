@@ -17,6 +17,10 @@ class DeviceError(AccelbenchError):
     """The requested device does not exist on this machine."""
 
 
+class TrackingError(AccelbenchError):
+    """The MLflow tracking server cannot be reached, refused the credentials, or failed mid-stage."""
+
+
 class TrainingError(AccelbenchError):
     """Training diverged (NaN/inf loss) or could not proceed."""
 

@@ -20,7 +20,7 @@ from . import stats
 from .errors import AccelbenchError
 from .io import atomic_dir, write_json
 from .project import reports_dir
-from .tracking import tracking_uri
+from .tracking import check_server, tracking_uri
 
 KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "compile_mode", "channels_last", "cuda_graphs",
             "fused_optimizer", "setting", "batch_size", "hardware", "world_size")  # fmt: skip
@@ -214,6 +214,7 @@ class Doc:
 
 def build_for_project(root: Path) -> dict[str, Any]:
     """The report stage: the project's tracking store (or server) -> reports/."""
+    check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line now, not minutes of retries
     return build(tracking_uri(root), reports_dir(root))
 
 

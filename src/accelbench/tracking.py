@@ -10,12 +10,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlflow
+import requests
 from mlflow.entities import Metric, RunTag
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.rest_utils import http_request
 
 from . import devices
-from .errors import AccelbenchError, Interrupted
+from .errors import AccelbenchError, Interrupted, TrackingError
 from .project import hardware_file, project_root
 
 RUNS_STARTED = 0  # lets the CLI tell a failure before any run began from one inside a run
@@ -24,6 +28,60 @@ RUNS_STARTED = 0  # lets the CLI tell a failure before any run began from one in
 def tracking_uri(root: Path | None = None) -> str:
     root = root or project_root()
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+SERVER_CHECK_TIMEOUT_S = 5.0
+
+
+def server_address(uri: str) -> str:
+    """scheme://host:port/path of a tracking URI, without any user:password@ it may hold."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+@functools.cache  # once per process: a tuning stage opens a run per trial
+def check_server(uri: str) -> None:
+    """One cheap request before a stage logs: a wrong URL or bad credentials fail now, in one line.
+
+    Left alone, MLflow's client retries an unreachable server for minutes and then raises a traceback.
+    Local stores (sqlite:, file:, a path) need no check.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    where = f"MLFLOW_TRACKING_URI={server_address(uri)}"
+    try:
+        resp = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                            max_retries=0, timeout=SERVER_CHECK_TIMEOUT_S, raise_on_status=False,
+                            params={"max_results": 1})  # fmt: skip
+    except (requests.RequestException, mlflow.exceptions.MlflowException) as exc:
+        raise TrackingError(f"{where}: no MLflow tracking server answered ({_reason(exc)}); "
+                            "is the server running and the URL right?") from None  # fmt: skip
+    if resp.status_code == 401:
+        raise TrackingError(f"{where}: the server rejected the credentials (HTTP 401); "
+                            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+    if resp.status_code == 403:
+        raise TrackingError(f"{where}: the server denied this user access (HTTP 403); ask its admin for a permission")
+    if resp.status_code != 200 or "application/json" not in resp.headers.get("Content-Type", ""):
+        raise TrackingError(f"{where}: answered HTTP {resp.status_code} to an MLflow API request; "
+                            "is this an MLflow tracking server (and the right path)?")  # fmt: skip
+
+
+@contextlib.contextmanager
+def server_errors_in_one_line() -> Iterator[None]:
+    """A client error left after MLflow's own retries (the server went away mid-stage) becomes a TrackingError:
+    the CLI prints it in one line with exit code 2, not a traceback."""
+    try:
+        yield
+    except (mlflow.exceptions.MlflowException, requests.RequestException) as exc:
+        raise TrackingError(f"MLflow tracking failed at {server_address(tracking_uri())}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause in a few words ('Connection refused', 'timed out'), never a URL with credentials."""
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (text or type(exc).__name__)[:200]
 
 
 @functools.cache  # a tuning stage opens a run per trial: one `git` process per stage, not per trial
@@ -39,6 +97,7 @@ def use_experiment(workload: str) -> str:
     """Point MLflow at the project store and the workload's experiment; return its id."""
     root = project_root()
     uri = tracking_uri(root)
+    check_server(uri)  # a stage's first contact with MLflow, before it writes anything
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:"):
         (root / "mlruns").mkdir(exist_ok=True)
@@ -53,13 +112,17 @@ def use_experiment(workload: str) -> str:
 
 
 def reap_orphans(experiment_id: str) -> None:
-    """Runs still RUNNING whose process on this host is gone (SIGKILL, OOM killer) are marked KILLED.
+    """Runs still RUNNING whose process is gone (SIGKILL, OOM killer) are marked KILLED.
 
     A killed process cannot end its own run; left alone, the store would claim it is still training.
+    Only runs of this host and this checkout are ours to judge: a pid means nothing on another machine,
+    and another clone on this host may be a different machine's stand-in or a colleague's live run.
     """
     client = mlflow.MlflowClient()
-    host = socket.gethostname()
+    host, checkout = socket.gethostname(), str(project_root())
     for run in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'"):
+        if run.data.tags.get("checkout") != checkout:  # compared here: a path may hold quotes a filter cannot
+            continue
         pid = int(run.data.tags.get("pid", "0"))
         if pid and not _alive(pid):
             client.set_tag(run.info.run_id, "failure_reason", f"process {pid} died without ending its run (SIGKILL or crash)")
@@ -81,6 +144,7 @@ def base_tags(workload: str, stage: str, runtime_tags: dict[str, str]) -> dict[s
     hw = devices.recorded_hardware(hardware_file(root))
     return {
         "host": socket.gethostname(),
+        "checkout": str(root),  # with host and pid: whose run this is, for reap_orphans
         "pid": str(os.getpid()),
         "workload": workload,
         "stage": stage,
@@ -158,6 +222,14 @@ def stage_run(
     tags: dict[str, str] | None = None,
 ) -> Iterator[Tracker]:
     """Start a run named `<stage>-<device>-<framework>`; end it FINISHED, FAILED or KILLED with the reason."""
+    with server_errors_in_one_line():
+        tracker = _start(workload, stage, runtime_tags, name, nested, parent_run_id, system_metrics, tags)
+        with _ended(tracker, params, system_metrics):
+            yield tracker
+
+
+def _start(workload: str, stage: str, runtime_tags: dict[str, str], name: str | None, nested: bool,
+           parent_run_id: str | None, system_metrics: bool, tags: dict[str, str] | None) -> Tracker:  # fmt: skip
     experiment_id = use_experiment(workload)
     if not parent_run_id and not nested:
         reap_orphans(experiment_id)
@@ -178,11 +250,15 @@ def stage_run(
         tags=all_tags,
         log_system_metrics=system_metrics,
     )
-    tracker = Tracker(run.info.run_id)
+    return Tracker(run.info.run_id)
+
+
+@contextlib.contextmanager
+def _ended(tracker: Tracker, params: dict[str, Any] | None, system_metrics: bool) -> Iterator[None]:
     try:
         if params:
             tracker.log_params(params)
-        yield tracker
+        yield
         tracker.flush()
         if system_metrics:
             _await_first_system_sample(tracker)
@@ -262,6 +338,8 @@ def record_failure(workload: str, stage: str, exc: AccelbenchError) -> None:
     """cli.main's on_failure for stages that log runs: an error before the stage's run began (bad params) still
     leaves a FAILED trace. Runs that began end themselves; ranks other than 0 leave theirs to rank 0."""
     if RUNS_STARTED or getattr(exc, "recorded", False) or os.environ.get("RANK", "0") != "0":
+        return
+    if isinstance(exc, TrackingError):  # the server is what failed: there is nowhere to record it
         return
     record_failed_run(workload, stage, str(exc))
 
