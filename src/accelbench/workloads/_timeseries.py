@@ -15,11 +15,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 
+from .. import verdict as vd
 from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
-from . import Workload, kaggle_file
+from . import Baseline, Workload, kaggle_file
 
 Cell = Literal["rnn", "lstm", "gru"]
 DATE_FORMATS = {"m/d/Y": "%m/%d/%Y", "ISO Y-m-d": "%Y-%m-%d"}
@@ -516,14 +517,29 @@ class SeriesWorkload(Workload):
         plot_forecast(prepared.meta, split, arrays, logits, out_dir / f"{prefix}_predicted_vs_actual.png", title)
         return price_metrics(prepared.meta, arrays, logits, split)
 
-    def baselines(self, params: SeriesParams, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
+    def baselines(self, params: SeriesParams, prepared: Prepared, out_dir: Path) -> dict[str, Baseline]:
         task, out = self.task(prepared.meta), {}
         for split in ("val", "test"):
             arrays = prepared.splits[split]
             pred = persistence(prepared.meta, arrays)
             out.update(task.metrics(arrays["y"], pred, split))
             out.update(price_metrics(prepared.meta, arrays, pred, split, moves_=False))
-        return {"persistence": out}
+        return {"persistence": Baseline(out, pred)}
+
+    def verdict_metric(self, meta: dict[str, Any]) -> tuple[str, bool]:
+        return "test/price_rmse", False
+
+    def item_score(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], logits: np.ndarray, idx: np.ndarray, metric: str) -> float:
+        picked = {"y": arrays["y"][idx], "last": arrays["last"][idx]}
+        return float(price_metrics(meta, picked, np.asarray(logits)[idx], "test", moves_=False)[metric])
+
+    def verdict_note(self, params: SeriesParams, beats: bool, margin: float, n_items: int) -> str:
+        if beats:
+            return vd.generic_note(beats, margin, n_items)
+        return vd.generic_note(beats, margin, n_items) + (
+            ": daily prices are close to a random walk, where tomorrow = today is the forecast to beat; "
+            f"the model predicts {params.prepare.predict}s ({self.name}.prepare.predict)"
+        )
 
     def build_torch(self, params: SeriesParams, meta: dict[str, Any]):
         from ..models.recurrent import RecurrentRegressor  # imports torch: only stages that train load it

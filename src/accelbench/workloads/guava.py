@@ -26,7 +26,7 @@ from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import Prepared
 from ..tasks import Task
-from . import Workload, kaggle_download
+from . import Baseline, Workload, kaggle_download
 
 CLASSES = ("Anthracnose", "fruit_fly", "healthy_guava")  # the Kaggle folder names, in sorted order
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -642,7 +642,7 @@ class Guava(Workload):
         fused = cuda and m.fused_augment
         return {"augment": "one Triton kernel with the normalisation" if fused else "torch ops", "stem": stem}
 
-    def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
+    def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, Baseline]:
         """Logistic regression on each image's mean R, G, B: what colour alone explains."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
@@ -656,7 +656,7 @@ class Guava(Workload):
         for split in ("val", "test"):
             logits = model.predict_log_proba(feats[split])  # softmax of log-probabilities gives them back
             metrics.update(task.metrics(prepared.splits[split]["y"], logits, split))
-        return {"channel_means_logreg": metrics}
+        return {"channel_means_logreg": Baseline(metrics, logits)}
 
     def build_torch(self, params: Params, meta: dict[str, Any]):
         m = params.model
