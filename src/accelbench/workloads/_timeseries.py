@@ -416,6 +416,10 @@ class SeriesWorkload(Workload):
         series = read_prices(files, src.target, self.default_targets, self.name)  # errors name the user's file
         if src.source != "bundled":
             files = [Path(shutil.copyfile(f, out_dir / f.name)) for f in files]  # raw = the originals, byte for byte
+        print(f"{self.name}: read {', '.join(f.name for f in files)} ({origin}): column '{series.column}', "
+              f"{len(series.values)} rows", flush=True)  # fmt: skip
+        print(f"{self.name}: {series.filled} missing prices carried forward from the day before; "
+              f"{series.dropped_leading} missing before the first price dropped", flush=True)  # fmt: skip
         return {
             "source": src.source,
             "origin": origin,
