@@ -320,3 +320,57 @@ def test_unusable_folder_fails_ingest(ingest_project, tmp_path, layout, words):
     project.update("guava.data.path", str(folder))
     proc = project.stage("ingest", "guava")
     assert_failed_cleanly(proc, project, "ingest", leftovers(project.root / "data" / "raw" / "guava"), str(folder), *words)
+
+
+def plant_augmented_copies(root: Path, photos: int, copies: int) -> None:
+    """Kaggle's layout and names: <class>/<photo id>_unsharp_clahe_augmented_<n>.png, `copies` of each photo.
+    Every copy of a photo carries the photo's own red level, so a split's images name their photos.
+    Photo ids repeat across classes (id 1 is a fruit_fly and a healthy photo): the group is per class folder."""
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(CLASSES):
+        (root / cls).mkdir(parents=True)
+        for photo in range(photos):
+            red = 10 + 10 * photo
+            for n in rng.choice(8, copies, replace=False):
+                pixels = np.zeros((40, 40, 3), np.uint8)
+                pixels[..., 0], pixels[..., 1], pixels[..., 2] = red, 80 * c, rng.integers(0, 255)
+                Image.fromarray(pixels).save(root / cls / f"{photo}_unsharp_clahe_augmented_{n}.png")
+
+
+def photos_in(split: dict[str, np.ndarray]) -> set[tuple[int, int]]:
+    return {(int(y), int(x[0, 0, 0])) for x, y in zip(split["x"], split["y"])}
+
+
+def test_augmented_copies_of_one_photo_stay_in_one_split(tmp_path, capsys):
+    from accelbench.config import with_overrides
+    from accelbench.io import write_json
+    from accelbench.workloads.guava import GROUPING_RULE, WORKLOAD
+
+    plant_augmented_copies(tmp_path / "images", photos=10, copies=4)
+    params = with_overrides(WORKLOAD.Params(), {"data.source": "path", "data.path": str(tmp_path / "images"),
+                                                "prepare.image_size": 32})  # fmt: skip
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_json(raw / "source.json", WORKLOAD.ingest(params, raw))
+    for seed in (0, 1, 2):
+        prepared = WORKLOAD.prepare(params, raw, seed)
+        seen = {s: photos_in(prepared.splits[s]) for s in ("train", "val", "test")}
+        assert seen["train"] & seen["test"] == set() and seen["train"] & seen["val"] == set()
+        assert seen["val"] & seen["test"] == set()
+        assert len(seen["train"] | seen["val"] | seen["test"]) == 30  # 3 classes x 10 photos
+        for s in ("val", "test"):
+            assert sorted({y for y, _ in seen[s]}) == [0, 1, 2]  # stratified by class, whole photos at a time
+            assert len(prepared.splits[s]["y"]) % 4 == 0  # whole photos: 4 copies each
+    grouping = prepared.meta["grouping"]
+    assert grouping == {"rule": GROUPING_RULE, "files": 120, "groups": 30, "groups_across_splits": 0}
+    out = capsys.readouterr().out
+    assert "guava: 30 source photos by rule:" in out and "groups in more than one split: 0" in out
+
+
+def test_names_without_a_photo_id_are_each_their_own_group(tmp_path):
+    from accelbench.workloads.guava import source_groups
+
+    paths = [Path("a/107_x_3.png"), Path("a/107_x_6.png"), Path("b/107_x_1.png"), Path("a/IMG_0001.jpg"), Path("a/IMG_0002.jpg")]
+    groups = source_groups(paths, [0, 0, 1, 0, 0])
+    assert groups[0] == groups[1]  # one photo, two augmentations
+    assert len({groups[0], groups[2], groups[3], groups[4]}) == 4  # other class; unnamed files each alone

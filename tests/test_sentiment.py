@@ -331,3 +331,54 @@ def test_compile_traces_all_but_the_lstms():
     assert {"where", "stack", "cat", "dropout"} <= traced  # the first pair, between the layers, the head
     reasons = [b.reason for b in explained.break_reasons]  # explain lists each kind of break once
     assert reasons and all("LSTM" in r or "disable" in r for r in reasons)
+
+
+# ---------------------------------------------------------------- encodings and Sentiment140's header
+
+# What Excel on Windows writes: cp1252, where ’ is 0x92 and € 0x80, bytes that are not UTF-8
+CP1252_ROWS = (
+    "2401,Borderlands,Positive,I’m loving the new café map\r\n"
+    "2402,Amazon,Negative,paid 50€ and it broke — awful\r\n"
+    "2403,Xbox(Xseries),Neutral,the update is out today\r\n"
+)
+
+
+def test_cp1252_file_stops_ingest_naming_its_first_bad_line(failing, tmp_path):
+    bad = tmp_path / "twitter_validation.csv"
+    bad.write_bytes(CP1252_ROWS.encode("cp1252"))
+    use_file(failing, bad)
+    assert_fails_cleanly(failing, "ingest", str(bad), "line 1 is not valid utf-8", "byte 0x92", "sentiment.data.encoding=cp1252")
+
+
+def test_declared_cp1252_decodes_every_character(tmp_path):
+    from accelbench.workloads.sentiment import read_tweets
+
+    path = tmp_path / "twitter_validation.csv"
+    path.write_bytes(CP1252_ROWS.encode("cp1252"))
+    df, fmt, encoding = read_tweets(path, encoding="cp1252")
+    assert (fmt, encoding) == ("entity", "cp1252")
+    assert df["text"].tolist() == [line.split(",", 3)[3] for line in CP1252_ROWS.splitlines()]
+    assert not df["text"].str.contains("\ufffd").any()
+
+
+def test_cp1252_undefined_byte_fails_even_when_declared(tmp_path):
+    from accelbench.errors import DataError
+    from accelbench.workloads.sentiment import read_tweets
+
+    path = tmp_path / "tweets.csv"
+    path.write_bytes(CP1252_ROWS.encode("cp1252") + b"2404,Amazon,Positive,odd \x81 byte\r\n")
+    with pytest.raises(DataError, match=r"line 4 is not valid cp1252 \(declared by sentiment.data.encoding\): byte 0x81"):
+        read_tweets(path, encoding="cp1252")
+
+
+def test_sentiment140_with_its_header_reads_like_without(tmp_path):
+    from accelbench.workloads.sentiment import read_tweets
+
+    headerless = DATA / "sentiment140.csv"
+    with_header = tmp_path / "sentiment140_header.csv"
+    with_header.write_bytes(b'"target","ids","date","flag","user","text"\r\n' + headerless.read_bytes())
+    plain, fmt, encoding = read_tweets(headerless)
+    headed, fmt_h, encoding_h = read_tweets(with_header)
+    assert (fmt, fmt_h, encoding, encoding_h) == ("sentiment140", "sentiment140-header", "latin-1", "latin-1")
+    pd.testing.assert_frame_equal(plain, headed)
+    assert set(headed["label"]) == {"negative", "neutral", "positive"}

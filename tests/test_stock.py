@@ -64,7 +64,7 @@ def test_reads_the_kaggle_google_files(stock):
     raw = stock.root / "data/raw/stock"
     assert (raw / TRAIN.name).read_bytes() == TRAIN.read_bytes()  # raw = the original, CRLF and all
     meta = json.loads((stock.root / "data/prepared/stock/meta.json").read_text())
-    assert meta["target_rows"] == {"train": [WINDOW, 118], "val": [118, 144], "test": [144, 170]}
+    assert meta["target_rows"] == {"train": [WINDOW + 1, 118], "val": [118, 144], "test": [144, 170]}  # a window of moves needs its day before
     assert meta["target_dates"]["test"][1] == "2016-08-26"
     eda = json.loads((stock.root / "results/stock/eda/eda.json").read_text())
     assert eda["price"]["max"] == pytest.approx(kaggle_opens().max())  # "1,0xx.xx" read as numbers
@@ -72,8 +72,10 @@ def test_reads_the_kaggle_google_files(stock):
 
 def test_model_and_persistence_side_by_side_in_price_units(stock):
     metrics = json.loads((stock.root / "results/stock/evaluate.json").read_text())
-    assert set(metrics) == {"lstm", "persistence"}
+    assert set(metrics) == {"lstm", "persistence", "verdict"}
     assert set(metrics["lstm"]) == set(metrics["persistence"])
+    # tomorrow = today never moves: it has no direction to be right about, so n/a (null), not 0
+    assert metrics["persistence"]["test/direction_acc"] is None and metrics["persistence"]["val/direction_acc"] is None
     for key in ["test/price_rmse", "test/price_mae", "test/mape_pct", "test/direction_acc", "test/rmse"]:
         assert np.isfinite(metrics["lstm"][key]), key
     opens = kaggle_opens().to_numpy()
@@ -86,6 +88,23 @@ def test_model_and_persistence_side_by_side_in_price_units(stock):
     baseline = [r for r in runs if r.data.tags.get("baseline") == "true"]
     assert len(baseline) == 1 and baseline[0].info.run_name == "baseline-persistence"
     assert baseline[0].data.metrics["test/price_mae"] == pytest.approx(persistence["test/price_mae"])
+    assert "test/direction_acc" not in baseline[0].data.metrics  # n/a is not logged as a number
+
+
+def test_verdict_compares_the_model_with_persistence_in_prices(stock):
+    metrics = json.loads((stock.root / "results/stock/evaluate.json").read_text())
+    verdict = metrics["verdict"]
+    assert set(verdict) == {"metric", "higher_is_better", "model", "model_value", "baseline", "baseline_value",
+                            "margin", "margin_ci95", "beats_baseline", "note"}  # fmt: skip
+    assert (verdict["metric"], verdict["higher_is_better"], verdict["model"], verdict["baseline"]) == (
+        "test/price_rmse", False, "lstm", "persistence")
+    assert verdict["model_value"] == pytest.approx(metrics["lstm"]["test/price_rmse"])
+    assert verdict["baseline_value"] == pytest.approx(metrics["persistence"]["test/price_rmse"])
+    assert verdict["margin"] == pytest.approx(verdict["baseline_value"] - verdict["model_value"])  # > 0: model better
+    lo, hi = verdict["margin_ci95"]
+    assert lo <= verdict["margin"] <= hi and verdict["beats_baseline"] == (lo > 0)
+    if not verdict["beats_baseline"]:
+        assert "random walk" in verdict["note"]
 
 
 def test_predicted_vs_actual_png_is_written_and_logged(stock):
@@ -126,27 +145,49 @@ def prepared(wl, params, raw: Path):
     return wl.prepare(params, raw, seed=0)
 
 
-def test_no_future_price_reaches_training_inputs_or_the_scaler(tmp_path):
-    """The scaler is the one fitted on the training rows alone; rewriting later prices (val, test)
-    changes nothing that training sees, and rewriting test prices changes nothing validation sees."""
+def check_level_scaler(base, opens: np.ndarray) -> None:
+    """Min-max fitted on the training rows; each test window is the scaled prices right before its target."""
     from sklearn.preprocessing import MinMaxScaler
 
-    from accelbench.config import with_overrides
-
-    wl = get_workload("stock")
-    params = with_overrides(wl.Params(), {"data.path": str(TRAIN), "data.source": "path", "prepare.window": WINDOW})
-    base = prepared(wl, params, tmp_path / "base")
-    opens = kaggle_opens().to_numpy()
-    lo, hi = base.meta["scaler_fitted_on_rows"]
-    assert (lo, hi) == (0, 118)
-    ref = MinMaxScaler().fit(opens[lo:hi].reshape(-1, 1))
+    ref = MinMaxScaler().fit(opens[0:118].reshape(-1, 1))
     assert base.meta["scaler"]["low"] == pytest.approx(ref.data_min_[0])
     assert base.meta["scaler"]["span"] == pytest.approx(ref.data_range_[0])
-    # each test window is the `window` scaled prices right before its target, nothing later
     test_x, start = base.splits["test"]["x"][:, :, 0], base.meta["target_rows"]["test"][0]
     for i in (0, len(test_x) - 1):
         t = start + i
         assert test_x[i] == pytest.approx(ref.transform(opens[t - WINDOW : t].reshape(-1, 1)).ravel(), abs=1e-6)
+
+
+def check_difference_scaler(base, opens: np.ndarray) -> None:
+    """Daily differences divided by their std over the training rows; y = the next difference, same scale;
+    persistence (no move) reproduces yesterday's price."""
+    from accelbench.workloads._timeseries import forecast_prices, persistence
+
+    std = np.std(np.diff(opens[0:118]))
+    assert base.meta["scaler"] == {"predict": "difference", "x_std": pytest.approx(std), "y_std": pytest.approx(std)}
+    test, start = base.splits["test"], base.meta["target_rows"]["test"][0]
+    for i in (0, len(test["y"]) - 1):
+        t = start + i
+        assert test["x"][i, :, 0] == pytest.approx(np.diff(opens[t - WINDOW - 1 : t]) / std, abs=1e-5)
+        assert test["y"][i] == pytest.approx((opens[t] - opens[t - 1]) / std, abs=1e-5)
+    last, actual, forecast = forecast_prices(base.meta, test, persistence(base.meta, test))
+    np.testing.assert_allclose(forecast, opens[start - 1 : -1])
+    np.testing.assert_allclose(actual, opens[start:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("predict", ["level", "difference"])
+def test_no_future_price_reaches_training_inputs_or_the_scaler(tmp_path, predict):
+    """The scaler is the one fitted on the training rows alone; rewriting later prices (val, test)
+    changes nothing that training sees, and rewriting test prices changes nothing validation sees."""
+    from accelbench.config import with_overrides
+
+    wl = get_workload("stock")
+    params = with_overrides(wl.Params(), {"data.path": str(TRAIN), "data.source": "path", "prepare.window": WINDOW,
+                                          "prepare.predict": predict})  # fmt: skip
+    base = prepared(wl, params, tmp_path / "base")
+    opens = kaggle_opens().to_numpy()
+    assert base.meta["scaler_fitted_on_rows"] == [0, 118]
+    (check_level_scaler if predict == "level" else check_difference_scaler)(base, opens)
 
     def shocked(first_row: int, name: str):
         """The fixture with every price from `first_row` on multiplied by 3 (new highs the scaler must not see)."""

@@ -140,7 +140,7 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
     engine = get_engine(runtime.framework)
     inputs = prepared.meta.get("inputs", ["x"])
     variants = wl.variants(cfg.params(wl.name))
-    all_metrics = {}
+    all_metrics, test_logits = {}, {}
     with atomic_dir(results_dir(root, wl.name) / "plots") as plots:
         for variant in variants:
             folder = model_dir(root, wl.name) / variant
@@ -158,6 +158,7 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
                     logits = engine.predict(model, task, arrays, inputs, runtime, prepared.meta.get("eval_batch_size", 4096))
                     metrics.update(task.metrics(arrays["y"], logits, split))
                     metrics.update(wl.evaluate_extra(params, prepared, split, logits, plots, f"{variant}_{split}"))
+                    test_logits[variant] = logits  # test is the last split: its outputs stay
                     if task.kind != "regression":
                         title = f"{wl.name}/{variant} {split}"
                         _confusion_png(task, arrays["y"], logits, plots / f"{variant}_confusion_{split}.png", title)
@@ -167,11 +168,19 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
             all_metrics[variant] = metrics
         with work():
             baselines = wl.baselines(cfg.params(wl.name), prepared, plots)
-        for baseline, metrics in baselines.items():
+        for baseline, result in baselines.items():
             with stage_run(wl.name, "evaluate", HOST_TAGS, name=f"baseline-{baseline}",
                            tags={"variant": baseline, "baseline": "true"}) as run:  # fmt: skip
-                run.log_metrics(metrics)
-            all_metrics[baseline] = metrics
+                run.log_metrics(result.metrics)
+            all_metrics[baseline] = result.metrics
+    models = {v: (all_metrics[v], test_logits[v]) for v in variants}
+    with work():
+        verdict = wl.verdict(cfg.params(wl.name), prepared, models, baselines, cfg.seed)
+    if verdict is not None:
+        all_metrics["verdict"] = verdict
+        print(f"{wl.name}: verdict: {verdict['model']} {verdict['metric']} {verdict['model_value']:.4g} against "
+              f"{verdict['baseline']} {verdict['baseline_value']:.4g}, margin {verdict['margin']:+.4g} "
+              f"(95% CI {verdict['margin_ci95'][0]:+.4g} to {verdict['margin_ci95'][1]:+.4g}): {verdict['note']}", flush=True)  # fmt: skip
     write_json(results_dir(root, wl.name) / "evaluate.json", all_metrics)
 
 

@@ -9,12 +9,25 @@ import pkgutil
 from functools import cache
 from pathlib import Path
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
+from .. import verdict as vd
 from ..config import WorkloadParams
 from ..errors import ConfigError, DataError
 from ..io import Prepared
 from ..tasks import Task
+
+
+@dataclass
+class Baseline:
+    """A non-neural reference: its metrics (None where it cannot have one, e.g. persistence's direction)
+    and its test-split outputs in the task's form, item by item, for the verdict's paired bootstrap."""
+
+    metrics: dict[str, float | None]
+    test_logits: np.ndarray
 
 
 class Workload:
@@ -26,6 +39,8 @@ class Workload:
     # Data-parallel training (distributed.gpus/nodes > 1); a workload that cannot gain from it says why
     data_parallel: ClassVar[bool] = True
     single_device_reason: ClassVar[str] = ""
+    # Variants that are references, not candidates (quantum's raw pixels): the verdict counts them as baselines
+    reference_variants: ClassVar[tuple[str, ...]] = ()
 
     def task(self, meta: dict[str, Any]) -> Task:
         raise NotImplementedError
@@ -76,10 +91,46 @@ class Workload:
         """Extra tags for training runs (e.g. whether fused cuDNN kernels are eligible)."""
         return {}
 
-    def baselines(self, params: WorkloadParams, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
-        """Non-neural references scored on the same splits (persistence, TF-IDF + LR): name -> metrics.
-        Each is logged as its own MLflow run and sits beside the variants in evaluate.json."""
+    def baselines(self, params: WorkloadParams, prepared: Prepared, out_dir: Path) -> dict[str, Baseline]:
+        """Non-neural references scored on the same splits (persistence, TF-IDF + LR). Each is logged as
+        its own MLflow run and its metrics sit beside the variants in evaluate.json."""
         return {}
+
+    def verdict_metric(self, meta: dict[str, Any]) -> tuple[str, bool]:
+        """The test metric the verdict compares, and whether higher is better: the tuning objective's."""
+        task = self.task(meta)
+        return "test/" + task.objective.split("/", 1)[1], task.direction == "maximize"
+
+    def item_score(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], logits: np.ndarray, idx: np.ndarray, metric: str) -> float:
+        """`metric` on the test items `idx` (with repeats: a bootstrap resample)."""
+        value = self.task(meta).metrics(arrays["y"][idx], logits[idx], "test").get(metric)
+        return float("nan") if value is None else float(value)
+
+    def verdict_note(self, params: WorkloadParams, beats: bool, margin: float, n_items: int) -> str:
+        """Why the model wins or loses, in words, and what to run for a fairer size."""
+        return vd.generic_note(beats, margin, n_items)
+
+    def verdict(self, params: WorkloadParams, prepared: Prepared, models: dict[str, tuple[dict[str, Any], np.ndarray]],
+                baselines: dict[str, Baseline], seed: int) -> dict[str, Any] | None:  # fmt: skip
+        """evaluate.json's `verdict`: the best model (by validation) against the best reference; None
+        when there is nothing to compare with. `models`: variant -> (metrics, test logits)."""
+        metric, higher = self.verdict_metric(prepared.meta)
+        refs = {n: v for n, v in models.items() if n in self.reference_variants}
+        refs.update({n: (b.metrics, b.test_logits) for n, b in baselines.items()})
+        candidates = {n: v for n, v in models.items() if n not in self.reference_variants}
+        if not refs or not candidates:
+            return None
+        test = prepared.splits["test"]
+        val_metric = "val/" + metric.split("/", 1)[1]
+
+        def side(name: str, metrics: dict[str, Any], logits: np.ndarray) -> vd.Side:
+            val = metrics.get(val_metric)
+            score = lambda idx: self.item_score(prepared.meta, test, logits, idx, metric)  # noqa: E731
+            return vd.Side(name, float("nan") if val is None else float(val), score)
+
+        note = lambda beats, margin, n: self.verdict_note(params, beats, margin, n)  # noqa: E731
+        return vd.verdict(metric, higher, [side(n, *v) for n, v in candidates.items()],
+                          [side(n, *v) for n, v in refs.items()], prepared.n("test"), seed, note)  # fmt: skip
 
     def extra_benchmarks(self, params: WorkloadParams, runtime: Any, bench: Any) -> list[dict[str, Any]]:
         """Timed measurements of the workload's own beside the training-step sweep (e.g. circuits/s of a

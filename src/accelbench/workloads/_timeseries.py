@@ -15,11 +15,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 
+from .. import verdict as vd
 from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
-from . import Workload, kaggle_file
+from . import Baseline, Workload, kaggle_file
 
 Cell = Literal["rnn", "lstm", "gru"]
 DATE_FORMATS = {"m/d/Y": "%m/%d/%Y", "ISO Y-m-d": "%Y-%m-%d"}
@@ -36,16 +37,25 @@ class SeriesData(DataParams):
     kaggle_file: str = ""  # the file inside the Kaggle dataset
 
 
+Predict = Literal["level", "difference", "return"]
+PREDICTS = ("level", "difference", "return")
+
+
 @dataclass(frozen=True)
 class WindowPrepare:
     window: int = 60  # days of history per sample (the Kaggle notebooks' 60)
     horizon: int = 1  # predict the price this many days after the window's last day
     val_size: float = 0.15  # the latest rows are the test part, the ones before them validation
     test_size: float = 0.15
+    # level: min-max scaled prices in and out (the notebooks); difference / return: the daily moves in
+    # and the move over `horizon` out, each divided by its training-rows std; persistence = no move
+    predict: Predict = "difference"
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.horizon < 1:
             raise ValueError(f"window ({self.window}) and horizon ({self.horizon}) must be at least 1")
+        if self.predict not in PREDICTS:
+            raise ValueError(f"predict: '{self.predict}' is not one of {list(PREDICTS)}")
         if min(self.val_size, self.test_size) <= 0 or self.val_size + self.test_size >= 1:
             raise ValueError(f"val_size and test_size must be above 0 and sum below 1 (got {self.val_size}, {self.test_size})")
 
@@ -229,9 +239,10 @@ def split_rows(n: int, prep: WindowPrepare) -> dict[str, tuple[int, int]]:
 
 def target_rows(n: int, prep: WindowPrepare) -> dict[str, tuple[int, int]]:
     """Rows whose price each part predicts. A train window lies wholly in the train rows; val and test
-    windows reach back into earlier rows (the past is known), never forward."""
+    windows reach back into earlier rows (the past is known), never forward. A window of moves needs
+    the day before its first day too."""
     parts = split_rows(n, prep)
-    first = prep.window - 1 + prep.horizon
+    first = prep.window - 1 + prep.horizon + (prep.predict != "level")
     return {"train": (first, parts["train"][1]), "val": parts["val"], "test": parts["test"]}
 
 
@@ -246,11 +257,16 @@ def min_rows(prep: WindowPrepare) -> int:
     return n
 
 
-def windows(scaled: np.ndarray, lo: int, hi: int, prep: WindowPrepare) -> dict[str, np.ndarray]:
-    """Samples predicting rows lo..hi-1: x = the `window` days ending `horizon` days before the target."""
-    view = np.lib.stride_tricks.sliding_window_view(scaled, prep.window)
+def windows(inputs: np.ndarray, targets: np.ndarray, prices: np.ndarray, lo: int, hi: int, prep: WindowPrepare) -> dict[str, np.ndarray]:
+    """Samples predicting rows lo..hi-1: x = the `window` input days ending `horizon` days before the
+    target row, y = the target row's value, last = the price on the window's last day (for price metrics)."""
+    view = np.lib.stride_tricks.sliding_window_view(inputs, prep.window)
     starts = np.arange(lo, hi) - prep.horizon - prep.window + 1
-    return {"x": np.ascontiguousarray(view[starts])[:, :, None], "y": scaled[lo:hi].copy()}
+    return {
+        "x": np.ascontiguousarray(view[starts])[:, :, None],
+        "y": targets[lo:hi].copy(),
+        "last": prices[starts + prep.window - 1].astype(np.float64),
+    }
 
 
 @dataclass(frozen=True)
@@ -274,24 +290,68 @@ class MinMax:
         return np.asarray(scaled, np.float64) * self.span + self.low
 
 
-def price_metrics(meta: dict[str, Any], x: np.ndarray, y: np.ndarray, pred: np.ndarray, split: str) -> dict[str, float]:
+def moves(prices: np.ndarray, lag: int, kind: str) -> np.ndarray:
+    """The move into each row from `lag` rows before (price difference or simple return); NaN where
+    there is no earlier row."""
+    out = np.full(len(prices), np.nan)
+    before, after = prices[:-lag], prices[lag:]
+    out[lag:] = after - before if kind == "difference" else after / before - 1.0
+    return out
+
+
+def train_std(values: np.ndarray, lo: int, hi: int, what: str) -> float:
+    std = float(np.nanstd(values[lo:hi]))
+    if not std > 0:
+        raise DataError(f"{what}: the training rows never move (std of their moves is {std}); nothing to scale by")
+    return std
+
+
+def model_series(prices: np.ndarray, prep: WindowPrepare, train: tuple[int, int], what: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """What the model reads and predicts, scaled by statistics of the training rows alone, and the
+    scaler that maps a prediction back to a price."""
+    lo, hi = train
+    if prep.predict == "level":
+        mm = MinMax.fit(prices[lo:hi])
+        scaled = mm.scale(prices).astype(np.float32)
+        return scaled, scaled, {"predict": "level", "low": mm.low, "span": mm.span}
+    daily, ahead = moves(prices, 1, prep.predict), moves(prices, prep.horizon, prep.predict)
+    x_std, y_std = train_std(daily, lo, hi, what), train_std(ahead, lo, hi, what)
+    scaler = {"predict": prep.predict, "x_std": x_std, "y_std": y_std}
+    return (daily / x_std).astype(np.float32), (ahead / y_std).astype(np.float32), scaler
+
+
+def forecast_prices(meta: dict[str, Any], arrays: dict[str, np.ndarray], pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(price on the window's last day, actual price, forecast price) of each sample."""
+    s = meta["scaler"]
+    last = np.asarray(arrays["last"], np.float64).reshape(-1)
+    y, hat = np.asarray(arrays["y"], np.float64).reshape(-1), np.asarray(pred, np.float64).reshape(-1)
+    if s["predict"] == "level":
+        mm = MinMax(s["low"], s["span"])
+        return last, mm.prices(y), mm.prices(hat)
+    if s["predict"] == "difference":
+        return last, last + y * s["y_std"], last + hat * s["y_std"]
+    return last, last * (1 + y * s["y_std"]), last * (1 + hat * s["y_std"])
+
+
+def price_metrics(meta: dict[str, Any], arrays: dict[str, np.ndarray], pred: np.ndarray, split: str, moves_: bool = True) -> dict[str, float | None]:
     """Errors in price units. Direction: did the forecast move the same way from the window's last day
-    as the price did? Persistence never moves, so it scores only on days the price did not move."""
-    mm = MinMax(**meta["scaler"])
-    last, true, hat = mm.prices(x[:, -1, 0]), mm.prices(y.reshape(-1)), mm.prices(pred.reshape(-1))
+    as the price did? A forecast that never moves (persistence, `moves_=False`) has no direction: n/a."""
+    last, true, hat = forecast_prices(meta, arrays, pred)
     err = hat - true
     nonzero = true != 0
     return {
         f"{split}/price_rmse": float(np.sqrt(np.mean(err**2))),
         f"{split}/price_mae": float(np.mean(np.abs(err))),
         f"{split}/mape_pct": float(100 * np.mean(np.abs(err[nonzero]) / np.abs(true[nonzero]))),
-        f"{split}/direction_acc": float(np.mean(np.sign(hat - last) == np.sign(true - last))),
+        f"{split}/direction_acc": float(np.mean(np.sign(hat - last) == np.sign(true - last))) if moves_ else None,
     }
 
 
-def persistence(x: np.ndarray) -> np.ndarray:
-    """Tomorrow = today: the window's last (scaled) price, shaped like a model's output."""
-    return x[:, -1, :].astype(np.float32)
+def persistence(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Tomorrow = today, in the model's output units: the window's last scaled price, or no move."""
+    if meta["scaler"]["predict"] == "level":
+        return arrays["x"][:, -1, :].astype(np.float32)
+    return np.zeros((len(arrays["y"]), 1), np.float32)
 
 
 def plot_forecast(meta: dict[str, Any], split: str, arrays: dict[str, np.ndarray], pred: np.ndarray, path: Path, title: str) -> None:
@@ -300,13 +360,13 @@ def plot_forecast(meta: dict[str, Any], split: str, arrays: dict[str, np.ndarray
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mm = MinMax(**meta["scaler"])
+    last, true, hat = forecast_prices(meta, arrays, pred)
     lo, hi = meta["target_rows"][split]
     day = np.arange(lo, hi)
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(day, mm.prices(arrays["y"]), color="black", lw=1.5, label="actual")
-    ax.plot(day, mm.prices(persistence(arrays["x"])), color="grey", lw=1, ls="--", label="persistence (tomorrow = today)")
-    ax.plot(day, mm.prices(pred), color="tab:red", lw=1.2, label="predicted")
+    ax.plot(day, true, color="black", lw=1.5, label="actual")
+    ax.plot(day, last, color="grey", lw=1, ls="--", label="persistence (tomorrow = today)")
+    ax.plot(day, hat, color="tab:red", lw=1.2, label=f"predicted ({meta['scaler']['predict']} model)")
     span = meta.get("target_dates", {}).get(split)
     when = f" ({span[0]} to {span[1]})" if span else ""
     ax.set(title=f"{title}{when}", xlabel="trading day (row of the series)", ylabel=f"{meta['column']} (price units)")
@@ -356,6 +416,10 @@ class SeriesWorkload(Workload):
         series = read_prices(files, src.target, self.default_targets, self.name)  # errors name the user's file
         if src.source != "bundled":
             files = [Path(shutil.copyfile(f, out_dir / f.name)) for f in files]  # raw = the originals, byte for byte
+        print(f"{self.name}: read {', '.join(f.name for f in files)} ({origin}): column '{series.column}', "
+              f"{len(series.values)} rows", flush=True)  # fmt: skip
+        print(f"{self.name}: {series.filled} missing prices carried forward from the day before; "
+              f"{series.dropped_leading} missing before the first price dropped", flush=True)  # fmt: skip
         return {
             "source": src.source,
             "origin": origin,
@@ -420,19 +484,18 @@ class SeriesWorkload(Workload):
                 f"{min_rows(prep)} (or lower {self.name}.prepare.window)"
             )
         parts, targets = split_rows(n, prep), target_rows(n, prep)
-        train_lo, train_hi = parts["train"]
         # Fitted on the training rows alone: no statistic of later prices reaches any input.
-        scaler = MinMax.fit(s.values[train_lo:train_hi])
-        scaled = scaler.scale(s.values).astype(np.float32)
-        splits = {split: windows(scaled, lo, hi, prep) for split, (lo, hi) in targets.items()}
+        inputs, outputs, scaler = model_series(s.values, prep, parts["train"], f"{source['origin']}: column '{s.column}'")
+        splits = {split: windows(inputs, outputs, s.values, lo, hi, prep) for split, (lo, hi) in targets.items()}
         meta = {
             "inputs": ["x"],
             "column": s.column,
             "rows": n,
             "window": prep.window,
             "horizon": prep.horizon,
-            "scaler": {"low": scaler.low, "span": scaler.span},
-            "scaler_fitted_on_rows": [train_lo, train_hi],
+            "predict": prep.predict,
+            "scaler": scaler,
+            "scaler_fitted_on_rows": list(parts["train"]),
             "split_rows": parts,
             "target_rows": targets,
             "filled_missing": s.filled,
@@ -456,16 +519,31 @@ class SeriesWorkload(Workload):
         arrays = prepared.splits[split]
         title = f"{self.name}: {params.model.cell} vs actual, {split} part"
         plot_forecast(prepared.meta, split, arrays, logits, out_dir / f"{prefix}_predicted_vs_actual.png", title)
-        return price_metrics(prepared.meta, arrays["x"], arrays["y"], logits, split)
+        return price_metrics(prepared.meta, arrays, logits, split)
 
-    def baselines(self, params: SeriesParams, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
+    def baselines(self, params: SeriesParams, prepared: Prepared, out_dir: Path) -> dict[str, Baseline]:
         task, out = self.task(prepared.meta), {}
         for split in ("val", "test"):
             arrays = prepared.splits[split]
-            pred = persistence(arrays["x"])
+            pred = persistence(prepared.meta, arrays)
             out.update(task.metrics(arrays["y"], pred, split))
-            out.update(price_metrics(prepared.meta, arrays["x"], arrays["y"], pred, split))
-        return {"persistence": out}
+            out.update(price_metrics(prepared.meta, arrays, pred, split, moves_=False))
+        return {"persistence": Baseline(out, pred)}
+
+    def verdict_metric(self, meta: dict[str, Any]) -> tuple[str, bool]:
+        return "test/price_rmse", False
+
+    def item_score(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], logits: np.ndarray, idx: np.ndarray, metric: str) -> float:
+        picked = {"y": arrays["y"][idx], "last": arrays["last"][idx]}
+        return float(price_metrics(meta, picked, np.asarray(logits)[idx], "test", moves_=False)[metric])
+
+    def verdict_note(self, params: SeriesParams, beats: bool, margin: float, n_items: int) -> str:
+        if beats:
+            return vd.generic_note(beats, margin, n_items)
+        return vd.generic_note(beats, margin, n_items) + (
+            ": daily prices are close to a random walk, where tomorrow = today is the forecast to beat; "
+            f"the model predicts {params.prepare.predict}s ({self.name}.prepare.predict)"
+        )
 
     def build_torch(self, params: SeriesParams, meta: dict[str, Any]):
         from ..models.recurrent import RecurrentRegressor  # imports torch: only stages that train load it

@@ -17,7 +17,7 @@ from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import Prepared
 from ..tasks import Task
-from . import Workload, kaggle_file
+from . import Baseline, Workload, kaggle_file
 
 FEATURES = [
     "Pregnancies", "Glucose", "BloodPressure", "SkinThickness", "Insulin",
@@ -210,13 +210,29 @@ class Diabetes(Workload):
             "scaler_mean": mean.to_dict(),
             "scaler_std": std.to_dict(),
             "missing_in_train": {c: int(fit[c].isna().sum()) for c in ZERO_MEANS_MISSING},
+            "filled_with_train_median": {c: int(x[c].isna().sum()) for c in kept if x[c].isna().any()},
             "class_counts": {n: {str(c): int((y[r] == c).sum()) for c in (0, 1)} for n, r in
                              (("train", train), ("val", val), ("test", test))},
         }  # fmt: skip
+        print(f"diabetes: {len(df)} rows read from {file}; split {len(train)}/{len(val)}/{len(test)} (train/val/test)", flush=True)
+        print(f"diabetes: zeros read as missing and filled with the training median: {meta['filled_with_train_median']}; "
+              f"dropped (no value in training): {meta['dropped_features']}", flush=True)  # fmt: skip
         return Prepared(splits, meta)
 
     def stacks(self, params: Params) -> bool:
         return True
+
+    def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, Baseline]:
+        """Logistic regression on the MLP's own inputs: what a linear score of the features reaches."""
+        from sklearn.linear_model import LogisticRegression
+
+        task, tr = self.task(prepared.meta), prepared.splits["train"]
+        model = LogisticRegression(max_iter=1000).fit(tr["x"], tr["y"].astype(np.int64))
+        metrics: dict[str, float] = {}
+        for split in ("val", "test"):
+            logits = model.decision_function(prepared.splits[split]["x"])
+            metrics.update(task.metrics(prepared.splits[split]["y"], logits, split))
+        return {"logreg": Baseline(metrics, logits)}
 
     def population_model(self, params: Params, prepared: Prepared, runtime: Any):
         return (lambda p: self.build_torch(p, prepared.meta)), prepared  # the MLP stacks as it is

@@ -26,7 +26,7 @@ from ..config import DataParams, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import Prepared
 from ..tasks import Task
-from . import Workload, kaggle_download
+from . import Baseline, Workload, kaggle_download
 
 CLASSES = ("Anthracnose", "fruit_fly", "healthy_guava")  # the Kaggle folder names, in sorted order
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -394,32 +394,79 @@ def _decode_all(paths: list[Path], size: int, min_side: int) -> list[np.ndarray 
         return list(pool.map(lambda p: load_image(p, size, min_side), paths))
 
 
-def _stratified_splits(y: np.ndarray, given: dict[str, np.ndarray], p: Prepare, seed: int, where: Path) -> dict[str, np.ndarray]:
-    """Keep the folder's own splits; carve the missing val/test out of train (or the whole set), stratified."""
-    from sklearn.model_selection import train_test_split
+# Kaggle's guava files are augmented copies named <photo id>_<steps>_<n>.png inside a class folder
+SOURCE_ID = re.compile(r"^(\d+)_")
+GROUPING_RULE = (
+    "files in one class folder whose names start with the same number and an underscore "
+    "(Kaggle's 107_unsharp_clahe_augmented_3.png and _6.png: photo 107) are one source photo; "
+    "any other name is its own group"
+)
 
+
+def source_groups(paths: list[Path], labels: list[int]) -> np.ndarray:
+    """One group id per file: the source photo it was derived from (see GROUPING_RULE)."""
+    keys = []
+    for path, label in zip(paths, labels):
+        match = SOURCE_ID.match(path.name)
+        keys.append(f"{label}/{match.group(1)}" if match else f"{label}/file:{path.parent.name}/{path.name}")
+    return np.unique(np.asarray(keys), return_inverse=True)[1]
+
+
+def _carve_groups(pool: np.ndarray, y: np.ndarray, groups: np.ndarray, frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups of each class (drawn in a seeded order) held out until the class's share reaches
+    `frac` (at least one group per class); every class keeps at least one group in the rest."""
+    held = []
+    for c in np.unique(y[pool]):
+        members = pool[y[pool] == c]
+        ids = rng.permutation(np.unique(groups[members]))
+        if len(ids) < 2:
+            raise ValueError(f"class {int(c)} has {len(ids)} source group(s); 2 or more are needed to split it")
+        want, taken = max(1, math.ceil(frac * len(members))), 0
+        for g in ids[:-1]:
+            if taken >= want:
+                break
+            chosen = members[groups[members] == g]
+            held.append(chosen)
+            taken += len(chosen)
+    held_idx = np.sort(np.concatenate(held))
+    return np.setdiff1d(pool, held_idx), held_idx
+
+
+def _grouped_splits(y: np.ndarray, groups: np.ndarray, given: dict[str, np.ndarray], p: Prepare, seed: int, where: Path) -> dict[str, np.ndarray]:
+    """Keep the folder's own splits; carve the missing val/test out of train (or the whole set), whole
+    source groups at a time and stratified by class, so that no photo's copies sit on both sides."""
     splits = dict(given)
     pool = splits.pop("whole", None)
     if pool is not None:
         splits["train"] = pool
+    rng = np.random.default_rng(seed)
     carved = 0.0  # share of the pool already carved off, so the shares are of the whole
     for name, share in (("test", p.test_size), ("val", p.val_size)):
         if name in splits:
             continue
-        train = splits["train"]
         frac, carved = share / (1 - carved), carved + share
-        n_classes = len(np.unique(y[train]))
-        held_out = max(math.ceil(frac * len(train)), n_classes)  # a small folder still gets every class
         try:
-            rest, held = train_test_split(train, test_size=held_out, stratify=y[train], random_state=seed)
+            splits["train"], splits[name] = _carve_groups(splits["train"], y, groups, frac, rng)
         except ValueError as exc:
-            counts = {int(c): int((y[train] == c).sum()) for c in np.unique(y[train])}
-            raise DataError(
-                f"{where}: cannot carve a stratified {name} split of {share} from per-class counts {counts} ({exc}); "
-                "expected more images per class"
-            ) from None
-        splits["train"], splits[name] = rest, held
+            raise DataError(f"{where}: cannot carve a {name} split of {share} by source photo ({exc}); expected more photos per class") from None
     return splits
+
+
+def groups_across(splits: dict[str, np.ndarray], groups: np.ndarray) -> int:
+    """Source groups with files in more than one split (possible only in a folder's own train/val/test)."""
+    seen = [set(groups[idx].tolist()) for idx in splits.values()]
+    return len({g for i, a in enumerate(seen) for b in seen[i + 1 :] for g in a & b})
+
+
+def _say_what_was_read(raw_dir: Path, grouping: dict[str, Any], bad: list[dict[str, str]], sizes: dict[str, int]) -> None:
+    print(f"guava: read {grouping['files'] + len(bad)} files from {raw_dir}, {grouping['files']} decoded, "
+          f"{len(bad)} skipped", flush=True)  # fmt: skip
+    for b in bad:
+        print(f"guava: skipped {b['file']}: {b['reason']}", flush=True)
+    print(f"guava: {grouping['groups']} source photos by rule: {grouping['rule']}", flush=True)
+    print(f"guava: split by source photo: {sizes}; groups in more than one split: {grouping['groups_across_splits']}"
+          + (" (the folder's own train/val/test share source photos: its test scores overstate)" if grouping["groups_across_splits"] else ""),
+          flush=True)  # fmt: skip
 
 
 def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -546,8 +593,12 @@ class Guava(Workload):
         x = np.stack([decoded[i] for i in good]) if good else np.zeros((0, p.image_size, p.image_size, 3), np.uint8)
         y = np.asarray([labels[i] for i in good], dtype=np.int64)
         origin_of = np.asarray([origin[i] for i in good])
+        groups = source_groups([paths[i] for i in good], y.tolist())
         given = {s: np.flatnonzero(origin_of == s) for s in folder.files}
-        index = _stratified_splits(y, given, p, seed, raw_dir)
+        index = _grouped_splits(y, groups, given, p, seed, raw_dir)
+        grouping = {"rule": GROUPING_RULE, "files": len(good), "groups": int(len(np.unique(groups))),
+                    "groups_across_splits": groups_across(index, groups)}  # fmt: skip
+        _say_what_was_read(raw_dir, grouping, bad, {s: len(i) for s, i in index.items()})
         for c, cls in enumerate(classes):
             if not (y[index["train"]] == c).any():
                 raise DataError(f"{raw_dir}: class '{cls}' has no usable image in the training split; expected at least one")
@@ -564,6 +615,7 @@ class Guava(Workload):
             "source_splits": sorted(folder.files),
             "class_counts": {s: {cls: int((splits[s]["y"] == c).sum()) for c, cls in enumerate(classes)} for s in splits},
             "skipped_files": bad,
+            "grouping": grouping,
         }
         return Prepared(splits, meta)
 
@@ -590,7 +642,7 @@ class Guava(Workload):
         fused = cuda and m.fused_augment
         return {"augment": "one Triton kernel with the normalisation" if fused else "torch ops", "stem": stem}
 
-    def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
+    def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, Baseline]:
         """Logistic regression on each image's mean R, G, B: what colour alone explains."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
@@ -604,7 +656,7 @@ class Guava(Workload):
         for split in ("val", "test"):
             logits = model.predict_log_proba(feats[split])  # softmax of log-probabilities gives them back
             metrics.update(task.metrics(prepared.splits[split]["y"], logits, split))
-        return {"channel_means_logreg": metrics}
+        return {"channel_means_logreg": Baseline(metrics, logits)}
 
     def build_torch(self, params: Params, meta: dict[str, Any]):
         m = params.model

@@ -550,6 +550,8 @@ class Quantum(Workload):
     def __init__(self) -> None:
         self._features: dict[tuple, tuple[Prepared, Prepared, dict[str, float]]] = {}
 
+    reference_variants = ("raw",)  # the same head on raw pixels: what the quantum features must beat
+
     def variants(self, params: Params) -> dict[str, dict[str, Any]]:
         return {"quanv": {"model.features": "quanv"}, "raw": {"model.features": "raw"}}
 

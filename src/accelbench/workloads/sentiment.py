@@ -32,11 +32,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from .. import verdict as vd
 from ..config import DataParams, SearchSpec, TrainParams, WorkloadParams
 from ..errors import DataError
 from ..io import SPLITS, Prepared, read_json
 from ..tasks import Task
-from . import Workload, kaggle_download
+from . import Baseline, Workload, kaggle_download
 
 RAW_FILE = "tweets.csv"
 RAW_COLUMNS = ["id", "entity", "label", "text", "compound"]
@@ -45,8 +46,12 @@ ENTITY_LABELS = {"Negative": "negative", "Neutral": "neutral", "Positive": "posi
 ENTITY_COLUMNS = ["id", "entity", "label", "text"]
 S140_TARGETS = {"0": "negative", "2": "neutral", "4": "positive"}
 S140_COLUMNS = ["target", "id", "date", "flag", "user", "text"]
+S140_HEADER_FIRST = {"target", "polarity", "sentiment", "label"}  # header spellings of Kaggle's re-uploads
+ENCODINGS = ("auto", "utf-8", "cp1252", "latin-1")
 BUNDLED = ("dslabs", "trump_tweets")
 BUNDLED_TEXT = "text"
+# The GPU host's run on Kaggle's whole entity file (the README's command, and the verdict's advice)
+FULL_SIZE_COMMAND = "dvc exp run -S study=gpu -S sentiment.data.source=path -S sentiment.data.path=twitter_training.csv"
 SAMPLE_SEED = 0  # fixed: the rows kept by max_rows must not move when the global seed does
 PAD, UNK = 0, 1
 
@@ -62,12 +67,16 @@ class Data(DataParams):
     text_column: str = "text"  # for a CSV with a header
     label_column: str = "label"
     max_rows: int | None = 4000  # a seeded sample when the source has more; null = every row
+    # auto: UTF-8 (a BOM allowed), Sentiment140 latin-1 as published; a file that does not decode stops
+    encoding: Literal["auto", "utf-8", "cp1252", "latin-1"] = "auto"
     vader_negative: float = -0.05  # bundled: compound <= this is negative
     vader_positive: float = 0.05  # bundled: compound >= this is positive, between the two neutral
 
     def __post_init__(self) -> None:
         if self.vader_negative >= self.vader_positive:
             raise ValueError(f"vader_negative ({self.vader_negative}) must be below vader_positive ({self.vader_positive})")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding: '{self.encoding}' is not one of {list(ENCODINGS)}")
         if self.max_rows is not None and self.max_rows < 10:
             raise ValueError(f"max_rows ({self.max_rows}) must be at least 10, or null for every row")
 
@@ -108,37 +117,61 @@ class Params(WorkloadParams):
 # ---------------------------------------------------------------- reading the three formats
 
 
-def read_tweets(path: Path, text_column: str = "text", label_column: str = "label") -> tuple[pd.DataFrame, str]:
-    """Read one file into (id, entity, label, text) with labels in CLASS_ORDER; return it and its format."""
+def read_tweets(path: Path, text_column: str = "text", label_column: str = "label", encoding: str = "auto") -> tuple[pd.DataFrame, str, str]:
+    """Read one file into (id, entity, label, text) with labels in CLASS_ORDER; return it, its format
+    and the encoding it was decoded with."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open("rb") as f:
-        head = f.read(64 * 1024)
-    if not head.strip():
+    data = path.read_bytes()
+    if not data.strip():
         raise DataError(f"{path}: file is empty (expected tweets with labels)")
-    fmt = detect_format(path, head, text_column, label_column)
+    fmt = detect_format(path, data[: 64 * 1024], text_column, label_column)
+    used = encoding if encoding != "auto" else ("latin-1" if fmt.startswith("sentiment140") else "utf-8")
+    text = decode(path, data, used, declared=encoding != "auto")
     if fmt == "entity":
-        df = _read_entity(path)
-    elif fmt == "sentiment140":
-        df = _read_sentiment140(path)
+        df = _read_entity(path, text)
+    elif fmt.startswith("sentiment140"):
+        df = _read_sentiment140(path, text, header=fmt == "sentiment140-header")
     else:
-        df = _read_named(path, text_column, label_column)
+        df = _read_named(path, text, text_column, label_column)
     df["text"] = df["text"].str.replace("\r", "", regex=False)
     if df.empty:
         raise DataError(f"{path}: no rows (expected tweets with labels)")
     if df["text"].str.strip().eq("").all():
         raise DataError(f"{path}: field '{_text_field(fmt, text_column)}': all {len(df)} texts are empty; expected tweet text")
-    return df, fmt
+    return df, fmt, used
+
+
+def decode(path: Path, data: bytes, encoding: str, declared: bool) -> str:
+    """The file's text, decoded strictly: a byte the encoding cannot read stops with its line, never a U+FFFD."""
+    codec = "utf-8-sig" if encoding == "utf-8" else encoding
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line_end = data.find(b"\n", exc.start)
+        line = data[line_start : line_end if line_end >= 0 else len(data)].rstrip(b"\r")
+        how = "declared by sentiment.data.encoding" if declared else "tried by sentiment.data.encoding: auto"
+        raise DataError(
+            f"{path}: line {line_no} is not valid {encoding} ({how}): byte 0x{data[exc.start]:02x} in "
+            f"{line.decode(codec, 'backslashreplace')[:120]!r}; declare the file's encoding, e.g. "
+            "sentiment.data.encoding=cp1252 for a file saved by Excel on Windows"
+        ) from None
 
 
 def detect_format(path: Path, head: bytes, text_column: str, label_column: str) -> str:
-    """entity | sentiment140 | named, from the first record; one clear error when it is none of them."""
+    """entity | sentiment140 | sentiment140-header | named, from the first record; one clear error when
+    it is none of them."""
     try:
-        first = next(csv.reader(io.StringIO(head.decode("latin-1"))), [])
+        first = next(csv.reader(io.StringIO(head.decode("latin-1"))), [])  # latin-1 only to look at ASCII cells
     except csv.Error:
         first = []
     cells = [c.strip() for c in first]
+    lowered = [c.lower() for c in cells]
+    if len(cells) == 6 and lowered[0] in S140_HEADER_FIRST and lowered[5] == "text" and label_column not in cells:
+        return "sentiment140-header"
     if text_column in cells or label_column in cells:
         return "named"
     if len(cells) == 4 and cells[0].isdigit() and cells[2] in ENTITY_LABELS:
@@ -148,20 +181,20 @@ def detect_format(path: Path, head: bytes, text_column: str, label_column: str) 
     shown = ",".join(cells)[:120] if cells else head[:40]
     raise DataError(
         f"{path}: unknown tweet file format (first row: {shown!r}); expected the Kaggle entity-level CSV "
-        "(no header: id,entity,sentiment,text), Sentiment140 (no header: target 0/2/4,id,date,flag,user,text) "
-        f"or a CSV whose header names sentiment.data.text_column '{text_column}' "
+        "(no header: id,entity,sentiment,text), Sentiment140 (target 0/2/4,id,date,flag,user,text, with or "
+        f"without that header) or a CSV whose header names sentiment.data.text_column '{text_column}' "
         f"and sentiment.data.label_column '{label_column}'"
     )
 
 
 def _text_field(fmt: str, text_column: str) -> str:
-    return {"entity": "text (column 4)", "sentiment140": "text (column 6)"}.get(fmt, text_column)
+    return {"entity": "text (column 4)", "sentiment140": "text (column 6)", "sentiment140-header": "text (column 6)"}.get(fmt, text_column)
 
 
-def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame:
+def _read_csv(path: Path, text: str, **kwargs: Any) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, **kwargs)
+    except (pd.errors.ParserError, ValueError) as exc:
         raise DataError(f"{path}: not a readable CSV ({' '.join(str(exc).split())})") from exc
 
 
@@ -172,26 +205,23 @@ def _check_labels(path: Path, raw: pd.Series, mapped: pd.Series, where: str, exp
         raise DataError(f"{path}: {where}, record {row + 1}: {raw.iloc[row]!r} is not a known label; expected {expected}")
 
 
-def _read_entity(path: Path) -> pd.DataFrame:
-    df = _read_csv(path, header=None, names=ENTITY_COLUMNS, encoding="utf-8", encoding_errors="replace")
+def _read_entity(path: Path, text: str) -> pd.DataFrame:
+    df = _read_csv(path, text, header=None, names=ENTITY_COLUMNS)
     df = df.fillna("")  # a record with its text missing altogether
     label = df["label"].str.strip().map(ENTITY_LABELS)
     _check_labels(path, df["label"], label, "field 'sentiment' (column 3)", "one of " + ", ".join(ENTITY_LABELS))
     return pd.DataFrame({"id": df["id"].str.strip(), "entity": df["entity"].str.strip(), "label": label, "text": df["text"]})
 
 
-def _read_sentiment140(path: Path) -> pd.DataFrame:
-    df = _read_csv(path, header=None, names=S140_COLUMNS, encoding="latin-1").fillna("")
+def _read_sentiment140(path: Path, text: str, header: bool) -> pd.DataFrame:
+    df = _read_csv(path, text, header=0 if header else None, names=S140_COLUMNS).fillna("")
     label = df["target"].str.strip().map(S140_TARGETS)
     _check_labels(path, df["target"], label, "field 'target' (column 1)", "0 (negative), 2 (neutral) or 4 (positive)")
     return pd.DataFrame({"id": df["id"].str.strip(), "entity": "", "label": label, "text": df["text"]})
 
 
-def _read_named(path: Path, text_column: str, label_column: str) -> pd.DataFrame:
-    try:
-        df = _read_csv(path, encoding="utf-8")
-    except DataError:
-        df = _read_csv(path, encoding="latin-1")  # Sentiment140-era exports are often latin-1
+def _read_named(path: Path, text: str, text_column: str, label_column: str) -> pd.DataFrame:
+    df = _read_csv(path, text)
     df.columns = [str(c).strip() for c in df.columns]
     for col, key in ((text_column, "text_column"), (label_column, "label_column")):
         if col not in df.columns:
@@ -204,13 +234,15 @@ def _read_named(path: Path, text_column: str, label_column: str) -> pd.DataFrame
     return pd.DataFrame({"id": "", "entity": "", "label": mapped, "text": df[text_column]})
 
 
-def read_source_files(files: list[Path], text_column: str, label_column: str) -> tuple[pd.DataFrame, str]:
-    tables, formats = [], []
+def read_source_files(files: list[Path], src: Data) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Every file's tweets, and per file what was read: its format, encoding and rows (printed too)."""
+    tables, read = [], []
     for file in files:
-        df, fmt = read_tweets(file, text_column, label_column)
+        df, fmt, encoding = read_tweets(file, src.text_column, src.label_column, src.encoding)
         tables.append(df)
-        formats.append(fmt)
-    return pd.concat(tables, ignore_index=True), "+".join(sorted(set(formats)))
+        read.append({"file": file.name, "format": fmt, "encoding": encoding, "rows": len(df)})
+        print(f"sentiment: read {file}: format {fmt}, encoding {encoding}, {len(df)} rows", flush=True)
+    return pd.concat(tables, ignore_index=True), read
 
 
 def csv_files(path: Path) -> list[Path]:
@@ -373,12 +405,15 @@ class Sentiment(Workload):
                 files, origin = csv_files(Path(src.path)), str(src.path)
             else:
                 files, origin = csv_files(kaggle_download(src.kaggle_handle)), f"kaggle:{src.kaggle_handle}"
-            df, fmt = read_source_files(files, src.text_column, src.label_column)
-            summary.update(origin=origin, format=fmt)
+            df, read = read_source_files(files, src)
+            summary.update(origin=origin, format="+".join(sorted({r["format"] for r in read})), files=read)
             df["compound"] = np.nan
             in_source = len(df)
             df = _sample(df, src.max_rows)
         summary["rows_in_source"] = in_source
+        print(f"sentiment: {len(df)} of {in_source} rows kept"
+              + (f" (a seeded sample: sentiment.data.max_rows={src.max_rows}; null reads every row)" if len(df) < in_source else ""),
+              flush=True)  # fmt: skip
         df[RAW_COLUMNS].to_csv(out_dir / RAW_FILE, index=False)
         summary.update(
             rows=len(df),
@@ -443,7 +478,7 @@ class Sentiment(Workload):
         y = prepared.splits[split]["y"]
         return per_class_f1(y, np.asarray(logits).argmax(axis=1), prepared.meta["classes"], split)
 
-    def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, dict[str, float]]:
+    def baselines(self, params: Params, prepared: Prepared, out_dir: Path) -> dict[str, Baseline]:
         """TF-IDF (uni- and bigrams) + logistic regression on the same tokens, vocabulary and splits as the BiLSTM."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -476,7 +511,17 @@ class Sentiment(Workload):
             disp.figure_.tight_layout()
             disp.figure_.savefig(out_dir / f"tfidf_logreg_confusion_{split}.png", dpi=100)
             plt.close(disp.figure_)
-        return {"tfidf_logreg": metrics}
+        return {"tfidf_logreg": Baseline(metrics, logits)}
+
+    def verdict_note(self, params: Params, beats: bool, margin: float, n_items: int) -> str:
+        note = vd.generic_note(beats, margin, n_items)
+        if beats or params.data.max_rows is None:
+            return note
+        return note + (
+            f": trained on a seeded sample of {params.data.max_rows} rows (sentiment.data.max_rows), where "
+            "TF-IDF's bigrams learn faster than an embedding from scratch; the full size: "
+            f"{FULL_SIZE_COMMAND}"
+        )
 
     def run_tags(self, params: Params, runtime: Any) -> dict[str, str]:
         d = params.data
