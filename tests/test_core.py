@@ -132,7 +132,7 @@ def test_a_timed_repeat_runs_its_steps_until_it_lasts_min_repeat_s(prepared_proj
     so with a 0.1 s floor every timed repeat runs them several times over; with no floor, once."""
     from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve
-    from accelbench.engines import get_engine
+    from accelbench.engines import BenchSpec, get_engine
     from accelbench.io import load_prepared
     from accelbench.workloads import get_workload
 
@@ -145,7 +145,8 @@ def test_a_timed_repeat_runs_its_steps_until_it_lasts_min_repeat_s(prepared_proj
     steps = {}
     for floor in (0.0, 0.1):
         model = wl.build_model(framework, params, prepared.meta)
-        res = engine.bench(model, wl.task(prepared.meta), prepared, params.train, runtime, 32, 3, 1, 2, min_repeat_s=floor)
+        spec = BenchSpec(batch_size=32, steps=3, warmup=1, repeats=2, min_repeat_s=floor)
+        res = engine.bench(model, wl.task(prepared.meta), prepared, params.train, runtime, spec)
         assert len(res.repeat_s) == 2 and res.steps % 3 == 0
         steps[floor] = res.steps
     assert steps[0.0] == 3 and steps[0.1] > 3

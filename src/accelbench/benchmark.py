@@ -22,7 +22,7 @@ from . import devices, distributed, hostload, interleave, scaling, stats, tuning
 from .cli import main_child
 from .config import ABLATION_VALUES, BenchmarkConfig, Config, ablation_options, with_overrides
 from .devices import Runtime
-from .engines import BenchResult, get_engine
+from .engines import BenchResult, BenchSpec, get_engine
 from .errors import AccelbenchError, ConfigError, TrainingError
 from .io import Prepared, load_prepared, write_json
 from .project import prepared_dir, results_dir
@@ -163,18 +163,17 @@ def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str,
 def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch, energy, util) -> dict[str, Any]:
     b = cfg.benchmark
     devices.seed_everything(cfg.seed, runtime.framework)
-    sampler = {"utilisation": util} if util else {}  # torch on CUDA only
     probe = hostload.HostProbe()
     hand_on = lambda: (probe.end(), interleave.turn().hand_on())  # noqa: E731
     plan = IntervalPlan(stats.split_repeats(b.repeats, b.intervals), probe.begin, hand_on)
-    real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime,
-                        batch, b.steps, b.warmup_steps, b.repeats, synthetic=False, energy=energy, min_repeat_s=b.min_repeat_s,
-                        intervals=plan, **sampler)  # fmt: skip
+    spec = BenchSpec(batch, b.steps, b.warmup_steps, b.repeats, min_repeat_s=b.min_repeat_s, intervals=plan, energy=energy,
+                     utilisation=util)  # fmt: skip
+    real = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train, runtime, spec)
     ceiling = None
     if b.compute_ceiling:
         ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
-                               runtime, batch, b.steps, b.warmup_steps, b.repeats, synthetic=True,
-                               min_repeat_s=b.min_repeat_s)  # fmt: skip
+                               runtime, BenchSpec(batch, b.steps, b.warmup_steps, b.repeats, synthetic=True,
+                                                  min_repeat_s=b.min_repeat_s))  # fmt: skip
     rec = {**_summarize(real, ceiling), **_stability(real, probe.readings, runtime)}
     goal = params.benchmark
     if goal.gpu_speedup_goal is not None:  # read by the report's goals table
@@ -304,8 +303,8 @@ def _ablation_point(cfg, wl, params, runtime, prepared, task, engine, util) -> d
     inputs, _ = wl.precompute(params, prepared, runtime)
     devices.seed_everything(cfg.seed, runtime.framework)
     real = engine.bench(wl.build_model(runtime.framework, params, inputs.meta), task, inputs, params.train, runtime,
-                        params.train.batch_size, b.steps, b.warmup_steps, b.repeats, utilisation=util,
-                        min_repeat_s=b.min_repeat_s)  # fmt: skip
+                        BenchSpec(params.train.batch_size, b.steps, b.warmup_steps, b.repeats, min_repeat_s=b.min_repeat_s,
+                                  utilisation=util))  # fmt: skip
     rec = {k: v for k, v in _summarize(real, None).items() if k != "repeats_samples_per_s"}
     rec["cuda_graphs_applied"] = real.cuda_graphs
     epochs = b.ablation_epochs or params.train.epochs

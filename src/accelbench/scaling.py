@@ -18,7 +18,7 @@ from typing import Any
 from . import distributed
 from .cli import main_child
 from .config import Config, with_overrides
-from .engines import get_engine
+from .engines import BenchSpec, get_engine
 from .errors import ConfigError
 from .io import load_prepared, write_json
 from .project import prepared_dir
@@ -94,8 +94,8 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
             train = distributed.effective_train(vparams.train, runtime.world_size, dist_cfg)
             inputs, _ = wl.precompute(vparams, prepared, runtime)
             model = wl.build_model(framework, vparams, prepared.meta)
-            res = engine.bench(model, task, inputs, train, runtime, train.batch_size, b.steps, b.warmup_steps, b.repeats,
-                               min_repeat_s=b.min_repeat_s)
+            spec = BenchSpec(train.batch_size, b.steps, b.warmup_steps, b.repeats, min_repeat_s=b.min_repeat_s)
+            res = engine.bench(model, task, inputs, train, runtime, spec)
             tput = res.samples_per_s()
             records.append({
                 "kind": "scaling", "workload": wl.name, "variant": variant, **runtime.tags(), **distributed.group_tags(),

@@ -2,6 +2,7 @@
 
     setup(runtime)                              threads, visible devices, precision policy
     fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> FitResult
+    bench(model, task, prepared, train, runtime, spec: BenchSpec) -> BenchResult
     predict(model, arrays, inputs, runtime) -> logits as a NumPy array
     save(model, folder) / load(folder, model_or_builder, runtime)
 """
@@ -15,9 +16,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..devices import Runtime
+    from ..devices import Runtime, UtilisationSampler
 
-from ..timing import median, spread, steady
+from ..timing import IntervalPlan, median, spread, steady
 
 FRAMEWORKS = ("torch", "tensorflow")
 
@@ -70,6 +71,32 @@ class FitResult:
         if self.n_params is not None:
             out["model/params"] = self.n_params
         return out
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What one timed measurement runs: `repeats` x `steps` training steps at the global `batch_size`, after
+    `warmup` untimed steps.
+
+    `synthetic` reuses one pre-gathered batch: the compute-only ceiling that the real loop is compared with.
+    `min_repeat_s` makes a timed repeat run its steps again until it lasts that long. `intervals` splits the
+    repeats into intervals with hooks at their edges (one interval of `repeats` when None). `energy` reads a
+    joule counter around each repeat. `utilisation` samples GPU use during the timed repeats (torch engine
+    only: the benchmark stage gives the tensorflow engine none).
+    """
+
+    batch_size: int
+    steps: int
+    warmup: int
+    repeats: int
+    synthetic: bool = False
+    min_repeat_s: float = 0.0
+    intervals: IntervalPlan | None = None
+    energy: Callable[[], float] | None = None
+    utilisation: UtilisationSampler | None = None
+
+    def plan(self) -> IntervalPlan:
+        return self.intervals or IntervalPlan([self.repeats])
 
 
 @dataclass

@@ -22,8 +22,8 @@ from ..devices import Runtime  # noqa: E402
 from ..errors import DeviceError, TrainingError  # noqa: E402
 from ..io import Prepared, atomic_file, read_json, write_json  # noqa: E402
 from ..tasks import Task  # noqa: E402
-from ..timing import IntervalPlan, calls_to_last  # noqa: E402
-from . import BenchResult, FitResult, OnEpoch, oom_message  # noqa: E402
+from ..timing import calls_to_last  # noqa: E402
+from . import BenchResult, BenchSpec, FitResult, OnEpoch, oom_message  # noqa: E402
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
@@ -277,49 +277,21 @@ class _RepeatTimer(keras.callbacks.Callback):
             self.joules.append(self.energy() - self.e0)
 
 
-def bench(
-    model: keras.Model,
-    task: Task,
-    prepared: Prepared,
-    train: TrainParams,
-    runtime: Runtime,
-    batch_size: int,
-    steps: int,
-    warmup: int,
-    repeats: int,
-    synthetic: bool = False,
-    energy=None,
-    min_repeat_s: float = 0.0,
-    intervals: IntervalPlan | None = None,
-) -> BenchResult:
+def bench(model: keras.Model, task: Task, prepared: Prepared, train: TrainParams, runtime: Runtime, spec: BenchSpec) -> BenchResult:
     """Same contract as the torch engine's bench, through `model.fit` on a tf.data pipeline (Keras' fast path).
-    Each interval is one fit whose first epoch is untimed: the warm-up in the first, a re-warm in the others."""
-    inputs = prepared.meta.get("inputs", ["x"])
-    tr = prepared.splits["train"]
-    x, y = _inputs(tr, inputs), _targets(tr, task)
+    Each interval is one fit whose first epoch is untimed: the warm-up in the first, a re-warm in the others.
+    GPU utilisation is not sampled here (`spec.utilisation` is the torch engine's)."""
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=train.lr, weight_decay=train.weight_decay),
         loss=_loss(task),
         jit_compile=runtime.compile,
     )
-    rng = np.random.default_rng(runtime.seed)
-    if synthetic:
-        idx = rng.integers(0, len(y), batch_size)
-        xb = [a[idx] for a in x] if isinstance(x, list) else x[idx]
-        ds = tf.data.Dataset.from_tensors((xb, y[idx])).repeat()
-    else:
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().shuffle(min(len(y), 10_000), seed=runtime.seed)
-        ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    sized_s = 0.0
-    if min_repeat_s > 0:  # a fit of its own sizes the timed repeats; it traces the step once for the timed fit too
-        sizing = _RepeatTimer(None)
-        model.fit(ds, epochs=2, steps_per_epoch=steps, verbose=0, callbacks=[sizing])
-        steps *= calls_to_last(min_repeat_s, sizing.times[1])
-        sized_s = sum(sizing.times)
-    plan = intervals or IntervalPlan([repeats])
+    ds = _bench_batches(prepared, task, spec, runtime.seed)
+    steps, sized_s = _steps_per_repeat(model, ds, spec)
+    plan = spec.plan()
     times, joules, warmup_s = [], [], sized_s
     for count in plan.counts:
-        timer = _RepeatTimer(energy, plan.begin)
+        timer = _RepeatTimer(spec.energy, plan.begin)
         model.fit(ds, epochs=1 + count, steps_per_epoch=steps, verbose=0, callbacks=[timer])
         plan.end()
         warmup_s += timer.times[0] if not times else 0.0
@@ -328,8 +300,30 @@ def bench(
     peak = None
     if runtime.device.type == "cuda":
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    return BenchResult(batch_size, steps, times, warmup_s, 0.0, joules if energy else None, peak,
+    return BenchResult(spec.batch_size, steps, times, warmup_s, 0.0, joules if spec.energy else None, peak,
                        interval_of=plan.interval_of())  # fmt: skip
+
+
+def _bench_batches(prepared: Prepared, task: Task, spec: BenchSpec, seed: int) -> tf.data.Dataset:
+    """Endless batches of the training split, shuffled; `synthetic`: one batch drawn up front, repeated."""
+    tr = prepared.splits["train"]
+    x, y = _inputs(tr, prepared.meta.get("inputs", ["x"])), _targets(tr, task)
+    if spec.synthetic:
+        idx = np.random.default_rng(seed).integers(0, len(y), spec.batch_size)
+        xb = [a[idx] for a in x] if isinstance(x, list) else x[idx]
+        return tf.data.Dataset.from_tensors((xb, y[idx])).repeat()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().shuffle(min(len(y), 10_000), seed=seed)
+    return ds.batch(spec.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _steps_per_repeat(model: keras.Model, ds: tf.data.Dataset, spec: BenchSpec) -> tuple[int, float]:
+    """The steps a timed repeat runs to last `min_repeat_s`, and the seconds spent finding out. The sizing is
+    a fit of its own, which also traces the step once for the timed fits."""
+    if spec.min_repeat_s <= 0:
+        return spec.steps, 0.0
+    sizing = _RepeatTimer(None)
+    model.fit(ds, epochs=2, steps_per_epoch=spec.steps, verbose=0, callbacks=[sizing])
+    return spec.steps * calls_to_last(spec.min_repeat_s, sizing.times[1]), sum(sizing.times)
 
 
 def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str], batch: int = EVAL_BATCH) -> np.ndarray:

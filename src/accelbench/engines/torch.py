@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,12 +15,12 @@ from tqdm.auto import trange
 
 from ..checkpoint import Checkpoint
 from ..config import TrainParams
-from ..devices import Runtime
+from ..devices import Runtime, UtilisationSampler
 from ..errors import TrainingError
 from ..io import Prepared, atomic_file
 from ..tasks import Task
 from ..timing import IntervalPlan, Stopwatch, calls_to_last
-from . import BenchResult, FitResult, OnEpoch, oom_message
+from . import BenchResult, BenchSpec, FitResult, OnEpoch, oom_message
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EVAL_BATCH = 4096  # a workload with large samples sets meta['eval_batch_size']
@@ -155,10 +156,9 @@ def graphs_state(runtime: Runtime) -> str:
 def _optimizer(model: nn.Module, train: TrainParams, runtime: Runtime, graphed: bool) -> torch.optim.Optimizer:
     # capturable keeps AdamW's step count on the device, so that a replayed graph advances it. foreach (the
     # default) launches about ten kernels a step, each over all parameters; fused launches one, which is what
-    # a small recurrent model's graphed step waits on (H100, rnn LSTM at b32: 0.290 -> 0.243 ms a step).
-    # But the fused kernel gives each 64k-element chunk of a tensor to one thread block, so a large tensor is
-    # walked by a few SMs; compiled, inductor writes one kernel that spreads every element over the GPU
-    # (H100, graphed b32: sentiment, whose embedding is 98k elements, 0.220 -> 0.196 ms; rnn LSTM 0.194 both)
+    # a small model's graphed step waits on. But the fused kernel gives each 64k-element chunk of a tensor to
+    # one thread block, so a large tensor (an embedding) is walked by a few SMs; compiled, inductor writes one
+    # kernel that spreads every element over the GPU, so a compiled run compiles the step instead of fusing it.
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, capturable=graphed,
                             fused=(runtime.fused_optimizer and not runtime.compile) or None)  # fmt: skip
     if runtime.compile:
@@ -171,17 +171,42 @@ def _compiled(model: nn.Module, runtime: Runtime) -> nn.Module:
     compiles for its own shapes, and each shape a fit meets (the full batch, the epoch's ragged last one) gets
     its own graph during the first, eager epoch. By default dynamo recompiles for dynamic shapes on the second
     shape it sees:
-    - its kernels are slower (H100, guava at 224 with every option on, after b32 and b256 in the same
-      benchmark process: b1024 ran 83.1k img/s, and 105.2k compiled afresh);
+    - its dynamic-shape kernels are slower than kernels compiled afresh for the one shape;
     - under CUDA graphs, in a process that had run other fits before (as tune runs its trials), its capture
-      failed in 3 of 3 runs (H100, guava at 224, b256 with a ragged batch of 164, every option on: "operation
-      failed due to a previous error during capture"); compiled static, the same fit captured in 3 of 3;
-    and past its recompile limit dynamo falls back to eager without a word. Epoch times were the same either
-    way (H100, guava b256 compiled: 11-14 ms)."""
+      can fail ("operation failed due to a previous error during capture") where the same fit compiled for
+      static shapes captures;
+    and past its recompile limit dynamo falls back to eager without a word. The extra graph for the ragged
+    last batch costs compile time in the first epoch only, not epoch time."""
     if not runtime.compile:
         return model
     torch.compiler.reset()
     return torch.compile(model, dynamic=False, mode=runtime.compile_mode)
+
+
+@dataclass
+class _Stepper:
+    """What trains a placed model: the model the steps run (DDP-wrapped, compiled, as the runtime asks), its
+    optimiser and loss scaler, and `step`, one optimiser step on a batch."""
+
+    step_model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
+    cuda_graphs: str  # graphs_state: on | off | n/a: <why the steps run eagerly>
+
+    @property
+    def graphs(self) -> bool:
+        return self.cuda_graphs == "on"
+
+
+def _stepper(model: nn.Module, task: Task, train: TrainParams, runtime: Runtime) -> _Stepper:
+    """Place the model, wrap and compile it as the runtime asks, and build its optimiser step."""
+    _place(model, runtime)
+    step_model = _compiled(_data_parallel(model, runtime), runtime)
+    cuda_graphs = graphs_state(runtime)
+    opt = _optimizer(model, train, runtime, cuda_graphs == "on")
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    return _Stepper(step_model, opt, scaler, _make_step(step_model, opt, scaler, loss_function(task), runtime), cuda_graphs)
 
 
 def _make_step(step_model, opt, scaler, loss_fn, runtime: Runtime):
@@ -265,55 +290,29 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     tr = _to_device(prepared.splits["train"], task, dev)
     va = _to_device(prepared.splits["val"], task, dev)
     to_device_s = sw.stop("to_device", t_fit)
-    _place(model, runtime)
-    wrapped = _data_parallel(model, runtime)
-    step_model = _compiled(wrapped, runtime)
+    stepper = _stepper(model, task, train, runtime)
     # DDP's forward may broadcast buffers (a collective): rank 0 alone validates on the bare module
-    eval_model = model if runtime.process_group else step_model
-    graphs_applied = graphs_state(runtime)
-    graphs = graphs_applied == "on"
-    opt = _optimizer(model, train, runtime, graphs)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    step = _make_step(step_model, opt, scaler, loss_function(task), runtime)
+    eval_model = model if runtime.process_group else stepper.step_model
     gen = torch.Generator(device=dev).manual_seed(runtime.seed)  # the same permutation on every rank
-    n, bs = len(tr["y"]), train.batch_size // runtime.world_size  # train.batch_size is the global batch
+    bs = train.batch_size // runtime.world_size  # train.batch_size is the global batch
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = FitResult(n_train=n, to_device_s=to_device_s, n_params=n_params, cuda_graphs=graphs_applied)
+    result = FitResult(n_train=len(tr["y"]), to_device_s=to_device_s, n_params=n_params, cuda_graphs=stepper.cuda_graphs)
     y_val = prepared.splits["val"]["y"]
-    start = _resume(checkpoint, model, opt, scaler, gen, result, dev)
-
-    def run(order: torch.Tensor) -> torch.Tensor:
-        loss_sum = torch.zeros((), device=dev)
-        _run_order(step, tr, inputs, order, bs, loss_sum)
-        return loss_sum
-
-    graphed: GraphedSteps | None = None
+    start = _resume(checkpoint, model, stepper.opt, stepper.scaler, gen, result, dev)
+    train_epoch = _ShuffledEpochs(stepper.step, tr, inputs, bs, gen, stepper.graphs, runtime)
     for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
         model.train()
-        t0 = sw.start()
-        perm = _shard(torch.randperm(n, device=dev, generator=gen), runtime)
-        if graphed:  # the whole epoch, ragged last batch included, in one replay
-            loss_sum = graphed(perm)
-        else:
-            with _side_stream(graphs):  # with graphs, the first epoch is the eager warm-up before capture
-                loss_sum = run(perm)
-        result.epoch_s.append(sw.stop("epoch", t0))
-        train_loss = (_all_ranks(loss_sum, runtime) / (len(perm) * runtime.world_size)).item()  # the one host sync
-        if graphs and graphed is None:  # captured outside the epoch's clock; the fit's clock includes it
-            graphed = GraphedSteps(run, len(perm), dev)
-        if not math.isfinite(train_loss):
-            raise TrainingError(
-                f"training loss became {train_loss} at epoch {epoch + 1} "
-                f"(lr={train.lr}, batch_size={bs}, precision={runtime.precision}); lower the learning rate"
-            )
+        epoch_s, train_loss = train_epoch(sw)
+        result.epoch_s.append(epoch_s)
+        _check_finite(train_loss, epoch, train, bs, runtime)
         row = {"train/loss": train_loss}
         if runtime.is_main:  # the weights are the same on every rank: one validation is enough
             logits = _predict(eval_model, va, inputs, runtime, prepared.meta.get("eval_batch_size", EVAL_BATCH))
             row.update(task.metrics(y_val, logits, "val"))
-        row["time/this_epoch_s"] = result.epoch_s[-1]
+        row["time/this_epoch_s"] = epoch_s
         result.history.append(row)
         if checkpoint and runtime.is_main and checkpoint.due(epoch + 1, train.epochs):
-            _save(checkpoint, epoch + 1, model, opt, scaler, gen, result)
+            _save(checkpoint, epoch + 1, model, stepper.opt, stepper.scaler, gen, result)
         if on_epoch:
             on_epoch(epoch, row)
     result.fit_s = sw.stop("fit", t_fit)
@@ -321,6 +320,46 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     if runtime.device.type == "cuda":
         result.peak_gpu_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
+
+
+class _ShuffledEpochs:
+    """Each call trains one epoch over a fresh permutation of the training split (this rank's shard of it) and
+    returns the epoch's seconds and mean loss. With CUDA graphs the first epoch runs eagerly, the warm-up
+    before the capture, and each later one is one replay of the whole epoch, ragged last batch included."""
+
+    def __init__(self, step, tr: dict[str, torch.Tensor], inputs: list[str], batch_size: int, gen: torch.Generator,
+                 graphs: bool, runtime: Runtime) -> None:  # fmt: skip
+        self.step, self.tr, self.inputs, self.batch_size, self.gen = step, tr, inputs, batch_size, gen
+        self.graphs, self.runtime = graphs, runtime
+        self.graphed: GraphedSteps | None = None
+
+    def _run(self, order: torch.Tensor) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.runtime.device.torch)
+        _run_order(self.step, self.tr, self.inputs, order, self.batch_size, loss_sum)
+        return loss_sum
+
+    def __call__(self, sw: Stopwatch) -> tuple[float, float]:
+        dev, runtime = self.runtime.device.torch, self.runtime
+        t0 = sw.start()
+        perm = _shard(torch.randperm(len(self.tr["y"]), device=dev, generator=self.gen), runtime)
+        if self.graphed:
+            loss_sum = self.graphed(perm)
+        else:
+            with _side_stream(self.graphs):
+                loss_sum = self._run(perm)
+        epoch_s = sw.stop("epoch", t0)
+        train_loss = (_all_ranks(loss_sum, runtime) / (len(perm) * runtime.world_size)).item()  # the one host sync
+        if self.graphs and self.graphed is None:  # captured outside the epoch's clock; the fit's clock includes it
+            self.graphed = GraphedSteps(self._run, len(perm), dev)
+        return epoch_s, train_loss
+
+
+def _check_finite(train_loss: float, epoch: int, train: TrainParams, batch_size: int, runtime: Runtime) -> None:
+    if not math.isfinite(train_loss):
+        raise TrainingError(
+            f"training loss became {train_loss} at epoch {epoch + 1} "
+            f"(lr={train.lr}, batch_size={batch_size}, precision={runtime.precision}); lower the learning rate"
+        )
 
 
 def _ckpt_file(checkpoint: Checkpoint) -> Path:
@@ -363,95 +402,94 @@ def _resume(checkpoint: Checkpoint | None, model, opt, scaler, gen, result: FitR
     return state["epoch"]
 
 
-def bench(
-    model: nn.Module,
-    task: Task,
-    prepared: Prepared,
-    train: TrainParams,
-    runtime: Runtime,
-    batch_size: int,
-    steps: int,
-    warmup: int,
-    repeats: int,
-    synthetic: bool = False,
-    energy=None,
-    utilisation=None,
-    min_repeat_s: float = 0.0,
-    intervals: IntervalPlan | None = None,
-) -> BenchResult:
-    """Time `repeats` x `steps` training steps after `warmup` steps.
+def bench(model: nn.Module, task: Task, prepared: Prepared, train: TrainParams, runtime: Runtime, spec: BenchSpec) -> BenchResult:
+    """Time `spec.repeats` x `spec.steps` training steps after `spec.warmup` steps.
 
-    `batch_size` is the global batch: with a process group each rank draws its share and the step is DDP's.
-    Batches are drawn with replacement from the device-resident training split, so any batch size works;
-    `synthetic` reuses one pre-gathered batch: the compute-only ceiling that the real loop is compared with.
-    With cuda_graphs, the warm-up runs eagerly, then one repeat's `steps` steps are captured as one graph
-    and each repeat is one replay. A timed repeat runs its steps (or replays) again, as often as one untimed
-    repeat says it takes to last `min_repeat_s`; the result's `steps` is the steps a timed repeat ran.
-    `utilisation` (devices.UtilisationSampler) samples the GPU during the timed repeats, and during further
-    untimed ones while its window is still too short to read (over the last interval only: the earlier ones
-    are paused while the other device's process takes its turn). `intervals` splits the repeats into intervals,
-    each after the first re-warmed by one untimed step (one replay under CUDA graphs), its hooks run at each interval's edges.
+    `spec.batch_size` is the global batch: with a process group each rank draws its share and the step is DDP's.
+    With cuda_graphs, the warm-up runs eagerly, then one repeat's steps are captured as one graph and each
+    repeat is one replay. A timed repeat runs its steps (or replays) again, as often as one untimed repeat says
+    it takes to last `spec.min_repeat_s`; the result's `steps` is the steps a timed repeat ran.
+    `spec.utilisation` samples the GPU during the timed repeats, and during further untimed ones while its
+    window is still too short to read (over the last interval only: the earlier ones are paused while the other
+    device's process takes its turn). Each interval after the first is re-warmed by one untimed step (one replay
+    under CUDA graphs), its hooks run at its edges.
     """
     dev = runtime.device.torch
-    inputs = prepared.meta.get("inputs", ["x"])
     sw = Stopwatch(_sync(runtime))
     t0 = sw.start()
     tr = _to_device(prepared.splits["train"], task, dev)
     to_device_s = sw.stop("to_device", t0)
-    _place(model, runtime).train()
-    wrapped = _data_parallel(model, runtime)
-    step_model = _compiled(wrapped, runtime)
-    graphs_applied = graphs_state(runtime)
-    graphs = graphs_applied == "on"
-    opt = _optimizer(model, train, runtime, graphs)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
-    step = _make_step(step_model, opt, scaler, loss_function(task), runtime)
+    model.train()
+    stepper = _stepper(model, task, train, runtime)
     gen = torch.Generator(device=dev).manual_seed(runtime.seed + runtime.rank)  # each rank its share of the batch
-    n = len(tr["y"])
-    batch_size //= runtime.world_size
-
-    def draw(count: int) -> torch.Tensor:
-        return torch.randint(0, n, (count,), device=dev, generator=gen)
-
-    fixed = draw(batch_size)
-    fixed_batch = ([tr[k][fixed] for k in inputs], tr["y"][fixed])
-
-    def run(order: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), device=dev)
-        if synthetic:
-            for _ in range(len(order) // batch_size):
-                total += step(*fixed_batch)
-        else:
-            _run_order(step, tr, inputs, order, batch_size, total)
-        return total
-
-    def eager(count: int) -> None:
-        run(draw(count * batch_size))
-
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    t0 = sw.start()
-    with _side_stream(graphs):
-        eager(max(warmup, 1))  # compilation, cuDNN autotuning and allocator growth happen here
-    repeat = lambda: eager(steps)  # noqa: E731
-    if graphs:
-        graphed = GraphedSteps(run, steps * batch_size, dev)
-        repeat = lambda: graphed(draw(steps * batch_size))  # noqa: E731
-        repeat()  # the first replay uploads the graph
-    warmup_s = sw.stop("warmup", t0)
-    calls = _calls_per_repeat(repeat, sw, min_repeat_s, runtime)
-    plan = intervals or IntervalPlan([repeats])
-    rewarm = repeat if graphs else (lambda: eager(1))  # one step (one replay) after the other device's turn
-    repeat_s, energy_j = _timed_intervals(plan, lambda: [repeat() for _ in range(calls)], rewarm, sw, energy, utilisation)
-    while utilisation and utilisation.wants_more():
-        repeat()
-        _sync(runtime)()
-    util = utilisation.stop() if utilisation else None
+    per_rank = spec.batch_size // runtime.world_size
+    drawn = _DrawnBatches(stepper.step, tr, prepared.meta.get("inputs", ["x"]), per_rank, spec.synthetic, gen)
+    repeat, rewarm, warmup_s = _warm_up(drawn, spec, stepper.graphs, sw, runtime)
+    calls = _calls_per_repeat(repeat, sw, spec.min_repeat_s, runtime)
+    plan = spec.plan()
+    timed = lambda: [repeat() for _ in range(calls)]  # noqa: E731
+    repeat_s, energy_j = _timed_intervals(plan, timed, rewarm, sw, spec.energy, spec.utilisation)
+    util = _utilisation_readings(spec.utilisation, repeat, runtime)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if runtime.device.type == "cuda" else None
     if runtime.process_group:  # the group's throughput is set by its slowest rank
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
-    return BenchResult(batch_size * runtime.world_size, steps * calls, repeat_s, warmup_s, to_device_s,
-                       energy_j if energy else None, peak, util, graphs_applied, plan.interval_of())  # fmt: skip
+    return BenchResult(per_rank * runtime.world_size, spec.steps * calls, repeat_s, warmup_s, to_device_s,
+                       energy_j if spec.energy else None, peak, util, stepper.cuda_graphs, plan.interval_of())  # fmt: skip
+
+
+class _DrawnBatches:
+    """Training steps on batches drawn with replacement from the device-resident training split, so that any
+    batch size works; `synthetic` steps on one batch gathered up front, over and over: the compute-only
+    ceiling that the real loop is compared with."""
+
+    def __init__(self, step, tr: dict[str, torch.Tensor], inputs: list[str], batch_size: int, synthetic: bool,
+                 gen: torch.Generator) -> None:  # fmt: skip
+        self.step, self.tr, self.inputs, self.batch_size, self.synthetic, self.gen = step, tr, inputs, batch_size, synthetic, gen
+        fixed = self.draw(batch_size)  # drawn in the real loop too, so that both see the same draws after it
+        self.fixed_batch = ([tr[k][fixed] for k in inputs], tr["y"][fixed])
+
+    def draw(self, count: int) -> torch.Tensor:
+        y = self.tr["y"]
+        return torch.randint(0, len(y), (count,), device=y.device, generator=self.gen)
+
+    def run(self, order: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=self.tr["y"].device)
+        if self.synthetic:
+            for _ in range(len(order) // self.batch_size):
+                total += self.step(*self.fixed_batch)
+        else:
+            _run_order(self.step, self.tr, self.inputs, order, self.batch_size, total)
+        return total
+
+    def eager(self, steps: int) -> None:
+        self.run(self.draw(steps * self.batch_size))
+
+
+def _warm_up(drawn: _DrawnBatches, spec: BenchSpec, graphs: bool, sw: Stopwatch, runtime: Runtime):
+    """The untimed warm-up steps, then with CUDA graphs one repeat's steps captured and replayed once.
+    Returns one timed repeat, the re-warm before each later interval, and the warm-up's seconds."""
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device.torch)
+    t0 = sw.start()
+    with _side_stream(graphs):
+        drawn.eager(max(spec.warmup, 1))  # compilation, cuDNN autotuning and allocator growth happen here
+    repeat = lambda: drawn.eager(spec.steps)  # noqa: E731
+    rewarm = lambda: drawn.eager(1)  # noqa: E731  (one step after the other device's turn)
+    if graphs:
+        graphed = GraphedSteps(drawn.run, spec.steps * drawn.batch_size, runtime.device.torch)
+        repeat = rewarm = lambda: graphed(drawn.draw(spec.steps * drawn.batch_size))  # noqa: E731  (one replay re-warms)
+        repeat()  # the first replay uploads the graph
+    return repeat, rewarm, sw.stop("warmup", t0)
+
+
+def _utilisation_readings(utilisation: UtilisationSampler | None, repeat: Callable[[], Any], runtime: Runtime) -> list[float] | None:
+    """The GPU utilisation samples, after further untimed repeats while the sampler's window is too short to read."""
+    if not utilisation:
+        return None
+    while utilisation.wants_more():
+        repeat()
+        _sync(runtime)()
+    return utilisation.stop()
 
 
 def _timed_intervals(plan: IntervalPlan, timed: Callable[[], Any], rewarm: Callable[[], Any], sw: Stopwatch, energy,
