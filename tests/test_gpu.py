@@ -173,7 +173,7 @@ def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
     from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve, seed_everything
     from accelbench.io import load_prepared
-    from accelbench.population import fit_population
+    from accelbench.population import Population, fit_population
     from accelbench.workloads import get_workload
 
     wl = get_workload("diabetes")
@@ -189,7 +189,7 @@ def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
         for _ in lrs:
             seed_everything(42, "torch")
             models.append(build(params))
-        result = fit_population(models, lrs, wds, task, inputs, 5, 32, runtime)
+        result = fit_population(Population(models, lrs, wds), task, inputs, 5, 32, runtime)
         assert result.cuda_graphs == (name == "graphs")
         curves[name] = {k: v.cpu() for k, v in result.curves.items()}
     for k in ("train/loss", "val/loss", "val/roc_auc"):

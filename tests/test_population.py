@@ -14,7 +14,7 @@ from accelbench.project import load_config
 from accelbench.devices import Device, Runtime, seed_everything
 from accelbench.engines import torch as engine
 from accelbench.io import load_prepared
-from accelbench.population import batched_auc, fit_population
+from accelbench.population import Population, batched_auc, fit_population
 from accelbench.report import build
 from accelbench.workloads import get_workload
 
@@ -46,7 +46,7 @@ def test_population_reaches_the_same_models_as_one_by_one(prepared_project):
     for _ in lrs:
         seed_everything(42, "torch")
         models.append(wl.build_model("torch", with_overrides(params, {"model.dropout": 0.0}), prepared.meta))
-    pop = fit_population(models, lrs, wds, task, prepared, epochs, params.train.batch_size, runtime)
+    pop = fit_population(Population(models, lrs, wds), task, prepared, epochs, params.train.batch_size, runtime)
     for i, ref in enumerate(one_by_one):
         assert pop.curves["train/loss"][-1, i].item() == pytest.approx(ref["train/loss"], rel=1e-5)
         assert pop.curves["val/roc_auc"][-1, i].item() == pytest.approx(ref["val/roc_auc"], abs=1e-6)
@@ -70,9 +70,9 @@ def test_one_model_with_member_dropout_rates_is_the_population_of_each_members_b
     one = wl.build_model("torch", params, prepared.meta)
     task = wl.task(prepared.meta)
     seed_everything(7, "torch")  # the dropout draws: the same stream for both
-    a = fit_population(built, lrs, wds, task, prepared, 3, 32, runtime).curves["train/loss"]
+    a = fit_population(Population(built, lrs, wds), task, prepared, 3, 32, runtime).curves["train/loss"]
     seed_everything(7, "torch")
-    b = fit_population([one] * 3, lrs, wds, task, prepared, 3, 32, runtime, dropout=rates).curves["train/loss"]
+    b = fit_population(Population([one] * 3, lrs, wds, dropout=rates), task, prepared, 3, 32, runtime).curves["train/loss"]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert b[-1, 0] == b[-1, 2] and b[-1, 1] != b[-1, 0]  # the rate, not the position, sets a member's path
 

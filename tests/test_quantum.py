@@ -465,7 +465,7 @@ def test_population_of_heads_matches_one_by_one(digits, variant, head):
     from accelbench.devices import Device, Runtime, seed_everything
     from accelbench.engines import torch as engine
     from accelbench.io import load_prepared
-    from accelbench.population import fit_population
+    from accelbench.population import Population, fit_population
     from accelbench.workloads import get_workload
 
     wl = get_workload("quantum")
@@ -488,7 +488,7 @@ def test_population_of_heads_matches_one_by_one(digits, variant, head):
     for _ in lrs:
         seed_everything(42, "torch")
         models.append(build(params))
-    pop = fit_population(models, lrs, wds, task, inputs, 3, params.train.batch_size, runtime)
+    pop = fit_population(Population(models, lrs, wds), task, inputs, 3, params.train.batch_size, runtime)
     for i, ref in enumerate(one_by_one):
         assert pop.curves["train/loss"][-1, i].item() == pytest.approx(ref["train/loss"], rel=tol)
         assert pop.curves["val/loss"][-1, i].item() == pytest.approx(ref["val/loss"], rel=tol)

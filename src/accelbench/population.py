@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlflow
@@ -76,31 +77,38 @@ def batched_auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (u / (n_pos * n_neg)).float()
 
 
+@dataclass
+class Population:
+    """Models of one architecture trained as one, each with its own learning rate and weight decay and, when
+    `dropout` is given, its own RateDropout rate (`models` may then be one model N times)."""
+
+    models: list[nn.Module]
+    lr: list[float]
+    weight_decay: list[float]
+    dropout: list[float] | None = None
+
+
 def fit_population(
-    models: list[nn.Module],
-    lr: list[float],
-    weight_decay: list[float],
+    population: Population,
     task: Task,
     prepared: Prepared,
     epochs: int,
     batch_size: int,
     runtime: Runtime,
-    on_epoch=None,
-    dropout: list[float] | None = None,
+    on_epoch: Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
 ) -> PopulationResult:
-    """Train `models` (one architecture) as one population. `on_epoch(epoch, metrics, alive) -> alive` sees
-    (N,) tensors (train/loss, val/loss, val scores) and may prune members; pruned members stop moving.
-    `dropout`, when given, sets each member's RateDropout rates (`models` may then be one model N times)."""
+    """Train `population` as one stacked model. `on_epoch(epoch, metrics, alive) -> alive` sees (N,) tensors
+    (train/loss, val/loss, val scores) and may prune members; pruned members stop moving."""
     with _cpu_threads(runtime):
-        return _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size, runtime, on_epoch, dropout)
+        return _fit_population(population, task, prepared, epochs, batch_size, runtime, on_epoch)
 
 
 @contextlib.contextmanager
 def _cpu_threads(runtime: Runtime):
     """On the CPU, with `cpu_threads` unset, a population steps in one intra-op thread. Its ops are small
-    (a few hundred KB) yet above PyTorch's parallel grain, so each opens an OpenMP region: on 2 cores
-    measured 0.93-0.95 trials/s single-threaded against 0.22-0.91 with 2 threads (8 diabetes trials x 150
-    epochs), the slow end whenever another process held a core. An explicit `cpu_threads` is obeyed."""
+    (a few hundred KB) yet above PyTorch's parallel grain, so each opens an OpenMP region that costs more
+    than it saves, and stalls whenever another process holds one of its cores. An explicit `cpu_threads`
+    is obeyed."""
     if runtime.device.type != "cpu" or runtime.cpu_threads:
         yield
         return
@@ -112,47 +120,18 @@ def _cpu_threads(runtime: Runtime):
         torch.set_num_threads(before)
 
 
-def _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size, runtime, on_epoch, dropout) -> PopulationResult:
+def _fit_population(population, task, prepared, epochs, batch_size, runtime, on_epoch) -> PopulationResult:
     dev = runtime.device.torch
     sw = Stopwatch(torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None))
     tr = _to_device(prepared.splits["train"], task, dev)
     va = _to_device(prepared.splits["val"], task, dev)
-    inputs = prepared.meta.get("inputs", ["x"])
-    flat, params, buffers = _stacked(models, dropout, dev)
-    base = copy.deepcopy(models[0]).to("meta")
-    loss_fn = loss_function(task)  # the single-model engine's loss: same arithmetic, same targets
-
-    def member_loss(p, b, y, *x):
-        return loss_fn(functional_call(base, (p, b), x), y)
-
-    shared = (None,) * (1 + len(inputs))  # batch and targets are the same for every member
-    step_fn = vmap(grad_and_value(member_loss), in_dims=(0, 0, *shared), randomness="different")
-    forward = vmap(lambda p, b, *x: functional_call(base, (p, b), x), in_dims=(0, 0, *shared[1:]))
-    lr_t = torch.tensor(lr, device=dev, dtype=torch.float32)
-    wd_t = torch.tensor(weight_decay, device=dev, dtype=torch.float32)
-    lr_alive = lr_t.clone()  # read by every step; a pruned member's lr is 0 from then on
-    adam = _BatchedAdamW(flat)
-    n_models, n = len(models), len(tr["y"])
-
-    def epoch_of(order: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One epoch over `order` and the validation scores after it, all on the device: no host sync."""
-        base.train()
-        loss_sum = torch.zeros(n_models, device=dev)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            g, loss = step_fn(params, buffers, tr["y"][idx], *(tr[k][idx] for k in inputs))
-            adam.step(flat, torch.cat([g[k].reshape(n_models, -1) for k in params], dim=1), lr_alive, wd_t)
-            loss_sum += loss.detach() * len(idx)
-        base.eval()
-        with torch.no_grad():
-            logits = forward(params, buffers, *(va[k] for k in inputs))
-            return {"train/loss": loss_sum / n, **_val_metrics(task, logits, va["y"], loss_fn)}
-
+    stacked = _StackedSteps(population, task, tr, va, prepared.meta.get("inputs", ["x"]), batch_size, dev)
     # On a GPU a step of small models is launch-bound: after one eager epoch, the whole epoch (steps and
     # validation) is captured as one CUDA graph and replayed, as cuda_graphs does for one model.
     graphs = runtime.cuda_graphs and runtime.device.type == "cuda"
     graphed: GraphedSteps | None = None
     gen = torch.Generator(device=dev).manual_seed(runtime.seed)
+    n_models, n = len(population.models), len(tr["y"])
     alive = torch.ones(n_models, dtype=torch.bool, device=dev)
     steps_per_epoch, alive_count = -(-n // batch_size), n_models
     curves: dict[str, list[torch.Tensor]] = {}
@@ -164,9 +143,9 @@ def _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size
             metrics = {k: v.clone() for k, v in graphed(perm).items()}  # the next replay overwrites them
         else:
             with _side_stream(graphs):
-                metrics = epoch_of(perm)
+                metrics = stacked.epoch(perm)
             if graphs:
-                graphed = GraphedSteps(epoch_of, n, dev)
+                graphed = GraphedSteps(stacked.epoch, n, dev)
         for k, v in metrics.items():
             curves.setdefault(k, []).append(v)
         result.model_steps += alive_count * steps_per_epoch
@@ -174,12 +153,56 @@ def _fit_population(models, lr, weight_decay, task, prepared, epochs, batch_size
             now = on_epoch(epoch, metrics, alive)
             if now is not alive:  # a report: pruned members stop moving
                 alive, alive_count = now, int(now.sum())
-                lr_alive.copy_(lr_t * alive)
+                stacked.keep_moving(alive)
     result.fit_s = sw.stop("fit", t0)
     result.curves = {k: torch.stack(v) for k, v in curves.items()}
     result.alive = alive
     result.cuda_graphs = graphs
     return result
+
+
+class _StackedSteps:
+    """The population as one model vmapped over its members' stacked parameters. `epoch(order)` trains every
+    member on the batches of the index order `order`, then scores each on the validation split: all on the
+    device, no host sync, so that a CUDA graph can capture it whole."""
+
+    def __init__(self, population: Population, task: Task, tr: dict[str, torch.Tensor], va: dict[str, torch.Tensor],
+                 inputs: list[str], batch_size: int, dev: str) -> None:  # fmt: skip
+        self.task, self.tr, self.va, self.inputs, self.batch_size = task, tr, va, inputs, batch_size
+        self.flat, self.params, self.buffers = _stacked(population.models, population.dropout, dev)
+        self.base = copy.deepcopy(population.models[0]).to("meta")
+        self.loss_fn = loss_function(task)  # the single-model engine's loss: same arithmetic, same targets
+        shared = (None,) * (1 + len(inputs))  # batch and targets are the same for every member
+        self.step_fn = vmap(grad_and_value(self._member_loss), in_dims=(0, 0, *shared), randomness="different")
+        self.forward = vmap(self._member_forward, in_dims=(0, 0, *shared[1:]))
+        self.lr = torch.tensor(population.lr, device=dev, dtype=torch.float32)
+        self.wd = torch.tensor(population.weight_decay, device=dev, dtype=torch.float32)
+        self.lr_alive = self.lr.clone()  # read by every step; a pruned member's lr is 0 from then on
+        self.adam = _BatchedAdamW(self.flat)
+
+    def _member_forward(self, p, b, *x):
+        return functional_call(self.base, (p, b), x)
+
+    def _member_loss(self, p, b, y, *x):
+        return self.loss_fn(self._member_forward(p, b, *x), y)
+
+    def epoch(self, order: torch.Tensor) -> dict[str, torch.Tensor]:
+        tr, n, n_models, bs = self.tr, len(self.tr["y"]), len(self.lr), self.batch_size
+        self.base.train()
+        loss_sum = torch.zeros(n_models, device=self.lr.device)
+        for i in range(0, n, bs):
+            idx = order[i : i + bs]
+            g, loss = self.step_fn(self.params, self.buffers, tr["y"][idx], *(tr[k][idx] for k in self.inputs))
+            self.adam.step(self.flat, torch.cat([g[k].reshape(n_models, -1) for k in self.params], dim=1), self.lr_alive, self.wd)
+            loss_sum += loss.detach() * len(idx)
+        self.base.eval()
+        with torch.no_grad():
+            logits = self.forward(self.params, self.buffers, *(self.va[k] for k in self.inputs))
+            return {"train/loss": loss_sum / n, **_val_metrics(self.task, logits, self.va["y"], self.loss_fn)}
+
+    def keep_moving(self, alive: torch.Tensor) -> None:
+        """Only the `alive` members take steps from now on (the others' learning rate becomes 0)."""
+        self.lr_alive.copy_(self.lr * alive)
 
 
 def _stacked(models: list[nn.Module], dropout: list[float] | None, dev: str):
@@ -296,8 +319,9 @@ def _train_group(s: Study, members, parent_run_id: str, stats: TuneStats) -> Non
                     keep[i], pruned_at[i] = False, epoch + 1
         return torch.tensor(keep, device=alive.device)
 
-    result = fit_population([model] * len(members), per_member("train.lr"), per_member("train.weight_decay"), s.task,
-                            inputs, train.epochs, train.batch_size, s.runtime, on_epoch, per_member("model.dropout"))  # fmt: skip
+    population = Population([model] * len(members), per_member("train.lr"), per_member("train.weight_decay"),
+                            per_member("model.dropout"))  # fmt: skip
+    result = fit_population(population, s.task, inputs, train.epochs, train.batch_size, s.runtime, on_epoch)
     curves = {k: v.cpu().numpy() for k, v in result.curves.items()}
     finals = curves[s.task.objective][-1]
     for i, (trial, overrides) in enumerate(members):
@@ -316,8 +340,8 @@ def _train_group(s: Study, members, parent_run_id: str, stats: TuneStats) -> Non
 
 def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: PopulationResult, every: int) -> None:
     """One nested MLflow run per trial, written in bulk: a round trip per trial, not per metric. Its curves
-    hold the epochs reported to Optuna (every `report_every` and the last): writing all 150 epochs of
-    1,000 trials took 82 s on the H100 host, many times the training."""
+    hold the epochs reported to Optuna (every `report_every` and the last): writing every epoch of a large
+    study's trials costs many times the training."""
     client = mlflow.MlflowClient()
     experiment_id = use_experiment(s.wl.name)
     common = {**base_tags(s.wl.name, "trial", s.runtime.tags()), "mlflow.parentRunId": parent_run_id,
