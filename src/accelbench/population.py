@@ -28,6 +28,7 @@ from .devices import Runtime, seed_everything
 from .engines.torch import GraphedSteps, _side_stream, _to_device, loss_function  # the single model's splits and loss
 from .errors import ConfigError
 from .io import Prepared
+from .models.layers import RateDropout  # the rate stacked populations vary per member
 from .study import Study, suggest
 from .tasks import Task
 from .timing import Stopwatch
@@ -37,20 +38,6 @@ from .tracking import base_tags, use_experiment
 PER_MEMBER = ("train.lr", "train.weight_decay", "model.dropout")
 # Dropout layers whose rate is a Python float: a stacked population would run every member at the first's rate.
 FIXED_RATE_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-
-
-class RateDropout(nn.Module):
-    """Dropout whose rate is a buffer: stacked populations give each member its own rate."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.register_buffer("p", torch.tensor(float(p)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
-        return x * keep / (1.0 - self.p)
 
 
 @dataclass

@@ -238,32 +238,14 @@ class Diabetes(Workload):
         return (lambda p: self.build_torch(p, prepared.meta)), prepared  # the MLP stacks as it is
 
     def build_torch(self, params: Params, meta: dict[str, Any]):
-        from torch import nn
+        from ..models.mlp import MLP  # imports torch: only stages that train load it
 
-        from ..population import RateDropout  # a buffer rate: population tuning varies it per member
-
-        layers: list[nn.Module] = []
-        width = len(meta["features"])
-        for h in params.model.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), RateDropout(params.model.dropout)]
-            width = h
-        layers.append(nn.Linear(width, 1))
-        model = nn.Sequential(*layers)
-        for m in model:
-            if isinstance(m, nn.Linear):  # Keras' defaults, so both frameworks start alike
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        return model
+        return MLP(len(meta["features"]), params.model.hidden, params.model.dropout)
 
     def build_tensorflow(self, params: Params, meta: dict[str, Any]):
-        import keras
+        from ..models.mlp import keras_model
 
-        model = keras.Sequential([keras.Input((len(meta["features"]),))])
-        for h in params.model.hidden:
-            model.add(keras.layers.Dense(h, activation="relu"))
-            model.add(keras.layers.Dropout(params.model.dropout))
-        model.add(keras.layers.Dense(1, dtype="float32"))  # logits stay fp32 under mixed precision
-        return model
+        return keras_model(len(meta["features"]), params.model.hidden, params.model.dropout)
 
 
 WORKLOAD = Diabetes()
