@@ -208,11 +208,12 @@ def test_guava_stem_on_cuda_matches_the_cpu(monkeypatch, space_to_depth):
 
     from accelbench.devices import Device, Runtime
     from accelbench.engines.torch import _place
+    from accelbench.models import cnn_fast
     from accelbench.workloads import guava
 
     padded = []
-    original = guava.pad_channels
-    monkeypatch.setattr(guava, "pad_channels", lambda *a: padded.append(a[0].shape) or original(*a))
+    original = cnn_fast.pad_channels
+    monkeypatch.setattr(cnn_fast, "pad_channels", lambda *a: padded.append(a[0].shape) or original(*a))
     meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
     params = guava.Params()
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, space_to_depth_stem=space_to_depth))
@@ -240,22 +241,23 @@ def test_guava_fused_augmentation_is_the_reference(monkeypatch, size):
 
     import torch
 
-    from accelbench.workloads import guava, _guava_cuda
+    from accelbench.models import augment, augment_cuda
+    from accelbench.workloads import guava
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, *size, 3), dtype=torch.uint8, device="cuda")
     mean, std = torch.tensor([110.0, 120.0, 90.0], device="cuda"), torch.tensor([50.0, 60.0, 55.0], device="cuda")
-    theta, factors = guava.draw_augmentation(16, guava.Augment(), "cuda")
+    theta, factors = augment.draw_augmentation(16, guava.Augment(), "cuda")
     for th, fa in [(theta, factors), (theta * 1.5, factors), (None, factors), (theta, None), (None, None)]:
-        want = (guava.augment_reference(x.permute(0, 3, 1, 2).float(), th, fa) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-        got = _guava_cuda.augment_normalize(x, th, fa, mean, std, torch.float32)
+        want = (augment.augment_reference(x.permute(0, 3, 1, 2).float(), th, fa) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        got = augment_cuda.augment_normalize(x, th, fa, mean, std, torch.float32)
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
-        half = _guava_cuda.augment_normalize(x, th, fa, mean, std, torch.bfloat16)
+        half = augment_cuda.augment_normalize(x, th, fa, mean, std, torch.bfloat16)
         torch.testing.assert_close(half.float(), want, rtol=2**-8, atol=1e-3)
 
     calls = []
-    monkeypatch.setattr(_guava_cuda, "augment_normalize", lambda *a: calls.append(a[5]) or a[0].permute(0, 3, 1, 2).float())
+    monkeypatch.setattr(augment_cuda, "augment_normalize", lambda *a: calls.append(a[5]) or a[0].permute(0, 3, 1, 2).float())
     meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
     for fused in (True, False):
         params = guava.Params()
@@ -275,17 +277,18 @@ def test_guava_kernel_writes_the_stems_blocks(monkeypatch, size):
 
     from accelbench.devices import Device, Runtime
     from accelbench.engines.torch import _place
-    from accelbench.workloads import guava, _guava_cuda
+    from accelbench.models import augment, augment_cuda, cnn_fast
+    from accelbench.workloads import guava
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (16, *size, 3), dtype=torch.uint8, device="cuda")
     mean, std = torch.tensor([110.0, 120.0, 90.0], device="cuda"), torch.tensor([50.0, 60.0, 55.0], device="cuda")
-    theta, factors = guava.draw_augmentation(16, guava.Augment(), "cuda")
+    theta, factors = augment.draw_augmentation(16, guava.Augment(), "cuda")
     weight = torch.zeros(8, 3, 3, 3, device="cuda")
     for dtype in (torch.float32, torch.bfloat16):
-        pixels = _guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype)
-        blocks = _guava_cuda.augment_normalize(x, theta, factors, mean, std, dtype, blocks=True)
-        want = guava.pad_channels(*guava.space_to_depth(pixels, weight), 8)[0]
+        pixels = augment_cuda.augment_normalize(x, theta, factors, mean, std, dtype)
+        blocks = augment_cuda.augment_normalize(x, theta, factors, mean, std, dtype, blocks=True)
+        want = cnn_fast.pad_channels(*cnn_fast.space_to_depth(pixels, weight), 8)[0]
         assert blocks.shape == want.shape and blocks.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(blocks, want, rtol=0, atol=0)
 
@@ -293,8 +296,8 @@ def test_guava_kernel_writes_the_stems_blocks(monkeypatch, size):
     meta = {"classes": list(guava.CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
     model = _place(guava.WORKLOAD.build_model("torch", guava.Params(), meta), Runtime(Device("cuda"), "torch", channels_last=True))
     model.head[2].p = 0.0  # dropout off: the two steps draw nothing but the augmentation
-    calls, original = [], _guava_cuda.augment_normalize
-    monkeypatch.setattr(_guava_cuda, "augment_normalize", lambda *a: calls.append(a[6]) or original(*a))
+    calls, original = [], augment_cuda.augment_normalize
+    monkeypatch.setattr(augment_cuda, "augment_normalize", lambda *a: calls.append(a[6]) or original(*a))
     results = []
     for writes_blocks in (True, False):
         if not writes_blocks:

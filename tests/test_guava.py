@@ -85,6 +85,40 @@ def test_torch_cnn_runs_bf16_channels_last_compiled_on_cpu():
     assert logits.shape == (6, 3) and logits.dtype == np.float32
 
 
+def test_fast_paths_switch_on_by_params_and_compute_the_plain_cnn():
+    """With both fast-path params off the model is the plain GuavaCNN; with them on, the fast subclass, which on
+    the CPU computes the same logits and gradients from the same weights, training (augmented) and not."""
+    import dataclasses
+
+    import torch
+
+    from accelbench.models.cnn import GuavaCNN
+    from accelbench.models.cnn_fast import FastGuavaCNN
+    from accelbench.workloads.guava import WORKLOAD, Params
+
+    meta = {"classes": list(CLASSES), "channel_mean": [120.0] * 3, "channel_std": [60.0] * 3}
+    plain_params = Params()
+    plain_params = dataclasses.replace(plain_params, model=dataclasses.replace(
+        plain_params.model, fused_augment=False, space_to_depth_stem=False))
+    torch.manual_seed(0)
+    fast = WORKLOAD.build_model("torch", Params(), meta)
+    torch.manual_seed(0)
+    plain = WORKLOAD.build_model("torch", plain_params, meta)
+    assert type(fast) is FastGuavaCNN and type(plain) is GuavaCNN
+    torch.testing.assert_close(fast.state_dict(), plain.state_dict(), rtol=0, atol=0)
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    for training in (True, False):
+        outs = []
+        for model in (fast, plain):
+            model.train(training).zero_grad()
+            torch.manual_seed(1)  # the same augmentation and dropout draws
+            outs.append(model(x))
+            outs[-1].square().sum().backward()
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("channels", [3, 5, 8])
 def test_padded_channels_are_the_same_conv(channels):
     """The stem's zero-padding to 8 input channels (what it does on CUDA in channels_last) changes no output
@@ -92,7 +126,7 @@ def test_padded_channels_are_the_same_conv(channels):
     import torch
     from torch.nn import functional as F
 
-    from accelbench.workloads.guava import pad_channels
+    from accelbench.models.cnn_fast import pad_channels
 
     torch.manual_seed(0)
     x = torch.randn(4, channels, 17, 19, dtype=torch.float64, requires_grad=True)
@@ -114,7 +148,8 @@ def test_space_to_depth_is_the_same_conv(size):
     import torch
     from torch.nn import functional as F
 
-    from accelbench.workloads.guava import CLASSES, WORKLOAD, Params, pad_channels, space_to_depth
+    from accelbench.models.cnn_fast import pad_channels, space_to_depth
+    from accelbench.workloads.guava import CLASSES, WORKLOAD, Params
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
@@ -139,7 +174,8 @@ def test_augmentation_draws_per_image_and_keeps_the_range():
     nothing; the jitter's contrast is around the mean of the image before the warp, and the result stays 0-255."""
     import torch
 
-    from accelbench.workloads.guava import Augment, augment_reference, draw_augmentation
+    from accelbench.models.augment import augment_reference, draw_augmentation
+    from accelbench.workloads.guava import Augment
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 3, 20, 24)).float()

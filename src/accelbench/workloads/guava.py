@@ -10,7 +10,6 @@ whole batches and only while training.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -637,7 +636,7 @@ class Guava(Workload):
             return {"augment": "Keras random layers", "stem": "3x3 stride-2 conv"}
         m, cuda = params.model, runtime.device.type == "cuda"
         stem = "3x3 stride-2 conv"
-        if cuda and runtime.channels_last:
+        if cuda and runtime.channels_last and (m.space_to_depth_stem or m.fused_augment):  # models.cnn_fast
             stem = "2x2 conv over 2x2 pixel blocks, 16 channels" if m.space_to_depth_stem else "3x3 stride-2 conv, RGB padded to 8 channels"
         fused = cuda and m.fused_augment
         return {"augment": "one Triton kernel with the normalisation" if fused else "torch ops", "stem": stem}
@@ -659,39 +658,14 @@ class Guava(Workload):
         return {"channel_means_logreg": Baseline(metrics, logits)}
 
     def build_torch(self, params: Params, meta: dict[str, Any]):
-        m = params.model
-        return _torch_model_class()(m.channels, m.dropout, m.augment, meta["channel_mean"], meta["channel_std"], len(meta["classes"]),
-                                    m.fused_augment, m.space_to_depth_stem)  # fmt: skip
+        from ..models.cnn_fast import torch_model  # imports torch: only stages that train load it
+
+        return torch_model(params.model, meta["channel_mean"], meta["channel_std"], len(meta["classes"]))
 
     def build_tensorflow(self, params: Params, meta: dict[str, Any]):
-        import keras
+        from ..models.cnn import keras_model
 
-        layers, m, aug = keras.layers, params.model, params.model.augment
-        size = meta["image_size"]
-        image = keras.Input((size, size, 3), dtype="uint8", name="image")
-        x = layers.Rescaling(1.0, dtype="float32")(image)  # uint8 -> float on the device
-        # Keras' random layers act only when training=True, i.e. inside fit: on whole batches, on the device
-        if aug.flip:
-            x = layers.RandomFlip("horizontal_and_vertical", dtype="float32")(x)
-        if aug.rotation_deg:
-            x = layers.RandomRotation(aug.rotation_deg / 360, fill_mode="reflect", dtype="float32")(x)
-        if aug.crop_min < 1:
-            zoom, shift = -(1 - aug.crop_min), (1 - aug.crop_min) / 2
-            x = layers.RandomZoom((zoom, 0.0), fill_mode="reflect", dtype="float32")(x)  # negative = zoom in = crop
-            x = layers.RandomTranslation(shift, shift, fill_mode="reflect", dtype="float32")(x)
-        if aug.jitter:
-            x = layers.RandomBrightness(aug.jitter, value_range=(0, 255), dtype="float32")(x)
-            x = layers.RandomContrast(aug.jitter, value_range=(0, 255), dtype="float32")(x)
-        x = layers.Normalization(mean=meta["channel_mean"], variance=np.square(meta["channel_std"]).tolist(), dtype="float32")(x)
-        for i, width in enumerate(m.channels):
-            x = layers.Conv2D(width, 3, strides=2 if i == 0 else 1, padding="same", use_bias=False)(x)  # strided stem
-            x = layers.BatchNormalization()(x)
-            x = layers.ReLU()(x)
-            x = layers.MaxPooling2D()(x)
-        x = layers.GlobalAveragePooling2D()(x)
-        x = layers.Dropout(m.dropout)(x)
-        logits = layers.Dense(len(meta["classes"]), dtype="float32")(x)  # logits stay fp32 under mixed precision
-        return keras.Model(image, logits)
+        return keras_model(params.model, meta["channel_mean"], meta["channel_std"], len(meta["classes"]), meta["image_size"])
 
 
 def channel_means(x: np.ndarray) -> np.ndarray:
@@ -728,177 +702,6 @@ def _kaggle_folder(handle: str) -> Path:
         if "train" in names or len(names & {c.lower() for c in CLASSES}) >= 2:
             return candidate
     raise DataError(f"kaggle dataset '{handle}': no train/ or class folders ({', '.join(CLASSES)}) in {folder}")
-
-
-GRAY = (0.299, 0.587, 0.114)  # luma weights of R, G, B (ITU-R BT.601)
-
-
-def pad_channels(x, weight, multiple: int):
-    """A conv's NCHW input and OIHW weight with their input channels zero-padded to `multiple`, both in
-    channels_last: the same conv, in the channel count that NHWC tensor-core kernels take."""
-    return channels_padded(x, multiple), channels_padded(weight, multiple)
-
-
-def channels_padded(t, multiple: int):
-    """An NCHW input or OIHW weight with dim 1 zero-padded to a multiple of `multiple`, laid out channels-last."""
-    import torch
-    from torch.nn import functional as F
-
-    return F.pad(t, (0, 0, 0, 0, 0, -t.shape[1] % multiple)).contiguous(memory_format=torch.channels_last)
-
-
-def space_to_depth(x, weight):
-    """A stride-2, padding-1 3x3 conv's input and weight as a stride-1 2x2 conv's over 2x2 pixel blocks (4x the
-    channels, half the side): the same conv. The kernel's fourth row and column are zeros."""
-    from torch.nn import functional as F
-
-    blocks = F.pixel_unshuffle(F.pad(x, (1, 1 + x.shape[3] % 2, 1, 1 + x.shape[2] % 2)), 2)  # channel c*4 + dy*2 + dx
-    return blocks, block_weight(weight)
-
-
-def block_weight(weight):
-    """`space_to_depth`'s weight: weight[o, c, 2*by + dy, 2*bx + dx] -> [o, c*4 + dy*2 + dx, by, bx]."""
-    from torch.nn import functional as F
-
-    o, c = weight.shape[:2]
-    return F.pad(weight, (0, 1, 0, 1)).view(o, c, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, 2, 2)
-
-
-def augment_reference(x, theta, factors):
-    """The augmentation in torch ops, on float NCHW 0-255 images: each image warped by its affine map `theta`
-    (N x 2 x 3, as `F.affine_grid` takes it; sampled bilinearly, reflected at the borders), then its colour
-    jittered by its (brightness, contrast, saturation) `factors` (N x 3) around the mean of the image as it came
-    (before the warp: what lets the CUDA kernel do it all in one pass), then clamped to 0-255. None skips a part."""
-    import torch
-    from torch.nn import functional as F
-
-    mean = x.mean(dim=(1, 2, 3), keepdim=True) if factors is not None else None
-    if theta is not None:
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        # Under torch.compile the warp ends its own graph: fused with the jitter, Inductor's CPU code ran 5x
-        # slower (2 cores, b64 at 224: 50 against 245 img/s).
-        torch._dynamo.graph_break()  # a no-op when not compiling
-    if factors is not None:
-        brightness, contrast, saturation = (f[:, None, None, None] for f in factors.unbind(1))
-        x, mean = x * brightness, mean * brightness
-        x = (x - mean) * contrast + mean
-        # weights as Python floats: a CPU tensor moved here would be a host-to-device copy in every step
-        luma = GRAY[0] * x[:, 0:1] + GRAY[1] * x[:, 1:2] + GRAY[2] * x[:, 2:3]
-        x = ((x - luma) * saturation + luma).clamp(0, 255)
-    return x
-
-
-def draw_augmentation(n: int, aug: Augment, device):
-    """Each image's affine map (flip, rotation, crop-and-zoom; N x 2 x 3) and colour factors (N x 3), drawn on
-    `device`; None for a part that `aug` switches off."""
-    import torch
-
-    uniform = lambda *shape: torch.rand(*shape, device=device) * 2 - 1  # noqa: E731
-    theta = factors = None
-    if aug.warps:
-        angle = uniform(n) * math.radians(aug.rotation_deg)
-        scale = 1 - (1 - aug.crop_min) * torch.rand(n, device=device)  # share of the side kept
-        shift = uniform(n, 2) * (1 - scale)[:, None]  # the crop stays inside the image
-        flip = torch.where(torch.rand(n, 2, device=device) < 0.5, -1.0, 1.0) if aug.flip else torch.ones(n, 2, device=device)
-        cos, sin = angle.cos() * scale, angle.sin() * scale
-        theta = torch.stack(
-            [torch.stack([cos * flip[:, 0], -sin * flip[:, 1], shift[:, 0]], 1),
-             torch.stack([sin * flip[:, 0], cos * flip[:, 1], shift[:, 1]], 1)], 1
-        )  # fmt: skip
-    if aug.jitter:
-        factors = 1 + uniform(n, 3) * aug.jitter
-    return theta, factors
-
-
-@functools.cache
-def _torch_model_class():
-    """Defined on first use so that importing this module does not import torch."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-
-    class Stem(nn.Conv2d):
-        """The first conv (3x3, stride 2). On CUDA in channels_last it runs in a shape cuDNN's NHWC tensor-core
-        kernels take, a multiple of 8 input channels; for 3 channels cuDNN pads the input itself in every call and
-        picks a slower kernel. With `space_to_depth` the conv runs over 2x2 pixel blocks (12 channels, padded to 16;
-        its input is half the bytes of RGB padded to 8), else on RGB zero-padded to 8 channels. H100, every option on,
-        `dvc exp run` at b2048 with the fused augmentation: 149.3k img/s padded to 8, 169.3k over blocks (side
-        script, b1024, before the fused augmentation: 95.0k as cuDNN pads, 105.9k padded to 8, 111.8k over blocks).
-        The zero channels add nothing to any output or gradient; the parameters keep their 3x3x3 shape."""
-
-        def __init__(self, *args, space_to_depth: bool, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.space_to_depth = space_to_depth
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if not (x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)):
-                return super().forward(x)
-            if not self.space_to_depth:
-                return self._conv_forward(*pad_channels(x, self.weight, 8), self.bias)
-            return F.conv2d(*pad_channels(*space_to_depth(x, self.weight), 8), self.bias)
-
-        def over_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-            """The conv over blocks already laid out as `space_to_depth` and `pad_channels` lay them out."""
-            return F.conv2d(blocks, channels_padded(block_weight(self.weight), 8), self.bias)
-
-    class GuavaCNN(nn.Module):
-        """uint8 NHWC in, logits out: conv blocks with batch norm, global pooling, a dense head."""
-
-        def __init__(self, channels, dropout, aug: Augment, mean, std, n_classes, fused_augment=True, space_to_depth_stem=True):
-            super().__init__()
-            blocks, width = [], 3
-            for i, c in enumerate(channels):
-                if i == 0:  # a strided stem: the full-resolution block costs a quarter
-                    conv = Stem(width, c, 3, 2, padding=1, bias=False, space_to_depth=space_to_depth_stem)
-                else:
-                    conv = nn.Conv2d(width, c, 3, 1, padding=1, bias=False)
-                blocks += [conv, nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-                width = c
-            self.features = nn.Sequential(*blocks)
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, n_classes))
-            self.aug, self.fused_augment = aug, fused_augment
-            self.augments = aug.warps or bool(aug.jitter)
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-        def memory_format(self) -> torch.memory_format:
-            """The engine converts the weights when channels_last is on; the input follows them."""
-            w = self.features[0].weight
-            return torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.writes_blocks(x):  # the kernel lays the stem's input out itself: no pass between them
-                stem, rest = self.features[0], self.features[1:]
-                return self.head(rest(stem.over_blocks(self.augmented(x, blocks=True))))
-            return self.head(self.features(self.inputs(x).contiguous(memory_format=self.memory_format())))
-
-        def fuses_augmentation(self, x: torch.Tensor) -> bool:
-            return self.training and self.augments and self.fused_augment and x.is_cuda
-
-        def writes_blocks(self, x: torch.Tensor) -> bool:
-            stem = self.features[0]
-            return self.fuses_augmentation(x) and stem.space_to_depth and self.memory_format() == torch.channels_last
-
-        def augmented(self, x: torch.Tensor, blocks: bool = False) -> torch.Tensor:
-            from ._guava_cuda import augment_normalize
-
-            theta, factors = draw_augmentation(len(x), self.aug, x.device)
-            # written in the dtype the stem computes in: the cast that autocast would make after it
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
-            return augment_normalize(x, theta, factors, self.mean.view(3), self.std.view(3), dtype, blocks)
-
-        def inputs(self, x: torch.Tensor) -> torch.Tensor:
-            """uint8 NHWC -> the normalised NCHW batch (laid out channels-last), augmented while training."""
-            augments = self.training and self.augments
-            if self.fuses_augmentation(x):
-                return self.augmented(x)
-            x = x.permute(0, 3, 1, 2).float()  # NHWC uint8 -> NCHW float (still laid out channels-last)
-            if augments:
-                x = augment_reference(x, *draw_augmentation(len(x), self.aug, x.device))
-            return (x - self.mean) / self.std
-
-    return GuavaCNN
 
 
 WORKLOAD = Guava()

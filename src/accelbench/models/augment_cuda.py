@@ -3,7 +3,7 @@
 One program computes a block of output pixels of one image: each pixel's source point under the image's
 affine map (reflected at the borders, as `F.grid_sample(padding_mode="reflection", align_corners=False)`),
 the bilinear blend of its four uint8 RGB neighbours, the colour jitter and the normalisation, written once in
-the dtype the stem computes in. The same function in torch ops (`guava.augment_reference`) materialises the
+the dtype the stem computes in. The same function in torch ops (`augment.augment_reference`) materialises the
 sampled image and reads it again in each pass that follows. For the block stem a second kernel writes the
 stem's 2x2 pixel blocks directly, with the padding and the zero channels, so no pass lays them out after it.
 Sizes travel as int arguments and are made float inside: float arguments made the compiled kernel slower.
@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights, as guava.GRAY (the GPU tests pin the two)
+from .augment import GRAY
+
 
 BLOCKS_BLOCK = 64
 
@@ -87,7 +88,7 @@ def _augment_kernel(src, out, theta, factors, src_mean, mean, std, H, W, gray_r,
 @triton.jit
 def _augment_blocks_kernel(src, out, theta, factors, src_mean, mean, std, H, W, gray_r, gray_g, gray_b,
                            BLOCK: tl.constexpr):  # fmt: skip
-    """Output the stem's 2x2 pixel blocks of the image zero-padded as `guava.space_to_depth` pads it (channel
+    """Output the stem's 2x2 pixel blocks of the image zero-padded as `cnn_fast.space_to_depth` pads it (channel
     c * 4 + dy * 2 + dx, 12 of 16 channels; the rest zeros), NHWC: a program per BLOCK blocks of one image."""
     n = tl.program_id(1).to(tl.int64)
     HB, WB = (H + 3) // 2, (W + 3) // 2
@@ -113,9 +114,9 @@ def augment_normalize(
     dtype: torch.dtype, blocks: bool = False,
 ) -> torch.Tensor:
     """uint8 NHWC images on CUDA -> the augmented, normalised NCHW batch in `dtype`, laid out channels-last:
-    `guava.augment_reference` then the normalisation, in one pass. `theta`: N x 2 x 3 affine maps as
+    `augment.augment_reference` then the normalisation, in one pass. `theta`: N x 2 x 3 affine maps as
     `F.affine_grid` takes them; `factors`: N x 3 (brightness, contrast, saturation); None is the identity.
-    `mean`, `std`: the 3 channels' normalisation. `blocks`: written as `guava.space_to_depth` lays the stem's
+    `mean`, `std`: the 3 channels' normalisation. `blocks`: written as `cnn_fast.space_to_depth` lays the stem's
     input out (N x 16 x (H + 3) // 2 x (W + 3) // 2, channels 12-15 zeros)."""
     n, h, w, _ = x.shape
     if theta is None:
