@@ -13,10 +13,18 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 from conftest import FIXTURES, assert_failure_recorded, make_project
 
-from accelbench.workloads.sentiment import Prepare, _torch_bilstm, clean, tokenize
+from accelbench.models.bilstm_fast import torch_model
+from accelbench.workloads.sentiment import PAD, Model, Prepare, clean, tokenize
 
 DATA = FIXTURES / "sentiment"
 ENTITY = DATA / "twitter_entity.csv"
+
+
+def bilstm(layers: int, dropout: float, fuse_directions: bool, narrow_head: bool):
+    """A small BiLSTM: 500 tokens, 16-wide embeddings, 8 units per direction, 3 classes."""
+    model = Model(embed_dim=16, hidden=8, layers=layers, dropout=dropout, fuse_directions=fuse_directions,
+                  narrow_head=narrow_head)
+    return torch_model(model, 500, 3, PAD)
 
 
 def repro(project, *targets: str) -> None:
@@ -254,13 +262,18 @@ def _tweets(n_tokens: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, lengths
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["two_lstms", "fused"])
+@pytest.mark.parametrize("fuse, fast", [(False, False), (False, True), (True, True)], ids=["plain", "two_lstms", "fused"])
 @pytest.mark.parametrize("layers", [1, 3])
-def test_bilstm_is_a_packed_bidirectional_lstm(layers, fuse):
-    """The padded model (backward direction reversed within each length) against torch's packed BiLSTM with the
-    same weights: padding must reach no state that is used. Tolerance: float32 rounding of the same products."""
+def test_bilstm_is_a_packed_bidirectional_lstm(layers, fuse, fast):
+    """The padded model (backward direction reversed within each length), plain and with its fast paths, against
+    torch's packed BiLSTM with the same weights: padding must reach no state that is used. Tolerance: float32
+    rounding of the same products."""
+    from accelbench.models.bilstm import BiLSTM
+    from accelbench.models.bilstm_fast import FastBiLSTM
+
     torch.manual_seed(0)
-    model = _torch_bilstm(500, 16, 8, layers, 0.3, 3, fuse_directions=fuse, narrow_head=True).eval()
+    model = bilstm(layers, 0.3, fuse_directions=fuse, narrow_head=fast).eval()
+    assert type(model) is (FastBiLSTM if fast else BiLSTM)
     ref = torch.nn.LSTM(16, 8, num_layers=layers, batch_first=True, bidirectional=True)
     _load_packed(model, ref)
     tokens, lengths = _tweets()
@@ -280,7 +293,7 @@ def test_fused_directions_train_as_two_lstms(layers):
     some steps it computes what two separate LSTMs trained from the same weights compute."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(16, 8, num_layers=layers, batch_first=True, bidirectional=True)
-    models = {fuse: _torch_bilstm(500, 16, 8, layers, 0.0, 3, fuse_directions=fuse, narrow_head=True)
+    models = {fuse: bilstm(layers, 0.0, fuse_directions=fuse, narrow_head=True)
               for fuse in (False, True)}
     tokens, lengths = _tweets()
     y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -307,7 +320,7 @@ def test_narrow_head_is_the_dense_head():
     models = []
     for narrow in (False, True):
         torch.manual_seed(0)
-        models.append(_torch_bilstm(500, 16, 8, 1, 0.0, 3, fuse_directions=True, narrow_head=narrow))
+        models.append(bilstm(1, 0.0, fuse_directions=True, narrow_head=narrow))
     dense, narrow = models
     assert type(narrow.head) is not torch.nn.Linear
     torch.testing.assert_close(narrow.state_dict(), dense.state_dict(), rtol=0, atol=0)
@@ -323,7 +336,7 @@ def test_compile_traces_all_but_the_lstms():
     """dynamo does not trace into nn.LSTM, and it cannot resume a frame inside a loop after that break: the work
     around the layers must sit where it compiles, else it runs op by op under compile=true. The one exception,
     on the CPU only: the embedding lookup."""
-    model = _torch_bilstm(500, 16, 8, 2, 0.3, 3, fuse_directions=True, narrow_head=True)
+    model = bilstm(2, 0.3, fuse_directions=True, narrow_head=True)
     tokens, lengths = _tweets()
     torch.compiler.reset()
     explained = torch._dynamo.explain(model)(tokens, lengths)

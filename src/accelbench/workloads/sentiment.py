@@ -103,6 +103,7 @@ class Model:
     dropout: float = 0.2
     fuse_directions: bool = True  # torch: both directions of a layer as one block-diagonal LSTM; false: two LSTMs
     narrow_head: bool = True  # torch: the dense head as a broadcast multiply and sum; false: a matmul (cuBLAS)
+    # both false: the plain models.bilstm.BiLSTM; either true: models.bilstm_fast.FastBiLSTM
 
 
 @dataclass(frozen=True)
@@ -543,150 +544,15 @@ class Sentiment(Workload):
         return {"labels": labels, "rnn": rnn}
 
     def build_torch(self, params: Params, meta: dict[str, Any]):
-        m = params.model
-        return _torch_bilstm(meta["vocab_size"], m.embed_dim, m.hidden, m.layers, m.dropout, len(meta["classes"]),
-                             m.fuse_directions, m.narrow_head)
+        from ..models.bilstm_fast import torch_model  # imports torch: only stages that train load it
+
+        return torch_model(params.model, meta["vocab_size"], len(meta["classes"]), PAD)
 
     def build_tensorflow(self, params: Params, meta: dict[str, Any]):
-        """Keras derives the same mask from the padding id (mask_zero); `lengths` is taken to keep the shared
-        input signature. Default LSTM settings + right padding keep the layer on the fused cuDNN kernel."""
-        import keras
+        from ..models.bilstm import keras_model
 
-        m = params.model
-        tokens = keras.Input((meta["max_len"],), dtype="int32", name="tokens")
-        lengths = keras.Input((), dtype="int64", name="lengths")
-        x = keras.layers.Embedding(meta["vocab_size"], m.embed_dim, mask_zero=True)(tokens)
-        for i in range(m.layers):
-            last = i == m.layers - 1
-            lstm = keras.layers.LSTM(m.hidden, return_sequences=not last, dropout=m.dropout if i else 0.0)
-            x = keras.layers.Bidirectional(lstm)(x)
-        x = keras.layers.Dropout(m.dropout)(x)
-        logits = keras.layers.Dense(len(meta["classes"]), dtype="float32")(x)  # fp32 logits under mixed precision
-        return keras.Model([tokens, lengths], logits)
+        return keras_model(params.model, meta["vocab_size"], len(meta["classes"]), meta["max_len"])
 
-
-def _torch_bilstm(vocab_size: int, embed_dim: int, hidden: int, layers: int, dropout: float, n_classes: int,
-                  fuse_directions: bool, narrow_head: bool):
-    import torch
-    from torch import nn
-
-    def within_length(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-    def lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return table.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)
-
-    # compiled for the CPU, the lookup (its backward a scatter-add) made the whole step slower than eager (16-core
-    # Xeon, b32, side script: 7.5-9.6 ms a step, 6.0-6.7 with the lookup eager); on CUDA it is the faster one
-    eager_lookup = torch.compiler.disable(lookup)
-
-    class Separate(nn.Module):
-        """The two directions as two nn.LSTMs, one after the other."""
-
-        def __init__(self, inputs: int) -> None:
-            super().__init__()
-            self.fwd, self.bwd = (nn.LSTM(inputs, hidden, batch_first=True) for _ in range(2))
-
-        def forward(self, pair: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.fwd(pair[:, :, 0])[0], self.bwd(pair[:, :, 1])[0]], dim=2)
-
-    class Fused(nn.Module):
-        """The two directions as one nn.LSTM of 2 x hidden units whose weights are block-diagonal: the first
-        half of the units reads the forward input, the second half the reversed one, and no weight joins them.
-        The off-block entries start at zero and their gradients are masked to zero, so AdamW leaves them at zero
-        (zero moments, and decay of zero is zero): the same function as two LSTMs, in half the recurrent calls.
-        A step of one recurrence over 2 x hidden units costs about what one over hidden units does, on both
-        devices (side script, b32: H100 graphed 0.313 -> 0.221 ms a step; 16-core Xeon 7.3 -> 4.4 ms)."""
-
-        def __init__(self, inputs: int) -> None:
-            super().__init__()
-            self.lstm = nn.LSTM(2 * inputs, 2 * hidden, batch_first=True)
-            bound = hidden**-0.5  # nn.LSTM's own init range for `hidden` units
-            with torch.no_grad():
-                for name, w in self.lstm.named_parameters():
-                    w.uniform_(-bound, bound)
-                    if w.dim() == 2:
-                        mask = self._block_diagonal(w.shape[1] // 2)
-                        w.mul_(mask)
-                        self.register_buffer(f"{name}_mask", mask, persistent=False)
-                        w.register_hook(lambda grad, key=f"{name}_mask": grad * getattr(self, key))
-
-        @staticmethod
-        def _block_diagonal(inputs: int) -> torch.Tensor:
-            """Rows: the gates i, f, g, o, each forward units then backward units; columns: forward inputs,
-            then backward inputs."""
-            direction = torch.arange(4 * 2 * hidden) // hidden % 2
-            return (direction[:, None] == torch.arange(2 * inputs)[None] // inputs).float()
-
-        def forward(self, pair: torch.Tensor) -> torch.Tensor:
-            return self.lstm(pair.flatten(2))[0]
-
-    class NarrowLinear(nn.Linear):
-        """nn.Linear (the same init and state) as a broadcast multiply and a sum over the inputs. For a few outputs
-        compile fuses this with the dropout before it into one kernel, where a matmul goes to cuBLAS: its four
-        kernels for the 32 x 64 x 4 product held a graphed step on an H100 for about 24 us (b32, every option
-        on: 0.178 -> 0.154 ms a step)."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return (x.unsqueeze(-2) * self.weight).sum(-1) + self.bias
-
-    class BiLSTM(nn.Module):
-        """Embedding -> bidirectional LSTM layers -> last forward and backward states -> dense logits.
-
-        The backward direction reads each tweet reversed within its length, so no padding enters a state that is
-        used: the same function as a packed bidirectional nn.LSTM (tested). Fixed shapes and no lengths on the
-        host let CUDA graphs capture the steps; on the CPU it also ran faster than packing (2 threads, batch 64:
-        6.2 against 15.2 ms a step). Each layer reads a pair per time step: [forward input, backward input]."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
-            directions = Fused if fuse_directions else Separate
-            self.layers = nn.ModuleList(directions(embed_dim if i == 0 else 2 * hidden) for i in range(layers))
-            self.between = nn.Dropout(dropout if layers > 1 else 0.0)
-            self.drop = nn.Dropout(dropout)
-            self.head = (NarrowLinear if narrow_head else nn.Linear)(2 * hidden, n_classes)
-
-        def features(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            """Each tweet's forward state after its last token beside its backward state after its first.
-            Under torch.compile, dynamo does not trace into nn.LSTM, and it cannot resume a frame inside a loop
-            after such a break: the whole of a method that loops over the layers would run eagerly. So the loop
-            only calls the layers, and the work between them sits in methods without a loop, each compiled
-            whole (H100, graphed b32, every option on: 0.196 -> 0.178 ms a step)."""
-            pair, reverse, last = self.first_pair(tokens, lengths)
-            out = self.layers[0](pair)
-            for layer in self.layers[1:]:
-                out = layer(self.next_pair(out, reverse))
-            return self.last_states(out, last)
-
-        def first_pair(self, tokens: torch.Tensor, lengths: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """The first layer's input pairs, each tweet's order reversed within its length, its last index."""
-            steps = torch.arange(tokens.shape[1], device=tokens.device)
-            last = lengths.long() - 1
-            reverse = torch.where(steps <= last[:, None], last[:, None] - steps, steps)  # its own inverse
-            # reversing the token ids, not their vectors, leaves one lookup; the table's rows gathered by
-            # index_select, whose backward is one index_add_ kernel: nn.Embedding's backward took 30 us of a
-            # 0.36 ms graphed step on an H100 (b32). Padding gets no gradient either way: nothing after a
-            # tweet's last token reaches a state that is used.
-            ids = torch.stack([tokens, tokens.gather(1, reverse)], dim=2)
-            table = self.embed.weight
-            return (lookup if table.is_cuda else eager_lookup)(table, ids), reverse, last
-
-        def next_pair(self, out: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
-            """Both directions at each time step; one dropout mask for both, as nn.LSTM's between layers."""
-            y = self.between(torch.cat([out[..., :hidden], within_length(out[..., hidden:], reverse)], dim=2))
-            return torch.stack([y, within_length(y, reverse)], dim=2)
-
-        @staticmethod
-        def last_states(out: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-            # a gather, whose backward is a scatter; out[rows, last]'s backward sorts its indices first on CUDA
-            return within_length(out, last[:, None]).squeeze(1)
-
-        def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            return self.head(self.drop(self.features(tokens, lengths))).float()
-
-    return BiLSTM()
 
 # ---------------------------------------------------------------- EDA (raw rows, default cleaning)
 
