@@ -14,17 +14,9 @@ import torch
 
 from conftest import assert_failure_recorded
 from accelbench.errors import DataError
-from accelbench.workloads.quantum import (
-    Circuits,
-    Quanv,
-    circuit_images,
-    circuit_unitary,
-    initial_weights,
-    patch_qnode,
-    quanvolution,
-    random_layers,
-    read_digits_csv,
-)
+from accelbench.models.quanv import initial_weights, patch_qnode, random_layers
+from accelbench.models.quanv_sim import circuit_unitary
+from accelbench.workloads.quantum import Circuits, Quanv, circuit_images, quanvolution, read_digits_csv
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "quantum"
 HAS_LIGHTNING = importlib.util.find_spec("pennylane_lightning") is not None
@@ -130,7 +122,7 @@ def test_fp32_device_path_matches_default_qubit_and_its_gradients(circuit, simul
 
 
 def test_light_cones_are_smaller_than_the_circuit():
-    from accelbench.workloads.quantum import circuit_cones
+    from accelbench.models.quanv_sim import circuit_cones
 
     cones = circuit_cones(Quanv(qubits=9, patch=3, stride=1), light=True)
     assert sorted(w for c in cones for w in c.outputs) == list(range(9))  # every qubit measured once

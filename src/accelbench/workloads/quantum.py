@@ -1,12 +1,9 @@
 """Quantum-enhanced CNN: a quanvolutional network (Henderson et al., 2019; the PennyLane quanvolution
 demo) against the same classical head on the raw pixels. 10-class digit classification, torch only.
 
-Each patch of an image is angle-encoded (RY(pi * pixel) on qubit j mod n), passed through seeded
-PennyLane `RandomLayers` and read out as the Pauli-Z expectation of every qubit: one output channel
-per qubit. The encoding is a product state and the layers are fixed (or, in `trainable` mode, rebuilt
-from their weights each step), so the whole circuit after encoding is one 2^n x 2^n unitary that
-PennyLane gives (`qml.matrix`): a batch of patches is one matmul on the device, never a QNode per
-patch. `default.qubit` and `lightning.qubit` are CPU references through parameter broadcasting.
+The model: `models/quanv.py` (the quanvolution in the PennyLane demo's form, a QNode on the CPU, and the
+classical head); its device simulators, the same function as matmuls on any torch device, in
+`models/quanv_sim.py`.
 
 Sources: `bundled` = scikit-learn's 8x8 digits (pixels 0..16), `path` = an MNIST CSV (label + pixel
 columns, with or without a header; pixels 0..255), `kaggle` = the digit-recognizer competition's
@@ -19,7 +16,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
-from functools import cache
 from itertools import product
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +35,6 @@ CLASSES = tuple(str(d) for d in range(10))
 CPU_SIMULATORS = ("default.qubit", "lightning.qubit")
 SECTION = "params.yaml: quantum.model.quanv"
 CHUNK_AMPLITUDES = 1 << 22  # patches x 2^n amplitudes per simulator call: bounds the memory of one chunk
-ROTATIONS = {"RX": "PauliX", "RY": "PauliY", "RZ": "PauliZ"}  # RandomLayers' rotations and their generators
 
 
 @dataclass(frozen=True)
@@ -263,247 +258,11 @@ def _size(n: float) -> str:
     return f"{n:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
 
 
-def initial_weights(q: Quanv) -> np.ndarray:
-    """The demo's random layers: uniform angles in [0, 2 pi), one rotation per qubit per layer."""
-    return np.random.default_rng(q.seed).uniform(0, 2 * np.pi, (q.layers, q.qubits))
-
-
-def random_layers(q: Quanv, weights: Any):
-    import pennylane as qml
-
-    return qml.RandomLayers(weights, wires=range(q.qubits), seed=q.seed)
-
-
-def circuit_unitary(q: Quanv, weights: np.ndarray) -> np.ndarray:
-    """PennyLane's own matrix of the random layers, wire 0 the most significant bit."""
-    import pennylane as qml
-
-    return qml.matrix(random_layers(q, weights), wire_order=range(q.qubits))
-
-
-def circuit_ops(q: Quanv) -> list[tuple[Any, int]]:
-    """PennyLane's decomposition of the random layers: each gate with the flat index of its weight
-    (-1 for a fixed gate such as CNOT)."""
-    weights = initial_weights(q)
-    ops, k = [], 0
-    for op in random_layers(q, weights).decomposition():
-        if op.name in ROTATIONS:
-            if not np.isclose(float(op.parameters[0]), weights.flat[k]):
-                raise RuntimeError(f"RandomLayers decomposition: rotation {k} does not use weight {k}")
-            ops.append((op, k))
-            k += 1
-        else:
-            ops.append((op, -1))
-    return ops
-
-
-@dataclass(frozen=True)
-class Cone:
-    """Wires whose gates alone decide the <Z> of `outputs`: all wires for the full unitary, or the past
-    light cone of one qubit (gates outside it commute with that qubit's Z, so they cancel exactly)."""
-
-    wires: tuple[int, ...]
-    outputs: tuple[int, ...]
-    gates: np.ndarray  # (k, 2^m, 2^m) complex on `wires`: a fixed gate, or -i P of a rotation exp(-i w P / 2)
-    index: tuple[int, ...]  # each gate's weight (flat index), -1 for a fixed gate
-
-    def unitary(self, weights: np.ndarray) -> np.ndarray:
-        """The cone's gates composed at `weights` (complex128), wire `wires[0]` the most significant bit."""
-        u = np.eye(self.gates.shape[-1], dtype=complex)
-        for gate, k in zip(self.gates, self.index):
-            u = gate @ u if k < 0 else np.cos(weights.flat[k] / 2) * u + np.sin(weights.flat[k] / 2) * (gate @ u)
-        return u
-
-
-def circuit_cones(q: Quanv, light: bool) -> list[Cone]:
-    """`light=False`: one cone, the whole circuit. `light=True`: one per distinct past light cone, found by
-    walking the gates backwards from each measured qubit; outputs sharing a cone share its simulation."""
-    ops = circuit_ops(q)
-    everything = tuple(range(q.qubits))
-    if not light:
-        return [_cone(ops, everything, everything)]
-    groups: dict[tuple, list[int]] = {}
-    for w in everything:
-        wires, picked = {w}, []
-        for i in reversed(range(len(ops))):
-            if wires & set(ops[i][0].wires):
-                wires |= set(ops[i][0].wires)
-                picked.append(i)
-        groups.setdefault((tuple(sorted(wires)), tuple(sorted(picked))), []).append(w)
-    return [_cone([ops[i] for i in picked], wires, tuple(outs)) for (wires, picked), outs in groups.items()]
-
-
-def _cone(ops: list[tuple[Any, int]], wires: tuple[int, ...], outputs: tuple[int, ...]) -> Cone:
-    import pennylane as qml
-
-    def matrix(op: Any, k: int) -> np.ndarray:  # -i P for a rotation exp(-i w P / 2), the gate itself otherwise
-        if k < 0:
-            return qml.matrix(op, wire_order=wires)
-        return -1j * qml.matrix(getattr(qml, ROTATIONS[op.name])(op.wires[0]), wire_order=wires)
-
-    mats = [matrix(op, k) for op, k in ops]
-    gates = np.stack(mats) if mats else np.zeros((0, 2 ** len(wires), 2 ** len(wires)), dtype=complex)
-    return Cone(wires, outputs, gates, tuple(k for _, k in ops))
-
-
-def patch_qnode(q: Quanv, device: str = "default.qubit"):
-    """The reference: one QNode call per patch, exactly the demo's circuit (pixel j on wire j mod n)."""
-    import pennylane as qml
-
-    @qml.qnode(qml.device(device, wires=q.qubits))
-    def circuit(pixels, weights):
-        for j, value in enumerate(pixels):
-            qml.RY(np.pi * value, wires=j % q.qubits)
-        random_layers(q, weights)
-        return [qml.expval(qml.PauliZ(w)) for w in range(q.qubits)]
-
-    return circuit
-
-
-def broadcast_qnode(q: Quanv, device: str):
-    """A CPU QNode taking a batch of encoding angles (B, n) at once (parameter broadcasting)."""
-    import pennylane as qml
-
-    diff = "backprop" if device == "default.qubit" else "adjoint"
-
-    @qml.qnode(qml.device(device, wires=q.qubits), interface="torch", diff_method=diff)
-    def circuit(angles, weights):
-        for w in range(q.qubits):
-            qml.RY(angles[:, w], wires=w)
-        random_layers(q, weights)
-        return [qml.expval(qml.PauliZ(w)) for w in range(q.qubits)]
-
-    return circuit
-
-
-@cache
-def _torch_module():
-    import torch
-    from torch import nn
-
-    class Quanvolution(nn.Module):
-        """(N, 1, H, W) pixels in [0, 1] -> (N, qubits, H', W') Pauli-Z expectations.
-
-        Runs in `dtype` (fp32 for training, float64 for the equivalence test) whatever the autocast
-        policy: amplitudes squared in bf16 would lose the signal. CPU simulators copy patches to the
-        host and the results back.
-
-        The device path, per cone of wires (the whole circuit for `unitary`, each light cone for
-        `lightcone`): the encoded product state is real, so the output amplitudes are one real matmul
-        with [Re U^T | Im U^T] and <Z> a second one on the squared amplitudes: (B, 2^m) @ (2^m, 2^(m+1)),
-        square, @ (2^(m+1), outputs). Every patch of every image goes through it at once, in chunks of
-        `chunk_amplitudes` to bound memory.
-        """
-
-        def __init__(self, q: Quanv, trainable: bool, dtype: torch.dtype, chunk_amplitudes: int = CHUNK_AMPLITUDES):
-            super().__init__()
-            self.q, self.trainable, self.chunk_amplitudes = q, trainable, chunk_amplitudes
-            n, pixels = q.qubits, q.patch * q.patch
-            # pixel j turns wire j mod n by RY(pi * value); the state needs half of each angle
-            self.one_pixel_per_wire = pixels == n
-            encode = np.zeros((pixels, n))
-            encode[np.arange(pixels), np.arange(pixels) % n] = np.pi / 2
-            self.register_buffer("half_encode", torch.tensor(encode, dtype=dtype), persistent=False)
-            weights = torch.tensor(initial_weights(q), dtype=dtype)
-            if trainable:
-                self.weights = nn.Parameter(weights)
-            else:
-                self.register_buffer("weights", weights, persistent=False)
-            self.amplitudes = 2**n  # per circuit, in one simulator call: what chunk_amplitudes counts
-            if q.simulator in CPU_SIMULATORS:
-                self._qnode = broadcast_qnode(q, q.simulator)
-                return
-            self.cones = circuit_cones(q, light=q.simulator == "lightcone")
-            self.amplitudes = sum(2 ** len(cone.wires) for cone in self.cones)
-            outputs = [w for cone in self.cones for w in cone.outputs]
-            self.register_buffer("order", torch.tensor(np.argsort(outputs)), persistent=False)
-            for i, cone in enumerate(self.cones):
-                m = len(cone.wires)
-                bits = (np.arange(2**m)[:, None] >> (m - 1 - np.arange(m))) & 1
-                signs = 1.0 - 2.0 * bits[:, [cone.wires.index(w) for w in cone.outputs]]
-                self.register_buffer(f"z_signs{i}", torch.tensor(np.vstack([signs, signs]), dtype=dtype), persistent=False)
-                self.register_buffer(f"wires{i}", torch.tensor(cone.wires), persistent=False)
-                if trainable:
-                    self.register_buffer(f"gate_re{i}", torch.tensor(cone.gates.real, dtype=dtype), persistent=False)
-                    self.register_buffer(f"gate_im{i}", torch.tensor(cone.gates.imag, dtype=dtype), persistent=False)
-                else:
-                    u = circuit_unitary(q, initial_weights(q)) if len(self.cones) == 1 else cone.unitary(initial_weights(q))
-                    self.register_buffer(f"split{i}", torch.tensor(np.hstack([u.real.T, u.imag.T]), dtype=dtype),
-                                         persistent=False)  # fmt: skip
-
-        def split_unitary(self, i: int = 0) -> torch.Tensor:
-            """Cone i's unitary as the real (2^m, 2^(m+1)) matrix [Re U^T | Im U^T]; differentiable in
-            `weights` when trainable (composed from the gates on each call, as each training step needs)."""
-            if not self.trainable:
-                return getattr(self, f"split{i}")
-            gate_re, gate_im = getattr(self, f"gate_re{i}"), getattr(self, f"gate_im{i}")
-            re = torch.eye(gate_re.shape[-1], dtype=gate_re.dtype, device=gate_re.device)
-            im = torch.zeros_like(re)
-            flat = self.weights.reshape(-1)
-            for g, k in enumerate(self.cones[i].index):
-                kr, ki = gate_re[g], gate_im[g]
-                if k < 0:
-                    re, im = kr @ re - ki @ im, kr @ im + ki @ re
-                else:
-                    c, s = torch.cos(flat[k] / 2), torch.sin(flat[k] / 2)
-                    re, im = c * re + s * (kr @ re - ki @ im), c * im + s * (kr @ im + ki @ re)
-            return torch.cat([re.T, im.T], dim=1)
-
-        def expvals(self, half: torch.Tensor, splits: list[torch.Tensor]) -> torch.Tensor:
-            """(B, n) half encoding angles -> (B, n) <Z> per qubit."""
-            if self.q.simulator in CPU_SIMULATORS:
-                out = self._qnode((2 * half).detach().cpu().double(), self.weights.cpu().double())
-                return torch.stack(out, dim=-1).to(device=half.device, dtype=half.dtype)
-            if torch.compiler.is_compiling():  # compiled code fuses these passes by itself
-                amps = torch.stack([torch.cos(half), torch.sin(half)], dim=-1)  # (B, n, 2): RY|0> on each wire
-            else:  # written in place: no stack, one pass less over the set
-                amps = half.new_empty((*half.shape, 2))
-                torch.cos(half, out=amps[..., 0])
-                torch.sin(half, out=amps[..., 1])
-            z = []
-            for i, split in enumerate(splits):
-                a = product_state(amps if len(splits) == 1 else amps[:, getattr(self, f"wires{i}")]) @ split
-                z.append((a * a) @ getattr(self, f"z_signs{i}"))  # |amplitude|^2 = re^2 + im^2, then <Z>
-            return z[0] if len(z) == 1 else torch.cat(z, dim=1)[:, self.order]
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(x.device.type, enabled=False):
-                x = x.to(self.half_encode.dtype)
-                p, stride = self.q.patch, self.q.stride
-                windows = x[:, 0].unfold(1, p, stride).unfold(2, p, stride)  # a view: (N, H', W', p, p)
-                n_img, side, pixels = len(x), windows.shape[1], p * p
-                # patches in (image, row, column) order
-                if not self.one_pixel_per_wire:
-                    half = windows.reshape(-1, pixels) @ self.half_encode
-                elif torch.compiler.is_compiling():  # compiled code fuses the copy and the scaling by itself
-                    half = windows.reshape(-1, pixels) * (math.pi / 2)
-                else:  # eager: scaled while copied out of the view, one pass over the set
-                    half = torch.mul(windows, math.pi / 2, out=windows.new_empty(windows.shape)).reshape(-1, pixels)
-                device_path = self.q.simulator not in CPU_SIMULATORS
-                splits = [self.split_unitary(i) for i in range(len(self.cones))] if device_path else []
-                step = max(1, self.chunk_amplitudes // self.amplitudes)
-                if len(half) <= step:
-                    z = self.expvals(half, splits)
-                else:
-                    z = torch.cat([self.expvals(half[i : i + step], splits) for i in range(0, len(half), step)])
-                return z.reshape(n_img, side, side, -1).permute(0, 3, 1, 2)  # (N, n, H', W'), a view
-
-    return Quanvolution
-
-
-def product_state(amps):
-    """(B, m, 2) single-qubit amplitudes -> (B, 2^m) product state, wire 0 the most significant bit."""
-    state = amps[:, 0]
-    for w in range(1, amps.shape[1]):
-        state = (state[:, :, None] * amps[:, w, None, :]).reshape(len(amps), -1)
-    return state
-
-
 def quanvolution(q: Quanv, trainable: bool = False, dtype: str = "float32", chunk_amplitudes: int = CHUNK_AMPLITUDES):
-    """The quanvolution layer as a torch module (the class is built lazily: torch imports on use)."""
-    import torch
+    """The quanvolution layer for `q.simulator` as a torch module."""
+    from ..models.quanv_sim import quanvolution_layer  # imports torch: only stages that train or simulate load it
 
-    return _torch_module()(q, trainable, getattr(torch, dtype), chunk_amplitudes)
+    return quanvolution_layer(q, trainable, dtype, chunk_amplitudes)
 
 
 def quanvolve(layer, images: np.ndarray, device: str, chunk_images: int) -> tuple[np.ndarray, float, float]:
@@ -751,11 +510,13 @@ class Quantum(Workload):
     def build_torch(self, params: Params, meta: dict[str, Any]):
         from torch import nn
 
+        from ..models.quanv import head as quanv_head  # imports torch: only stages that train load it
+
         m = params.model
         side, channels = meta["image_size"], 1
         if m.features == "quanv":
             side, channels = output_side(m.quanv, side), m.quanv.qubits
-        head = _head(m, channels, side)
+        head = quanv_head(m, channels, side)
         if m.features == "raw" or m.quanv.mode == "fixed":
             return head  # fixed features come from precompute
         import torch
@@ -763,29 +524,6 @@ class Quantum(Workload):
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         check_unitary_fits(m.quanv, device, trainable=True)
         return nn.Sequential(quanvolution(m.quanv, trainable=True), head)
-
-
-def _head(m: Model, channels: int, side: int):
-    """The same classical head for both variants: only its input shape differs."""
-    from torch import nn
-
-    from ..population import RateDropout  # a buffer rate: population tuning varies it per member
-
-    if m.hidden < 0 or not 0 <= m.dropout < 1:
-        raise ConfigError("params.yaml: quantum.model: expected hidden >= 0 and 0 <= dropout < 1")
-    if m.head == "conv":
-        if m.hidden == 0:
-            raise ConfigError("params.yaml: quantum.model.hidden: the conv head needs at least 1 channel")
-        return nn.Sequential(
-            nn.Conv2d(channels, m.hidden, 3, padding=1), nn.ReLU(), nn.Flatten(), RateDropout(m.dropout),
-            nn.Linear(m.hidden * side * side, 10),
-        )  # fmt: skip
-    width = channels * side * side
-    layers: list[nn.Module] = [nn.Flatten()]
-    if m.hidden:
-        layers += [nn.Linear(width, m.hidden), nn.ReLU(), RateDropout(m.dropout)]
-        width = m.hidden
-    return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
 # ---------------------------------------------------------------- circuits/s, for the closing note
@@ -799,6 +537,8 @@ def benchmark_simulators(
     median and interquartile range of `repeats` passes (one pass for lightning.qubit, which is slow)."""
     import torch
     from sklearn.datasets import load_digits
+
+    from ..models.quanv import initial_weights, patch_qnode  # imports torch: only the benchmark stage loads it
 
     q = Quanv()
     images = (load_digits().images[:n_images] / 16.0)[:, None]
