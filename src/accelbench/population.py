@@ -285,7 +285,7 @@ def _train_group(s: Study, members, parent_run_id: str, stats: TuneStats) -> Non
     model = build(params)
     if any(isinstance(m, FIXED_RATE_DROPOUT) for m in model.modules()):
         raise ConfigError(f"workload '{s.wl.name}': its population model uses nn.Dropout, whose rate cannot vary "
-                          "per member; build it with population.RateDropout")  # fmt: skip
+                          "per member; build it with models.layers.RateDropout")  # fmt: skip
 
     def per_member(key: str) -> list[float]:
         return [float(overrides.get(key, functools.reduce(getattr, key.split("."), params))) for _, overrides in members]

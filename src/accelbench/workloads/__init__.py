@@ -77,7 +77,7 @@ class Workload:
         """For population tuning: a builder of the torch module each trial trains (from the trial's params)
         and the inputs it reads on the runtime's device, e.g. a classical head and its precomputed features.
         Members share every shape-changing key: one model is built from the seed and stacked, and each
-        member's `model.dropout` becomes the rate of its `population.RateDropout` layers (plain nn.Dropout is
+        member's `model.dropout` becomes the rate of its `models.layers.RateDropout` layers (plain nn.Dropout is
         refused). None: the models cannot be stacked into one vmapped model (the default; the LSTMs, say)."""
         return None
 
