@@ -303,7 +303,7 @@ def test_benchmark_measures_circuits_per_second_of_each_mode(digits):
         assert min(repeats) <= rec["bench/circuits_per_s"] <= max(repeats)
         assert rec["bench/set_ms"] > 0 and rec["goal_set_ms"] is None  # a set time goal only for 70,000 x 28x28
     runs = digits.runs("quantum", "tags.kind = 'circuits'")
-    assert {r.info.run_name for r in runs} == {f"benchmark-cpu-torch-circuits-{v}" for v in circuits}
+    assert {r.info.run_name for r in runs} == {f"circuits-{v}-cpu-torch" for v in circuits}
     for run in runs:
         rec = circuits[run.data.tags["variant"]]
         assert run.info.status == "FINISHED" and run.data.tags["stage"] == "benchmark"

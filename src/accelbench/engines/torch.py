@@ -10,8 +10,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import trange
 
+from .. import progress
 from ..checkpoint import Checkpoint
 from ..config import TrainParams
 from ..devices import Runtime
@@ -288,7 +288,7 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
         return loss_sum
 
     graphed: GraphedSteps | None = None
-    for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
+    for epoch in progress.track(range(start, train.epochs), train.epochs, desc, "epoch", initial=start):
         model.train()
         t0 = sw.start()
         perm = _shard(torch.randperm(n, device=dev, generator=gen), runtime)
