@@ -9,7 +9,7 @@ EXTRA := $(if $(HAS_GPU),gpu,cpu)
 # PyTorch's CPU wheel index, used only when it answers (offline mirrors serve the CPU build by name).
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: setup repro test postgres-server gpu-test ui server clean
+.PHONY: setup repro test postgres-server gpu-test ui server plots clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,7 @@ STUDY ?= $(if $(HAS_GPU),gpu,quick)
 
 repro: setup
 	@if [ "$(STUDY)" = quick ]; then dvc repro; else dvc exp run -S study=$(STUDY); fi
+	@echo "report: $(CURDIR)/reports/report.html (and reports/report.md); every run: make ui"
 
 # Two workers, one test file each: most of the time is single-threaded stage start-up.
 test: setup postgres-server
@@ -48,6 +49,8 @@ gpu-test: setup
 	python -m pytest -q -m gpu
 
 ui: setup
+	@python -c "import mlflow; c = mlflow.MlflowClient('sqlite:///mlruns/mlflow.db'); \
+	  [print(f'{e.name} runs: http://127.0.0.1:5000/#/experiments/{e.experiment_id}/runs') for e in c.search_experiments() if e.name != 'Default']"
 	mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
 
 # The team's tracking server, started as tests/test_team.py starts it (docs/team.md): a database backend, artifacts
@@ -62,6 +65,17 @@ server: setup
 	@mkdir -p mlserver
 	mlflow server --host $(HOST) --port $(PORT) --workers $(WORKERS) --backend-store-uri "$(BACKEND)" \
 	  --artifacts-destination "$(ARTIFACTS)" --app-name basic-auth
+
+# `dvc plots show` without a network: Vega, Vega-Lite and Vega-Embed from npm, inlined into the page's template.
+VEGA_JS := vega/.js
+plots: setup $(VEGA_JS)/offline.html
+	dvc plots show --html-template $(VEGA_JS)/offline.html
+	@echo "to compare experiments: dvc plots diff --html-template $(VEGA_JS)/offline.html <exp> <exp>"
+
+$(VEGA_JS)/offline.html: vega/offline.py
+	mkdir -p $(VEGA_JS)
+	cd $(VEGA_JS) && npm pack --silent vega@5 vega-lite@5 vega-embed@6 >/dev/null
+	python vega/offline.py $(VEGA_JS)
 
 clean:
 	rm -rf data/raw data/prepared models results reports mlruns

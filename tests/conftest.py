@@ -14,7 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-COPIED = ["dvc.yaml", "params.yaml", "stages", "src", ".gitignore"]
+COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "vega", ".gitignore"]
 
 
 def has_cuda() -> bool:

@@ -156,3 +156,23 @@ def test_storage_paths_and_secrets(tmp_path: Path):
     assert storage_url("sqlite:///mlruns/optuna.db", tmp_path) == f"sqlite:///{tmp_path}/mlruns/optuna.db"
     assert storage_url("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
     assert mask_secrets("postgresql://bob:s3cret@db:5432/optuna") == "postgresql://bob:***@db:5432/optuna"
+
+
+def test_a_stage_in_a_log_says_start_what_it_read_progress_and_result(prepared_project):
+    """No terminal (output captured, as in a CI log): lines, not a bar; the interval set to 0 so that each of the
+    fixture's few epochs gives one; MLflow's system-metrics chatter filtered out."""
+    import subprocess
+    import sys
+
+    env = {**prepared_project.env, "ACCELBENCH_PROGRESS_S": "0"}
+    proc = subprocess.run([sys.executable, "stages/train.py", "diabetes"], cwd=prepared_project.root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("accelbench ")]
+    assert lines[0] == "accelbench train diabetes: start"
+    assert re.fullmatch(r"accelbench train diabetes: read data/prepared/diabetes: train [\d,]+, val [\d,]+, test [\d,]+ rows", lines[1])
+    epochs = [ln for ln in lines if ": epoch " in ln]
+    assert len(epochs) >= 3, lines  # the fixture trains 4 epochs: one line each after the first
+    assert all(re.search(r"epoch \d/4, [\d.]+ s/epoch, ETA [\d.]+ s", ln) for ln in epochs), epochs
+    assert re.fullmatch(r"accelbench train diabetes: done in [\d.]+ s; mlp: [\d.e-]+ s/epoch, val/loss [\d.]+", lines[-1])
+    assert "Skip logging GPU metrics" not in proc.stderr and "\r" not in proc.stderr

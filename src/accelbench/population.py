@@ -29,7 +29,7 @@ from .engines.torch import GraphedSteps, _side_stream, _to_device, loss_function
 from .errors import ConfigError
 from .io import Prepared
 from .models.layers import RateDropout  # the rate stacked populations vary per member
-from .study import Study, suggest
+from .study import Study, suggest, trial_name
 from .tasks import Task
 from .timing import Stopwatch
 from .tracking import base_tags, use_experiment
@@ -342,7 +342,7 @@ def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: Popul
         epochs = [e for e in reported if e < pruned_at.get(i, total)]
         state = "PRUNED" if i in pruned_at else "COMPLETE"
         tags = {**common, "trial": str(trial.number), "optuna.state": state}
-        run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+        run = client.create_run(experiment_id, run_name=trial_name(s, trial.number, "population-trial"), tags=tags)
         metrics = [Metric(k, float(v[e, i]), now, e) for k, v in curves.items() for e in epochs if np.isfinite(v[e, i])]
         params = [Param(k, str(v)) for k, v in overrides.items()]
         for j in range(0, max(len(metrics), 1), 1000):  # the store's batch limit; create_run named the run

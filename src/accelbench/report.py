@@ -2,12 +2,11 @@
 
 Reads every FINISHED run with tag stage=benchmark, keeps the newest per measurement, pairs each GPU with
 the CPU of the same host where there is one (else the newest CPU), and writes report.md, a self-contained
-report.html, PNG plots, and CSVs that `dvc plots show` renders.
+report.html and PNG plots.
 """
 from __future__ import annotations
 
 import base64
-import csv
 import html
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ from typing import Any
 
 import mlflow
 
-from . import stats
+from . import progress, stats
 from .errors import AccelbenchError
-from .io import atomic_dir, write_json
+from .io import atomic_dir, read_json, write_json
 from .project import reports_dir
+from .summary import headline, setting_label, speedups
 from .tracking import check_server, tracking_uri
 
 KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "compile_mode", "channels_last", "cuda_graphs",
@@ -171,7 +171,16 @@ class Doc:
         self.blocks.append(("p", text))
 
     def table(self, header: list[str], rows: list[list[str]]) -> None:
-        self.blocks.append(("table", (header, rows)))
+        """A column with no value in any row is left out, and a line under the table names it."""
+        empty = [i for i in range(len(header)) if rows and all(r[i] in ("", "n/a", "None") for r in rows)]
+        keep = [i for i in range(len(header)) if i not in empty]
+        self.blocks.append(("table", ([header[i] for i in keep], [[r[i] for i in keep] for r in rows])))
+        if empty:
+            self.p("Left out, no row has a value: " + ", ".join(header[i] for i in empty) + ".")
+
+    def code(self, text: str) -> None:
+        """A command to paste into a shell: a fenced block in Markdown, <pre> in HTML."""
+        self.blocks.append(("code", text))
 
     def img(self, path: Path, alt: str) -> None:
         self.blocks.append(("img", (path, alt)))
@@ -183,6 +192,8 @@ class Doc:
                 out.append("#" * v[0] + " " + v[1])
             elif kind == "p":
                 out.append(v)
+            elif kind == "code":
+                out += ["```bash", v, "```"]
             elif kind == "table":
                 header, rows = v
                 out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -194,13 +205,18 @@ class Doc:
 
     def html(self) -> str:
         out = ["<!doctype html><meta charset='utf-8'><title>accelbench report</title>",
-               "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-               "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style>"]  # fmt: skip
+               "<style>body{font-family:sans-serif;max-width:1240px;margin:auto;padding:0 12px}"
+               "table{border-collapse:collapse;font-size:13px;margin-bottom:4px}"
+               "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}"
+               "th{background:#f3f3f3}pre{background:#f6f6f6;padding:8px;overflow-x:auto}"
+               "img{max-width:100%}</style>"]  # fmt: skip
         for kind, v in self.blocks:
             if kind == "h":
                 out.append(f"<h{v[0]}>{html.escape(v[1])}</h{v[0]}>")
             elif kind == "p":
                 out.append(f"<p>{html.escape(v)}</p>")
+            elif kind == "code":
+                out.append(f"<pre><code>{html.escape(v)}</code></pre>")
             elif kind == "table":
                 header, rows = v
                 out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
@@ -215,11 +231,18 @@ class Doc:
 def build_for_project(root: Path) -> dict[str, Any]:
     """The report stage: the project's tracking store (or server) -> reports/."""
     check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line now, not minutes of retries
-    return build(tracking_uri(root), reports_dir(root))
+    uri = tracking_uri(root)
+    progress.read(f"the benchmark runs in {uri}")
+    summary = build(uri, reports_dir(root), root / "results")
+    progress.result(f"open {reports_dir(root) / 'report.html'}; browse every run with make ui")
+    return summary
 
 
-def build(uri: str, out_dir: Path) -> dict[str, Any]:
-    """Write the report; raise AccelbenchError with a clear message when the store has no benchmark runs."""
+def build(uri: str, out_dir: Path, results: Path | None = None) -> dict[str, Any]:
+    """Write the report; raise AccelbenchError with a clear message when the store has no benchmark runs.
+
+    `results`: the project's results/ folder, where each workload's evaluate.json gives the quality beside speed.
+    """
     recs = collect(uri)
     if not recs:
         raise AccelbenchError(
@@ -228,11 +251,94 @@ def build(uri: str, out_dir: Path) -> dict[str, Any]:
     comps = compare(recs)
     with atomic_dir(out_dir) as tmp:
         doc = Doc()
-        summary = _write(doc, recs, comps, tmp)
+        answers = _answer(doc, recs, comps, results)
+        summary = {**_write(doc, recs, comps, tmp), "answers": answers}
+        _terms(doc)
         (tmp / "report.md").write_text(doc.markdown())
         (tmp / "report.html").write_text(doc.html())
         write_json(tmp / "summary.json", summary)
+        _readable_by_all(tmp)
     return summary
+
+
+def _readable_by_all(folder: Path) -> None:
+    """A temp folder is 0700: the report is for everyone on the host (a web server, a colleague)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+GPU_COMMAND = "dvc exp run -S device=cuda -S 'benchmark.devices=[cpu,cuda]'"
+
+
+def _quality(results: Path | None, workload: str, variant: str, models: list[str]) -> tuple[str, dict[str, Any]]:
+    """'test/roc_auc 0.812, baseline 0.790: beats it' from evaluate.json (its verdict where present)."""
+    evaluate_path = results / workload / "evaluate.json" if results else None
+    if not (evaluate_path and evaluate_path.is_file()):
+        return "not evaluated", {}
+    best_path = results / workload / "best_params.json"
+    best = read_json(best_path).get(variant) if best_path.is_file() else None
+    q = headline(read_json(evaluate_path), variant, best, models)
+    if q["value"] is None:
+        return f"{q['metric']} not in evaluate.json", q
+    text = f"{q['metric']} {q['value']:.3g}"
+    if q["baseline"] is None:
+        return text + " (no baseline scored)", q
+    beats = q["beats"] if q["beats"] is not None else None
+    if beats is None and best:
+        higher = best.get("direction") == "maximize"
+        beats = q["value"] > q["baseline"] if higher else q["value"] < q["baseline"]
+    return text + f", baseline {q['baseline']:.3g}" + {True: ": beats it", False: ": loses to it", None: ""}[beats], q
+
+
+def _answer(doc: Doc, recs: list[Rec], comps: list[Comparison], results: Path | None) -> list[dict[str, Any]]:
+    """The report's first lines: per workload and model, the plain and the best GPU/CPU speedup, quality beside."""
+    doc.h(1, "accelbench: is the GPU worth it?")
+    has_gpu = any(r.gpu for r in recs)
+    if not has_gpu:
+        doc.p("Only CPU runs are in this store: there is no GPU side to compare yet, so no speedup can be given. "
+              "To get the answer, run this on a host with an NVIDIA GPU, logging to this store (same folder, "
+              "or MLFLOW_TRACKING_URI pointing at a shared server), then rebuild the report with dvc repro report:")  # fmt: skip
+        doc.code(GPU_COMMAND)
+    measured = _measured(recs)
+    rows, out = [], []
+    for workload, variant in sorted({(r.t("workload"), r.t("variant")) for r in measured}):
+        models = sorted({r.t("variant") for r in recs if r.t("workload") == workload})
+        quality, q = _quality(results, workload, variant, models)
+        points = [{**r.tags, **r.metrics, "batch_size": r.batch} for r in measured if r.t("workload") == workload]
+        s = speedups(points, variant)
+        plain = next((c for c in comps if (c.workload, c.variant) == (workload, variant)), None)
+        plain_text = f"{plain.speedup:.2f}x (95% CI {plain.lo:.2f}-{plain.hi:.2f})" if plain else "no GPU measured"
+        best_text = f"{s['best']:.2f}x (GPU {s['best_gpu']} against CPU {s['best_cpu']})" if s["best"] else "no GPU measured"
+        rows.append([f"{workload} / {variant}", plain_text, best_text, quality])
+        out.append({"workload": workload, "variant": variant, "plain": plain.speedup if plain else None,
+                    "best": s["best"], "best_gpu": s["best_gpu"], "best_cpu": s["best_cpu"], "quality": q})  # fmt: skip
+    doc.h(2, "The answer")
+    doc.table(["workload / model", "plain speedup (same code, fp32, default batch)", "best speedup (each side's fastest setting)",
+               "quality on the test split, against the best baseline"], rows)  # fmt: skip
+    doc.p("Speedup is GPU samples/s divided by CPU samples/s in training steps: above 1x the GPU is faster. "
+          "A setting reads batch size, precision, then the options on (see Terms at the end). Quality is the trained "
+          "model's, from evaluate.json; a model that loses to its baseline is not worth speeding up yet.")  # fmt: skip
+    return out
+
+
+def _terms(doc: Doc) -> None:
+    doc.h(2, "Terms")
+    doc.table(["term", "meaning"], [
+        ["samples/s", "training samples processed per second in timed training steps (warm-up excluded, device synchronised)"],
+        ["95% CI", "the range the median lies in with 95% confidence, from the timed repeats"],
+        ["plain speedup", "the same code on both devices: fp32, no compile, the default batch size from params.yaml"],
+        ["best speedup", "the GPU's fastest measured point against the CPU's fastest, each at its own batch and setting"],
+        ["b64", "batch size 64"],
+        ["fp32 / bf16 / fp16", "the number format of the arithmetic (bf16 and fp16: autocast mixed precision)"],
+        ["CL", "channels-last memory layout for image tensors"],
+        ["compile", "torch.compile (its mode in brackets where not the default)"],
+        ["fused", "the fused (single-kernel) optimiser step"],
+        ["graphs", "CUDA graphs: a step's kernels replayed as one launch"],
+        ["tuned batch", "the batch size this device's own Optuna study picked; the model itself stays as written"],
+        ["input share", "the share of step time spent assembling batches, from the same steps on synthetic data"],
+        ["J / 1k samples", "energy per 1,000 samples: NVML on GPUs, RAPL on CPUs where readable"],
+    ])  # fmt: skip
 
 
 def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dict[str, Any]:
@@ -242,10 +348,6 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
     tput = [r for r in recs if r.t("kind") == "throughput"]
     target = [r for r in recs if r.t("kind") == "time_to_target"]
     has_gpu = any(r.gpu for r in recs)
-    doc.h(1, "accelbench: is the GPU worth it?")
-    if not has_gpu:
-        doc.p("Only CPU runs are in this store: there is no GPU side to compare yet. The CPU figures below stand "
-              "alone; run `dvc exp run -S benchmark.devices=[cpu,cuda]` on a GPU machine logging to this store.")  # fmt: skip
     if comps:
         doc.h(2, "Summary")
         doc.table(
@@ -258,26 +360,23 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
         doc.img(out / "speedup.png", "GPU/CPU speedup per workload")
     doc.h(2, "Measurements")
     doc.table(
-        ["workload", "variant", "framework", "device", "batch", "samples/s (95% CI)", "step ms", "compute-only samples/s",
+        ["workload / model (framework)", "device", "batch", "samples/s (95% CI)", "step ms", "compute-only samples/s",
          "input share", "J / 1k samples", "peak GPU MB", "hyperparameters"],
-        [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), str(r.batch),
+        [[f"{r.t('workload')} / {r.t('variant')} ({r.t('framework')})", r.t("device_name"), str(r.batch),
           f"{_fmt(r.tput)} ({_fmt(r.metrics.get('bench/samples_per_s_ci_low'))}-{_fmt(r.metrics.get('bench/samples_per_s_ci_high'))})"
           + _mark(r),
           _fmt(r.metrics.get("bench/step_ms"), 2), _fmt(r.metrics.get("bench/compute_only_samples_per_s")),
           _fmt(100 * r.metrics["bench/input_share"], 1) + "%" if "bench/input_share" in r.metrics else "n/a",
           _fmt(r.metrics.get("bench/energy_j_per_1k_samples"), 2), _fmt(r.metrics.get("bench/peak_gpu_mb"), 1),
-          r.t("hparams")] for r in tput],
+          _hparams(r.t("hparams"))] for r in tput],
     )  # fmt: skip
     doc.p("Energy is NVML's counter on GPUs and RAPL on the CPU where readable; n/a means the hardware exposed none.")
     stability = _stability(doc, tput, comps)
-    sweep_dir = out / "sweep"
-    sweep_dir.mkdir()
     for workload in sorted({r.t("workload") for r in tput}):
         doc.h(2, f"{workload}: samples/s against batch size")
         rs = [r for r in tput if r.t("workload") == workload]
         _sweep_png(rs, [c for c in comps if c.workload == workload], out / f"sweep_{workload}.png")
         doc.img(out / f"sweep_{workload}.png", f"{workload} batch sweep")
-        _sweep_csvs(rs, sweep_dir)
         for c in (c for c in comps if c.workload == workload):
             line = sorted((r.batch, r.tput) for r in rs if (r.t("device_name"), r.t("variant"), r.t("framework"))
                           == (c.gpu.t("device_name"), c.variant, c.framework))  # fmt: skip
@@ -290,14 +389,8 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
             ["workload", "variant", "framework", "device", "target", "reached", "seconds", "epochs", "batch", "hyperparameters"],
             [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), f"{r.t('target_metric')} {r.t('target_value')}",
               "yes" if r.metrics.get("bench/target_reached") else "no", _fmt(r.metrics.get("bench/time_to_target_s"), 2),
-              _fmt(r.metrics.get("bench/epochs_to_target")), str(r.batch), r.t("hparams")] for r in target],
+              _fmt(r.metrics.get("bench/epochs_to_target")), str(r.batch), _hparams(r.t("hparams"))] for r in target],
         )  # fmt: skip
-        with open(out / "time_to_target.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["run", "seconds"])
-            for r in target:
-                if r.metrics.get("bench/target_reached"):
-                    w.writerow([f"{r.t('workload')}/{r.t('variant')} {r.t('framework')} {r.t('device_name')}", r.metrics["bench/time_to_target_s"]])
     goals = _goals(doc, recs)
     ablation = _ablation(doc, recs)
     _frameworks(doc, tput)
@@ -383,11 +476,16 @@ def _agreement(doc: Doc, tput: list[Rec], comps: list[Comparison]) -> list[dict[
 
 def _setting(r: Rec) -> str:
     """fp32, bf16+CL+compile+fused+graphs, bf16+compile(max-autotune-no-cudagraphs)...: how a measurement ran."""
-    mode = r.t("compile_mode")
-    compiled = "compile" + (f"({mode})" if mode not in ("", "default") else "")
-    flags = [("channels_last", "CL"), ("compile", compiled), ("fused_optimizer", "fused")]
-    graphs = r.t("cuda_graphs") == "true" and r.t("cuda_graphs_applied") in ("", "on")  # not where a no-op (CPU)
-    return "+".join([r.t("precision") or "fp32"] + [label for tag, label in flags if r.t(tag) == "true"] + ["graphs"] * graphs)
+    return setting_label(r.t)
+
+
+def _hparams(source: str) -> str:
+    """'tuned:diabetes-cpu-torch#3 (batch only)' -> 'tuned batch (study diabetes-cpu-torch, trial 3)'."""
+    if not source.startswith("tuned:"):
+        return "as in params.yaml" if source == "defaults" else source
+    study, _, trial = source.removeprefix("tuned:").removesuffix(" (batch only)").partition("#")
+    return f"tuned batch (study {study}, trial {trial})" if source.endswith("(batch only)") else f"tuned (study {study}, trial {trial})"
+
 
 
 def _measured(recs: list[Rec]) -> list[Rec]:
@@ -542,7 +640,7 @@ def _circuits(doc: Doc, circ: list[Rec]) -> None:
     doc.p("Circuits (one per patch of each image) simulated per second, fp32, median of the timed passes, warm-up "
           "and the copy of the images to the device excluded. Trainable: circuit evaluations per second with "
           "gradients (forward and backward to the circuit weights). The set time is one pass over every image; "
-          "the goals (issue 9) are for an H100.")  # fmt: skip
+          "the goals are for an H100 GPU.")  # fmt: skip
     order = {"fixed": 0, "trainable": 1, "patch3": 2}
     cpus: dict[tuple, Rec] = {}  # the CPU's best setting (eager or compiled) per circuit
     for r in sorted((r for r in circ if not r.gpu), key=lambda r: r.metrics.get("bench/circuits_per_s", 0.0)):
@@ -683,14 +781,3 @@ def _sweep_png(rs: list[Rec], comps: list[Comparison], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _sweep_csvs(rs: list[Rec], folder: Path) -> None:
-    lines = defaultdict(list)
-    for r in rs:
-        lines[f"{r.t('workload')}-{r.t('variant')}-{r.t('framework')}-{r.t('device')}"].append((r.batch, r.tput))
-    for name, pts in lines.items():
-        with open(folder / f"{name}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["batch_size", "samples_per_s"])
-            w.writerows(sorted(pts))

@@ -24,6 +24,12 @@ def study_name(workload: str, variant: str | None, runtime: Runtime) -> str:
     return "-".join(p for p in (workload, variant, runtime.device.label, runtime.framework) if p)
 
 
+def trial_name(s: Study, number: int, prefix: str = "trial") -> str:
+    """'trial-3-cpu-torch': distinct from the same number of another device's or framework's study."""
+    tags = s.runtime.tags()
+    return "-".join(p for p in (f"{prefix}-{number}", tags["device"], tags["framework"], s.variant if s.several else None) if p)
+
+
 def storage_url(storage: str, root: Path) -> str:
     """Relative SQLite paths are relative to the project root, wherever the stage runs."""
     prefix = "sqlite:///"

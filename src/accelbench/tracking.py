@@ -21,6 +21,7 @@ from mlflow.utils.rest_utils import http_request
 from . import devices
 from .errors import AccelbenchError, Interrupted, TrackingError
 from .project import hardware_file, project_root
+from .summary import setting_label
 
 RUNS_STARTED = 0  # lets the CLI tell a failure before any run began from one inside a run
 
@@ -150,7 +151,7 @@ def base_tags(workload: str, stage: str, runtime_tags: dict[str, str]) -> dict[s
         "stage": stage,
         **runtime_tags,
         "git_commit": git_commit(root),
-        "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
+        **({"dvc_exp": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),  # none in plain dvc repro
         "hardware": devices.fingerprint(hw),
         "hw.cpu": hw["cpu"]["model"],
         "hw.cores": str(hw["cpu"]["logical_cores"]),
@@ -220,16 +221,21 @@ def stage_run(
     parent_run_id: str | None = None,
     system_metrics: bool = False,
     tags: dict[str, str] | None = None,
+    start_ms: int | None = None,
 ) -> Iterator[Tracker]:
-    """Start a run named `<stage>-<device>-<framework>`; end it FINISHED, FAILED or KILLED with the reason."""
+    """Start a run named `<stage>-<device>-<framework>`; end it FINISHED, FAILED or KILLED with the reason.
+
+    `start_ms`: when the work the run records began (a measurement logged after it ran), so that its duration
+    spans the work."""
     with server_errors_in_one_line():
-        tracker = _start(workload, stage, runtime_tags, name, nested, parent_run_id, system_metrics, tags)
+        tracker = _start(workload, stage, runtime_tags, name, nested, parent_run_id, system_metrics, tags, start_ms)
         with _ended(tracker, params, system_metrics):
             yield tracker
 
 
 def _start(workload: str, stage: str, runtime_tags: dict[str, str], name: str | None, nested: bool,
-           parent_run_id: str | None, system_metrics: bool, tags: dict[str, str] | None) -> Tracker:  # fmt: skip
+           parent_run_id: str | None, system_metrics: bool, tags: dict[str, str] | None,
+           start_ms: int | None = None) -> Tracker:  # fmt: skip
     experiment_id = use_experiment(workload)
     if not parent_run_id and not nested:
         reap_orphans(experiment_id)
@@ -242,14 +248,19 @@ def _start(workload: str, stage: str, runtime_tags: dict[str, str], name: str | 
     RUNS_STARTED += 1
     if parent_run_id:  # a tuning worker process has no active parent run of its own: name it
         nested = mlflow.active_run() is not None
-    run = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=name or run_name(stage, runtime_tags),
-        nested=nested,
-        parent_run_id=parent_run_id,
-        tags=all_tags,
-        log_system_metrics=system_metrics,
-    )
+    if start_ms is not None:  # the fluent API cannot backdate a run: create it, then make it the active one
+        created = mlflow.MlflowClient().create_run(experiment_id, start_time=start_ms, tags=all_tags,
+                                                   run_name=name or run_name(stage, runtime_tags))  # fmt: skip
+        run = mlflow.start_run(run_id=created.info.run_id, log_system_metrics=system_metrics)
+    else:
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=name or run_name(stage, runtime_tags),
+            nested=nested,
+            parent_run_id=parent_run_id,
+            tags=all_tags,
+            log_system_metrics=system_metrics,
+        )
     return Tracker(run.info.run_id)
 
 
@@ -275,14 +286,26 @@ def _ended(tracker: Tracker, params: dict[str, Any] | None, system_metrics: bool
 
 def log_benchmark_run(workload: str, runtime_tags: dict[str, str], name: str, tags: dict[str, str], rec: dict[str, Any],
                       series: dict[str, list[float]] | None = None) -> None:  # fmt: skip
-    """One benchmark record as its own run (stage=benchmark): `tags`, its `bench/` metrics (None left out) and
-    each `series` metric at steps 0..n-1 (e.g. one value per timed repeat); the run id goes into `rec`."""
-    with stage_run(workload, "benchmark", runtime_tags, name=name, tags=tags) as run:
+    """One benchmark record as its own run (stage=benchmark): `tags`, what varies as params, its `bench/` metrics
+    (None left out; samples/s also under the training runs' name) and each `series` metric at steps 0..n-1 (e.g.
+    one value per timed repeat); the run spans the measurement (`rec["start_ms"]`); the run id goes into `rec`."""
+    every = {**runtime_tags, **tags}
+    params = {k: every[k] for k in BENCH_PARAMS if every.get(k) not in (None, "")}
+    params["setting"] = every.get("setting") or setting_label(lambda k: str(every.get(k, "")))
+    with stage_run(workload, "benchmark", runtime_tags, params, name=name, tags=tags, start_ms=rec.get("start_ms")) as run:
         for metric, values in (series or {}).items():
             for i, value in enumerate(values):
                 run.log_metrics({metric: value}, step=i)
-        run.log_metrics({k: v for k, v in rec.items() if k.startswith("bench/") and v is not None})
+        metrics = {k: v for k, v in rec.items() if k.startswith("bench/") and v is not None}
+        if "bench/samples_per_s" in metrics:
+            metrics[THROUGHPUT] = metrics["bench/samples_per_s"]
+        run.log_metrics(metrics)
         rec["run_id"] = run.run_id
+
+
+# What a benchmark run varies, as params: MLflow's parallel-coordinates and scatter plots draw params only.
+BENCH_PARAMS = ("kind", "variant", "device", "framework", "batch_size", "precision", "world_size")
+THROUGHPUT = "throughput/samples_per_s"  # the training runs' name: the compare view lines both kinds up
 
 
 class SilentTracker:

@@ -14,8 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
+from .. import progress  # noqa: E402
 from ..checkpoint import Checkpoint  # noqa: E402
 from ..config import TrainParams  # noqa: E402
 from ..devices import Runtime  # noqa: E402
@@ -198,7 +198,7 @@ def fit(
     start = _resume(checkpoint, model, result)
     _sync()
     t_fit = time.perf_counter()
-    with tqdm(total=train.epochs, initial=start, desc=desc, unit="epoch", leave=False, disable=None) as bar:
+    with progress.bar(train.epochs, desc, "epoch", initial=start) as bar:
         # every worker resumes from the checkpoint; only the chief (rank 0) writes it
         cb = _EpochCallback(task, va, inputs, train, result, on_epoch, bar, checkpoint if runtime.is_main else None)
         cb.eval_batch = prepared.meta.get("eval_batch_size", EVAL_BATCH)

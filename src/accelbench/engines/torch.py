@@ -11,8 +11,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import trange
 
+from .. import progress
 from ..checkpoint import Checkpoint
 from ..config import TrainParams
 from ..devices import Runtime, UtilisationSampler
@@ -300,7 +300,7 @@ def _fit(model, task, prepared, train, runtime, on_epoch, desc, checkpoint) -> F
     y_val = prepared.splits["val"]["y"]
     start = _resume(checkpoint, model, stepper.opt, stepper.scaler, gen, result, dev)
     train_epoch = _ShuffledEpochs(stepper.step, tr, inputs, bs, gen, stepper.graphs, runtime)
-    for epoch in trange(start, train.epochs, desc=desc, unit="epoch", leave=False, disable=None, initial=start, total=train.epochs):
+    for epoch in progress.track(range(start, train.epochs), train.epochs, desc, "epoch", initial=start):
         model.train()
         epoch_s, train_loss = train_epoch(sw)
         result.epoch_s.append(epoch_s)
