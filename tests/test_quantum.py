@@ -262,7 +262,7 @@ def test_stages_compare_quanv_and_raw_heads(digits):
     eda = json.loads((root / "results/quantum/eda/eda.json").read_text())
     assert eda["rows"] == 1797 and eda["image_size"] == 8 and eda["pixel_max"] == 16
     evaluated = json.loads((root / "results/quantum/evaluate.json").read_text())
-    assert set(evaluated) == {"quanv", "raw"}
+    assert set(evaluated) == {"quanv", "raw", "verdict"}  # quanv judged against raw pixels, its reference
     for variant in ("quanv", "raw"):
         assert evaluated[variant]["test/accuracy"] > 0.5, variant  # 10 classes: chance is 0.1
         assert 0 < evaluated[variant]["test/macro_f1"] <= 1

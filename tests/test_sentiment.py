@@ -144,7 +144,7 @@ def test_entity_file_runs_every_stage_in_tensorflow(entity_tf):
     meta = read_json(entity_tf, "data/prepared/sentiment/meta.json")
     assert meta["classes"] == ["negative", "neutral", "positive", "irrelevant"]
     scores = read_json(entity_tf, "results/sentiment/evaluate.json")
-    assert set(scores) == {"bilstm", "tfidf_logreg"} and "test/f1_irrelevant" in scores["bilstm"]
+    assert set(scores) == {"bilstm", "tfidf_logreg", "verdict"} and "test/f1_irrelevant" in scores["bilstm"]
     run = entity_tf.runs("sentiment", "tags.stage = 'train'")[0]
     assert run.data.tags["framework"] == "tensorflow" and "cuDNN-eligible" in run.data.tags["rnn"]
     assert run.data.tags["labels"].startswith("from the source file")

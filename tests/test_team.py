@@ -248,7 +248,8 @@ def test_artifacts_are_read_back_through_the_server(team):
     stage_of = {"eda": "train", "model": "train", "plots": "evaluate"}  # the EDA rides on the training run
     with as_team(), tempfile.TemporaryDirectory() as tmp:
         for name, local in expected.items():
-            [run] = team.runs(f"tags.stage = '{stage_of[name]}' and tags.checkout = '{root}' and attributes.status = 'FINISHED'")
+            [run] = team.runs(f"tags.stage = '{stage_of[name]}' and tags.checkout = '{root}' and tags.variant = 'mlp' "
+                              "and attributes.status = 'FINISHED'")  # the model's run, not its baseline's
             assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied, not a path on the server's disk
             got = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name, dst_path=tmp,
                                                            tracking_uri=team.server.url))  # fmt: skip
