@@ -13,14 +13,16 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import optuna
 
 from . import devices, distributed, hostload, interleave, progress, scaling, stats, summary, tuning
 from .cli import main_child
-from .config import ABLATION_VALUES, BenchmarkConfig, Config, ablation_options, with_overrides
+from .config import ABLATION_VALUES, BenchmarkConfig, Config, WorkloadParams, ablation_options, with_overrides
 from .devices import Runtime
 from .engines import BenchResult, BenchSpec, get_engine
 from .errors import AccelbenchError, ConfigError, TrainingError
@@ -28,6 +30,7 @@ from .io import Prepared, load_prepared, write_json
 from .project import prepared_dir, results_dir
 from .runtime import on_device, runtime_for
 from .study import Study, config_hash, storage_url, study_name
+from .tasks import Task
 from .timing import IntervalPlan, median, spread
 from .tracking import log_benchmark_run, record_failure, run_name, stage_run
 from .workloads import Workload
@@ -35,6 +38,23 @@ from .workloads import Workload
 
 class _TargetReached(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Point:
+    """What every measurement of one variant on this device shares."""
+
+    cfg: Config
+    wl: Workload
+    variant: str
+    several: bool  # the workload compares several variants: run names carry the variant
+    runtime: Runtime
+    prepared: Prepared  # as prepared; each measurement precomputes the model's inputs from it
+    task: Task
+    engine: ModuleType
+    source: str  # where the hyperparameters came from: a study's trial, or defaults
+    util: Any = None  # devices.UtilisationSampler on CUDA (torch)
+    energy: Any = None  # a joules counter where the device has one
 
 
 def device_specs(cfg: Config) -> list[str]:
@@ -115,6 +135,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     for variant, overrides in variants.items():
         base = with_overrides(params, overrides)
         tuned, source = tuned_overrides(cfg, wl, variant, runtime, root)
+        point = Point(cfg, wl, variant, len(variants) > 1, runtime, prepared, task, engine, source, util, energy)
         vparams = with_overrides(base, tuned)
         # speed is timed on the model as written, each device's study giving only its batch size: a CPU study
         # that picked a smaller network must not pass for a faster CPU. Quality (time to target) uses it all.
@@ -123,17 +144,17 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         inputs, _ = wl.precompute(speed, prepared, runtime)  # the training steps timed are on the model's inputs
         batches = sorted(set(b.batch_sizes) | set(roles))
         for batch in progress.track(batches, len(batches), f"benchmark {wl.name} {variant} {framework} {spec}", "batch size"):
-            rec = _throughput(cfg, wl, variant, speed, runtime, inputs, task, engine, batch, energy, util)
+            rec = _throughput(point, speed, inputs, batch)
             rec.update(batch_role=roles.get(batch, "sweep"), hparams=source if source == "defaults" else f"{source} (batch only)")
             _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
             records.append(rec)
         if b.ablation and device.type in b.ablation_devices and framework == "torch":
-            records += _ablation(cfg, wl, variant, speed, runtime, prepared, inputs.meta, task, engine, source, util, len(variants) > 1)
+            records += _ablation(point, speed, inputs.meta)
         target = params.benchmark
         if target.value is not None:
-            records.append(_time_to_target(cfg, wl, variant, vparams, runtime, prepared, task, engine, source, len(variants) > 1))
+            records.append(_time_to_target(point, vparams))
         if _stacks(cfg, wl, base, prepared, runtime):
-            records.append(_population_vs_sequential(cfg, wl, variant, base, runtime, prepared, task, len(variants) > 1))
+            records.append(_population_vs_sequential(point, base))
     return records
 
 
@@ -164,7 +185,9 @@ def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str,
     return {**rec, "repeats": repeats}
 
 
-def _throughput(cfg, wl, variant, params, runtime, prepared, task, engine, batch, energy, util) -> dict[str, Any]:
+def _throughput(p: Point, params: WorkloadParams, prepared: Prepared, batch: int) -> dict[str, Any]:
+    """One batch size timed on the model's inputs (`prepared`, after the workload's precompute)."""
+    cfg, wl, variant, runtime, task, engine, energy, util = p.cfg, p.wl, p.variant, p.runtime, p.task, p.engine, p.energy, p.util
     b = cfg.benchmark
     start_ms = int(time.time() * 1000)
     devices.seed_everything(cfg.seed, runtime.framework)
@@ -265,9 +288,10 @@ def _summarize(real: BenchResult, ceiling: BenchResult | None) -> dict[str, Any]
     return rec
 
 
-def _ablation(cfg, wl, variant, params, runtime, prepared, model_meta, task, engine, source, util, several) -> list[dict[str, Any]]:
+def _ablation(p: Point, params: WorkloadParams, model_meta: dict[str, Any]) -> list[dict[str, Any]]:
     """What each optimisation buys at the tuned batch: the baseline, each option alone, then all the options
     that apply together; beside each speed, the validation metric of a training run under the same setting."""
+    cfg, wl, variant, runtime, engine, source = p.cfg, p.wl, p.variant, p.runtime, p.engine, p.source
     options = ablation_options(cfg.benchmark.ablation)
     probe = wl.build_model(runtime.framework, params, model_meta)  # the model's inputs decide its layers
     skipped = {name: why for name, change in options.items() if (why := _not_applicable(change, runtime, probe, engine))}
@@ -282,14 +306,14 @@ def _ablation(cfg, wl, variant, params, runtime, prepared, model_meta, task, eng
             rec["skipped"] = skipped[name]
         else:
             try:
-                rec.update(_ablation_point(cfg, wl, params, dataclasses.replace(runtime, **change), prepared, task, engine, util))
+                rec.update(_ablation_point(p, params, dataclasses.replace(runtime, **change)))
             except (RuntimeError, TrainingError) as exc:  # e.g. a capture this model's ops refuse: say so, go on
                 rec["skipped"] = f"failed: {str(exc).splitlines()[0][:300]}"
         if name == "baseline" and "skipped" not in rec:
             base_tput = rec["bench/samples_per_s"]
         if base_tput and "bench/samples_per_s" in rec:
             rec["bench/speedup_vs_baseline"] = rec["bench/samples_per_s"] / base_tput
-        _log_ablation(wl, variant, runtime, rec, several)
+        _log_ablation(wl, variant, runtime, rec, p.several)
         records.append(rec)
     return records
 
@@ -304,7 +328,9 @@ def _not_applicable(change: dict[str, Any], runtime: Runtime, probe, engine) -> 
     return _precision_blocker(dataclasses.replace(runtime, **change))
 
 
-def _ablation_point(cfg, wl, params, runtime, prepared, task, engine, util) -> dict[str, Any]:
+def _ablation_point(p: Point, params: WorkloadParams, runtime: Runtime) -> dict[str, Any]:
+    """One setting (`runtime`, the point's with the setting's changes): its speed, then its quality."""
+    cfg, wl, prepared, task, engine, util = p.cfg, p.wl, p.prepared, p.task, p.engine, p.util
     b = cfg.benchmark
     inputs, _ = wl.precompute(params, prepared, runtime)
     devices.seed_everything(cfg.seed, runtime.framework)
@@ -334,7 +360,8 @@ def _log_ablation(wl, variant, runtime, rec, several) -> None:
     log_benchmark_run(wl.name, {**runtime.tags(), **setting_tags}, name, tags, rec)
 
 
-def _time_to_target(cfg, wl, variant, params, runtime, prepared, task, engine, source, several) -> dict[str, Any]:
+def _time_to_target(p: Point, params: WorkloadParams) -> dict[str, Any]:
+    cfg, wl, variant, runtime, prepared, task, engine, source = p.cfg, p.wl, p.variant, p.runtime, p.prepared, p.task, p.engine, p.source
     target = params.benchmark
     metric = target.metric or task.objective
     better = (lambda v: v >= target.value) if task.direction == "maximize" else (lambda v: v <= target.value)
@@ -362,7 +389,7 @@ def _time_to_target(cfg, wl, variant, params, runtime, prepared, task, engine, s
         "bench/time_to_target_s": hit.get("seconds"), "bench/epochs_to_target": hit.get("epoch"),
         "timed": f"wall time from the start of training until {metric} reached {target.value} (validation each epoch)",
     }  # fmt: skip
-    name = run_name("time_to_target", runtime.tags(), variant if several else None)
+    name = run_name("time_to_target", runtime.tags(), variant if p.several else None)
     tags = {k: str(rec[k]) for k in ("kind", "variant", "batch_size", "hparams", "target_metric", "target_value", "timed")}
     log_benchmark_run(wl.name, runtime.tags(), name, tags, rec)
     return rec
@@ -378,10 +405,11 @@ def _stacks(cfg: Config, wl: Workload, params, prepared: Prepared, runtime: Runt
         return False
 
 
-def _population_vs_sequential(cfg, wl, variant, params, runtime, prepared, task, several) -> dict[str, Any]:
+def _population_vs_sequential(p: Point, params: WorkloadParams) -> dict[str, Any]:
     """Tune with both strategies on this device from the same search space, epochs fixed and pruning off so
     that every trial trains the same number of epochs: trials/s of each, the population's wall time, and
     the best objective of each with the same budget of trials."""
+    cfg, wl, variant, runtime, task = p.cfg, p.wl, p.variant, p.runtime, p.task
     pb = cfg.benchmark.population
     epochs = pb.epochs or params.train.epochs
     fixed = {k: v for k, v in params.search.items() if k != "train.epochs"}  # trials x epochs stays an honest count
@@ -391,13 +419,12 @@ def _population_vs_sequential(cfg, wl, variant, params, runtime, prepared, task,
             "timed": f"Optuna ask/train/tell loops (TPE, in-memory storage, pruning off), {epochs} epochs per trial; "
                      "population: MLflow bulk logging of its nested runs timed apart; sequential: the tune stage's "
                      "objective, its per-trial MLflow run included; sequential rate extrapolated from its trials"}  # fmt: skip
-    name = run_name("population", runtime.tags(), variant if several else None)
+    name = run_name("population", runtime.tags(), variant if p.several else None)
     with stage_run(wl.name, "benchmark", runtime.tags(), name=name, tags=tags) as run:
         trials = pb.cpu_trials if pb.cpu_trials and runtime.device.type == "cpu" else pb.trials
-        pop = _tune_timed(cfg, wl, variant, params, "population", trials, runtime, prepared, task, run.run_id)
-        same = pop if pb.sequential_trials == trials else _tune_timed(
-            cfg, wl, variant, params, "population", pb.sequential_trials, runtime, prepared, task, run.run_id)  # fmt: skip
-        seq = _tune_timed(cfg, wl, variant, params, "sequential", pb.sequential_trials, runtime, prepared, task, run.run_id)
+        pop = _tune_timed(p, params, "population", trials, run.run_id)
+        same = pop if pb.sequential_trials == trials else _tune_timed(p, params, "population", pb.sequential_trials, run.run_id)
+        seq = _tune_timed(p, params, "sequential", pb.sequential_trials, run.run_id)
         metrics = {
             "bench/population_trials": pop["trials"], "bench/population_wall_s": pop["wall_s"],
             "bench/population_trials_per_s": pop["trials"] / pop["wall_s"],
@@ -414,8 +441,9 @@ def _population_vs_sequential(cfg, wl, variant, params, runtime, prepared, task,
     return {"workload": wl.name, **runtime.tags(), **tags, **metrics, "run_id": run_id}
 
 
-def _tune_timed(cfg, wl, variant, params, strategy, n_trials, runtime, prepared, task, parent_run_id) -> dict[str, Any]:
+def _tune_timed(p: Point, params: WorkloadParams, strategy: str, n_trials: int, parent_run_id: str) -> dict[str, Any]:
     """`n_trials` of one strategy in a throwaway study, wall-clocked with the device synchronised."""
+    cfg, wl, variant, runtime, prepared, task = p.cfg, p.wl, p.variant, p.runtime, p.prepared, p.task
     from . import population  # imports torch: only a stacking workload's benchmark pays for it
 
     params = with_overrides(params, {"tune.strategy": strategy})

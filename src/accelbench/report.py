@@ -346,18 +346,48 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
 
     matplotlib.use("Agg")
     tput = [r for r in recs if r.t("kind") == "throughput"]
-    target = [r for r in recs if r.t("kind") == "time_to_target"]
-    has_gpu = any(r.gpu for r in recs)
     if comps:
-        doc.h(2, "Summary")
-        doc.table(
-            ["workload", "variant", "framework", "CPU", "GPU", "batch", "CPU samples/s", "GPU samples/s", "speedup (95% CI)", "verdict"],
-            [[c.workload, c.variant, c.framework, c.cpu.t("device_name"), c.gpu.t("device_name"), str(c.cpu.batch),
-              _fmt(c.cpu.tput) + _mark(c.cpu), _fmt(c.gpu.tput) + _mark(c.gpu), f"{c.speedup:.2f}x ({c.lo:.2f}-{c.hi:.2f})",
-              c.sentence] for c in comps],
-        )  # fmt: skip
-        _speedup_png(comps, out / "speedup.png")
-        doc.img(out / "speedup.png", "GPU/CPU speedup per workload")
+        _summary(doc, comps, out)
+    _measurements(doc, tput)
+    stability = _stability(doc, tput, comps)
+    _sweeps(doc, tput, comps, out)
+    _time_to_target(doc, [r for r in recs if r.t("kind") == "time_to_target"])
+    goals = _goals(doc, recs)
+    ablation = _ablation(doc, recs)
+    _frameworks(doc, tput)
+    _scaling(doc, [r for r in recs if r.t("kind") == "scaling"], out)
+    _circuits(doc, [r for r in recs if r.t("kind") == "circuits"])
+    population = _population(doc, [r for r in recs if r.t("kind") == "population"])
+    _hardware(doc, tput or recs)  # throughput runs carry the thread count
+    doc.h(2, "Runs used")
+    doc.table(["workload", "run", "run id", "device", "what was timed"],
+              [[r.t("workload"), r.run_name, r.run_id, r.t("device_name"), r.t("timed")] for r in recs])  # fmt: skip
+    return {
+        "has_gpu": any(r.gpu for r in recs),
+        "runs": [r.run_id for r in recs],
+        "comparisons": [{"workload": c.workload, "variant": c.variant, "framework": c.framework, "speedup": c.speedup,
+                         "ci95": [c.lo, c.hi], "ci_from": c.ci_from, "batch": c.cpu.batch, "crossover": c.crossover, "verdict": c.sentence,
+                         "cpu_run": c.cpu.run_id, "gpu_run": c.gpu.run_id} for c in comps],
+        "goals": goals,
+        "ablation": ablation,
+        "population": population,
+        **stability,
+    }  # fmt: skip
+
+
+def _summary(doc: Doc, comps: list[Comparison], out: Path) -> None:
+    doc.h(2, "Summary")
+    doc.table(
+        ["workload", "variant", "framework", "CPU", "GPU", "batch", "CPU samples/s", "GPU samples/s", "speedup (95% CI)", "verdict"],
+        [[c.workload, c.variant, c.framework, c.cpu.t("device_name"), c.gpu.t("device_name"), str(c.cpu.batch),
+          _fmt(c.cpu.tput) + _mark(c.cpu), _fmt(c.gpu.tput) + _mark(c.gpu), f"{c.speedup:.2f}x ({c.lo:.2f}-{c.hi:.2f})",
+          c.sentence] for c in comps],
+    )  # fmt: skip
+    _speedup_png(comps, out / "speedup.png")
+    doc.img(out / "speedup.png", "GPU/CPU speedup per workload")
+
+
+def _measurements(doc: Doc, tput: list[Rec]) -> None:
     doc.h(2, "Measurements")
     doc.table(
         ["workload / model (framework)", "device", "batch", "samples/s (95% CI)", "step ms", "compute-only samples/s",
@@ -371,7 +401,9 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
           _hparams(r.t("hparams"))] for r in tput],
     )  # fmt: skip
     doc.p("Energy is NVML's counter on GPUs and RAPL on the CPU where readable; n/a means the hardware exposed none.")
-    stability = _stability(doc, tput, comps)
+
+
+def _sweeps(doc: Doc, tput: list[Rec], comps: list[Comparison], out: Path) -> None:
     for workload in sorted({r.t("workload") for r in tput}):
         doc.h(2, f"{workload}: samples/s against batch size")
         rs = [r for r in tput if r.t("workload") == workload]
@@ -383,41 +415,28 @@ def _write(doc: Doc, recs: list[Rec], comps: list[Comparison], out: Path) -> dic
             stop = stats.scaling_stops([b for b, _ in line], [t for _, t in line])
             tail = f"; GPU throughput stops scaling after batch {stop}" if stop else ""
             doc.p(f"{workload}/{c.variant} ({c.framework}): {c.sentence}{tail}.")
-    if target:
-        doc.h(2, "Time to target quality")
-        doc.table(
-            ["workload", "variant", "framework", "device", "target", "reached", "seconds", "epochs", "batch", "hyperparameters"],
-            [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), f"{r.t('target_metric')} {r.t('target_value')}",
-              "yes" if r.metrics.get("bench/target_reached") else "no", _fmt(r.metrics.get("bench/time_to_target_s"), 2),
-              _fmt(r.metrics.get("bench/epochs_to_target")), str(r.batch), _hparams(r.t("hparams"))] for r in target],
-        )  # fmt: skip
-    goals = _goals(doc, recs)
-    ablation = _ablation(doc, recs)
-    _frameworks(doc, tput)
-    _scaling(doc, [r for r in recs if r.t("kind") == "scaling"], out)
-    _circuits(doc, [r for r in recs if r.t("kind") == "circuits"])
-    population = _population(doc, [r for r in recs if r.t("kind") == "population"])
+
+
+def _time_to_target(doc: Doc, target: list[Rec]) -> None:
+    if not target:
+        return
+    doc.h(2, "Time to target quality")
+    doc.table(
+        ["workload", "variant", "framework", "device", "target", "reached", "seconds", "epochs", "batch", "hyperparameters"],
+        [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), f"{r.t('target_metric')} {r.t('target_value')}",
+          "yes" if r.metrics.get("bench/target_reached") else "no", _fmt(r.metrics.get("bench/time_to_target_s"), 2),
+          _fmt(r.metrics.get("bench/epochs_to_target")), str(r.batch), _hparams(r.t("hparams"))] for r in target],
+    )  # fmt: skip
+
+
+def _hardware(doc: Doc, recs: list[Rec]) -> None:
     doc.h(2, "Hardware")
     hosts = {}
-    for r in tput or recs:  # throughput runs carry the thread count
+    for r in recs:
         hosts.setdefault((r.t("hardware"), r.t("device_name")), r)
     doc.table(["device", "host CPU", "cores", "GPUs", "CUDA", "driver", "CPU threads used", "fingerprint"],
               [[r.t("device_name"), r.t("hw.cpu"), r.t("hw.cores"), r.t("hw.gpus"), r.t("hw.cuda"), r.t("hw.driver"),
                 r.t("cpu_threads"), r.t("hardware")] for r in hosts.values()])  # fmt: skip
-    doc.h(2, "Runs used")
-    doc.table(["workload", "run", "run id", "device", "what was timed"],
-              [[r.t("workload"), r.run_name, r.run_id, r.t("device_name"), r.t("timed")] for r in recs])  # fmt: skip
-    return {
-        "has_gpu": has_gpu,
-        "runs": [r.run_id for r in recs],
-        "comparisons": [{"workload": c.workload, "variant": c.variant, "framework": c.framework, "speedup": c.speedup,
-                         "ci95": [c.lo, c.hi], "ci_from": c.ci_from, "batch": c.cpu.batch, "crossover": c.crossover, "verdict": c.sentence,
-                         "cpu_run": c.cpu.run_id, "gpu_run": c.gpu.run_id} for c in comps],
-        "goals": goals,
-        "ablation": ablation,
-        "population": population,
-        **stability,
-    }  # fmt: skip
 
 
 def _mark(r: Rec) -> str:
@@ -684,7 +703,7 @@ def _goal(value: float | None, goal: float | None, sign: str, text: str) -> str:
     return f"{sign} {text}: " + ("n/a" if value is None else "met" if value >= goal else "missed")
 
 
-# The goals for population tuning (diabetes on an H100), quoted as measured.
+# The goals for population tuning (diabetes on a data-centre GPU): the population's size, epochs, wall time and speedup.
 GOAL_TRIALS, GOAL_EPOCHS, GOAL_WALL_S, GOAL_SPEEDUP = 1000, 150, 30.0, 1000.0
 
 

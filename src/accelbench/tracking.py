@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -209,33 +210,33 @@ class Tracker:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
 
-@contextlib.contextmanager
-def stage_run(
-    workload: str,
-    stage: str,
-    runtime_tags: dict[str, str],
-    params: dict[str, Any] | None = None,
-    *,
-    name: str | None = None,
-    nested: bool = False,
-    parent_run_id: str | None = None,
-    system_metrics: bool = False,
-    tags: dict[str, str] | None = None,
-    start_ms: int | None = None,
-) -> Iterator[Tracker]:
-    """Start a run named `<stage>-<device>-<framework>`; end it FINISHED, FAILED or KILLED with the reason.
+@dataclass(frozen=True)
+class RunOptions:
+    """How a stage's run is opened beyond its workload, stage and runtime tags."""
 
-    `start_ms`: when the work the run records began (a measurement logged after it ran), so that its duration
-    spans the work."""
+    name: str | None = None  # default `<stage>-<device>-<framework>`
+    nested: bool = False
+    parent_run_id: str | None = None  # a tuning worker's trials nest under the tune stage's run
+    system_metrics: bool = False
+    tags: dict[str, str] | None = None
+    start_ms: int | None = None  # when the work began, for a run logged after it: its duration spans the work
+
+
+@contextlib.contextmanager
+def stage_run(workload: str, stage: str, runtime_tags: dict[str, str], params: dict[str, Any] | None = None,
+              **options: Any) -> Iterator[Tracker]:  # fmt: skip
+    """Start a run named `<stage>-<device>-<framework>`; end it FINISHED, FAILED or KILLED with the reason.
+    `options` are RunOptions' fields."""
+    opts = RunOptions(**options)
     with server_errors_in_one_line():
-        tracker = _start(workload, stage, runtime_tags, name, nested, parent_run_id, system_metrics, tags, start_ms)
-        with _ended(tracker, params, system_metrics):
+        tracker = _start(workload, stage, runtime_tags, opts)
+        with _ended(tracker, params, opts.system_metrics):
             yield tracker
 
 
-def _start(workload: str, stage: str, runtime_tags: dict[str, str], name: str | None, nested: bool,
-           parent_run_id: str | None, system_metrics: bool, tags: dict[str, str] | None,
-           start_ms: int | None = None) -> Tracker:  # fmt: skip
+def _start(workload: str, stage: str, runtime_tags: dict[str, str], opts: RunOptions) -> Tracker:
+    name, nested, parent_run_id, system_metrics, tags, start_ms = (
+        opts.name, opts.nested, opts.parent_run_id, opts.system_metrics, opts.tags, opts.start_ms)
     experiment_id = use_experiment(workload)
     if not parent_run_id and not nested:
         reap_orphans(experiment_id)

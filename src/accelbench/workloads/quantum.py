@@ -567,7 +567,7 @@ def benchmark_simulators(
 
 # ---------------------------------------------------------------- circuits/s, in the benchmark stage
 
-# Issue 9's goals on an H100, set beside each figure in the report (a set time only for the fixed layer)
+# The goals for a data-centre GPU (an H100 class card), set beside each figure in the report (a set time only for the fixed layer)
 GOALS = {"fixed": 2e9, "trainable": 1e8, "patch3": 5e7}
 SET_GOAL_MS = 20.0  # for MNIST's size:
 MNIST_SET = (70_000, 28)  # images, side
