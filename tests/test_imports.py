@@ -119,3 +119,11 @@ def test_stage_times_reports_each_stages_fixed_cost_from_a_real_run(tmp_path):
     assert "5 stages:" in out and "fixed cost" in out
     log = (project.root / stage_times.LOG).read_text().splitlines()
     assert all(json.loads(line)["pid"] for line in log)
+
+
+def test_the_readmes_layout_names_every_module():
+    """A newcomer finds every module in the README's annotated layout: a new one must be added there."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("## ", 1)[0]
+    missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
+    assert missing == []
