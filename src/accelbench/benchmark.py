@@ -31,7 +31,7 @@ from .project import prepared_dir, results_dir
 from .runtime import on_device, runtime_for
 from .study import Study, config_hash, storage_url, study_name
 from .tasks import Task
-from .timing import IntervalPlan, median, spread
+from .timing import IntervalPlan, median, spread, work
 from .tracking import log_benchmark_run, record_failure, run_name, stage_run
 from .workloads import Workload
 
@@ -79,10 +79,11 @@ def run(cfg: Config, wl: Workload, root: Path) -> None:
     cfg = distributed.for_workload(cfg, wl)
     records: list[dict[str, Any]] = []
     env = {**os.environ, "DVC_ROOT": str(root), interleave.SESSION_ENV: uuid.uuid4().hex[:12]}
-    for framework in frameworks(cfg, wl):
-        records += _devices_in_turns(wl, framework, device_specs(cfg), root, env)
-    if scaling.rank_counts(cfg):
-        records += scaling.run(cfg, wl, root, frameworks(cfg, wl))
+    with work():  # the measuring children, their own start-up included
+        for framework in frameworks(cfg, wl):
+            records += _devices_in_turns(wl, framework, device_specs(cfg), root, env)
+        if scaling.rank_counts(cfg):
+            records += scaling.run(cfg, wl, root, frameworks(cfg, wl))
     summary.write_sweep(wl.name, records, results_dir(root, wl.name) / "sweep.csv")
     write_json(results_dir(root, wl.name) / "benchmark.json", {"records": records})
     progress.result(f"{len(records)} measurements in results/{wl.name}/benchmark.json")

@@ -20,6 +20,7 @@ from .errors import AccelbenchError
 from .io import atomic_dir, read_json, write_json
 from .project import reports_dir
 from .summary import headline, setting_label, speedups
+from .timing import work
 from .tracking import check_server, tracking_uri
 
 KEY_TAGS = ("workload", "variant", "kind", "device_name", "framework", "precision", "compile", "compile_mode", "channels_last", "cuda_graphs",
@@ -233,7 +234,8 @@ def build_for_project(root: Path) -> dict[str, Any]:
     check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line now, not minutes of retries
     uri = tracking_uri(root)
     progress.read(f"the benchmark runs in {uri}")
-    summary = build(uri, reports_dir(root), root / "results")
+    with work():
+        summary = build(uri, reports_dir(root), root / "results")
     progress.result(f"open {reports_dir(root) / 'report.html'}; browse every run with make ui")
     return summary
 

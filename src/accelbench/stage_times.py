@@ -21,7 +21,7 @@ from .timing import work_seconds
 LOG = Path(".accelbench") / "stage_times.jsonl"
 # The fixed-cost goals (seconds): stages that train nothing, and stages that import torch
 GOAL_S = {"data": 1.5, "torch": 3.0}
-DATA_STAGES = {"hardware", "ingest", "eda", "prepare", "report"}
+DATA_STAGES = {"hardware", "ingest", "eda", "prepare", "summary", "report"}
 
 
 def record_at_exit(root: Path, stage: str, workload: str | None) -> None:

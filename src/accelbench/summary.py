@@ -17,6 +17,7 @@ from typing import Any
 from . import progress
 from .config import Config
 from .io import atomic_file, read_json, write_json
+from .timing import work
 from .workloads import Workload
 
 SPEED_KINDS = ("throughput", "ablation")
@@ -105,7 +106,8 @@ def stage(cfg: Config, wl: Workload, root: Path) -> None:
     """summary@<w>: reads the other stages' JSON (no framework, no MLflow), writes summary.json."""
     results = root / "results" / wl.name
     progress.read(f"results/{wl.name}: best_params.json, train.json, evaluate.json, benchmark.json")
-    figures = write(list(wl.variants(cfg.params(wl.name))), results)
+    with work():
+        figures = write(list(wl.variants(cfg.params(wl.name))), results)
     progress.result(f"{sum(len(v) for v in figures.values())} headline figures in results/{wl.name}/summary.json")
 
 

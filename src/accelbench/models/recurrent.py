@@ -107,7 +107,11 @@ class _OpsSeen(TorchDispatchMode):
 
 def cudnn_probe(model: RecurrentModel, runtime: Any) -> tuple[bool, str]:
     """Run one tiny forward pass of the configured cell on the run's device and precision and look at
-    which kernel ran: the answer comes from the framework, not from a rule of thumb."""
+    which kernel ran: the answer comes from the framework, not from a rule of thumb. On the CPU there is no
+    cuDNN to ask about, and no probe runs: it would cost a stage more start-up than a small model's training."""
+    if runtime.device.type == "cpu":
+        simple = runtime.framework != "torch" and model.cell == "rnn"
+        return False, ("Keras SimpleRNN has no cuDNN kernel; " if simple else "") + "no cuDNN on CPU"
     if runtime.framework == "torch":
         dev = runtime.device.torch
         with torch.random.fork_rng(devices=[runtime.device.index] if runtime.device.type == "cuda" else []):
