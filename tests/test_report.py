@@ -6,7 +6,9 @@ import sys
 
 import mlflow
 import pytest
+import yaml
 
+from conftest import REPO
 from accelbench import stats
 from accelbench.report import build
 
@@ -247,9 +249,10 @@ def test_cpu_only_report_gives_a_pasteable_gpu_command_and_is_readable_by_all(st
     out = tmp_path / "reports"
     build(uri, out)
     md = (out / "report.md").read_text()
-    assert "```bash\ndvc exp run -S device=cuda -S 'benchmark.devices=[cpu,cuda]'\n```" in md
+    assert "```bash\ndvc exp run -S study=gpu\n```" in md
     html = (out / "report.html").read_text()
-    assert "<pre><code>dvc exp run -S device=cuda -S &#x27;benchmark.devices=[cpu,cuda]&#x27;</code></pre>" in html
+    assert "<pre><code>dvc exp run -S study=gpu</code></pre>" in html
+    assert "gpu" in yaml.safe_load((REPO / "params.yaml").read_text())["studies"]  # a study the project has
     assert "`" not in html
     assert "J / 1k samples" not in md.split("## Measurements", 1)[1].split("\n\n")[1], "an always-empty column stays out"
     assert oct(out.stat().st_mode & 0o777) == "0o755"

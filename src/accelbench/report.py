@@ -270,7 +270,7 @@ def _readable_by_all(folder: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-GPU_COMMAND = "dvc exp run -S device=cuda -S 'benchmark.devices=[cpu,cuda]'"
+GPU_COMMAND = "dvc exp run -S study=gpu"  # params.yaml: studies.gpu (the device, both benchmark sides, GPU sizes)
 
 
 def _quality(results: Path | None, workload: str, variant: str, models: list[str]) -> tuple[str, dict[str, Any]]:
@@ -287,7 +287,7 @@ def _quality(results: Path | None, workload: str, variant: str, models: list[str
     if q["baseline"] is None:
         return text + " (no baseline scored)", q
     beats = q["beats"] if q["beats"] is not None else None
-    if beats is None and best:
+    if beats is None and best and q.get("judged", True):  # the verdict judged only the best variant
         higher = best.get("direction") == "maximize"
         beats = q["value"] > q["baseline"] if higher else q["value"] < q["baseline"]
     return text + f", baseline {q['baseline']:.3g}" + {True: ": beats it", False: ": loses to it", None: ""}[beats], q

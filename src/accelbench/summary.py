@@ -47,6 +47,10 @@ def headline(evaluate: dict[str, Any], variant: str, best: dict[str, Any] | None
     if isinstance(verdict, dict) and verdict.get("model") in (None, variant):
         return {"metric": verdict["metric"], "value": verdict.get("model_value"),
                 "baseline": verdict.get("baseline_value"), "beats": verdict.get("beats_baseline")}  # fmt: skip
+    if isinstance(verdict, dict) and "metric" in verdict:  # another variant is the best: the same metric, no claim
+        reference = verdict.get("baseline") == variant  # quantum's raw pixels: what the others are judged against
+        return {"metric": verdict["metric"], "value": (evaluate.get(variant) or {}).get(verdict["metric"]),
+                "baseline": None if reference else verdict.get("baseline_value"), "beats": None, "judged": False}
     objective = (best or {}).get("objective") or "val/loss"
     metric = "test/" + objective.split("/", 1)[-1]
     value = (evaluate.get(variant) or {}).get(metric)
