@@ -290,7 +290,21 @@ def _quality(results: Path | None, workload: str, variant: str, models: list[str
     if beats is None and best and q.get("judged", True):  # the verdict judged only the best variant
         higher = best.get("direction") == "maximize"
         beats = q["value"] > q["baseline"] if higher else q["value"] < q["baseline"]
-    return text + f", baseline {q['baseline']:.3g}" + {True: ": beats it", False: ": loses to it", None: ""}[beats], q
+    return text + f", baseline {q['baseline']:.3g}" + _judgement(beats, q.get("margin_ci95")), q
+
+
+def _judgement(beats: bool | None, margin_ci95: list[float] | None) -> str:
+    """The verdict's words: beaten only when the margin's interval lies clear of 0 (the margin is signed so that
+    above 0 is better for the model)."""
+    if beats is None:
+        return ""
+    if beats:
+        return ": beats it"
+    if margin_ci95 and margin_ci95[1] < 0:
+        return ": loses to it"
+    if margin_ci95:
+        return f": no clear difference (margin's 95% interval {margin_ci95[0]:.3g} to {margin_ci95[1]:.3g})"
+    return ": loses to it"
 
 
 def _answer(doc: Doc, recs: list[Rec], comps: list[Comparison], results: Path | None) -> list[dict[str, Any]]:

@@ -45,8 +45,8 @@ def headline(evaluate: dict[str, Any], variant: str, best: dict[str, Any] | None
     if isinstance(verdict, list):
         verdict = next((v for v in verdict if v.get("model") == variant), None)
     if isinstance(verdict, dict) and verdict.get("model") in (None, variant):
-        return {"metric": verdict["metric"], "value": verdict.get("model_value"),
-                "baseline": verdict.get("baseline_value"), "beats": verdict.get("beats_baseline")}  # fmt: skip
+        return {"metric": verdict["metric"], "value": verdict.get("model_value"), "baseline": verdict.get("baseline_value"),
+                "beats": verdict.get("beats_baseline"), "margin_ci95": verdict.get("margin_ci95")}  # fmt: skip
     if isinstance(verdict, dict) and "metric" in verdict:  # another variant is the best: the same metric, no claim
         reference = verdict.get("baseline") == variant  # quantum's raw pixels: what the others are judged against
         return {"metric": verdict["metric"], "value": (evaluate.get(variant) or {}).get(verdict["metric"]),
