@@ -139,6 +139,11 @@ def make_project(path: Path, workloads: list[str] | None = None) -> Project:
 RUN_STAGES = {"tune", "train", "evaluate", "benchmark"}  # the stages that log MLflow runs
 
 
+def error_lines(stderr: str) -> list[str]:
+    """A stage's error lines ("accelbench <stage>: error: ..."), apart from its start and progress lines."""
+    return [ln for ln in stderr.splitlines() if ln.startswith("accelbench ") and ": error: " in ln]
+
+
 def assert_failure_recorded(project: Project, workload: str, stage: str, reason: str) -> None:
     """A stage that logs runs ends its run FAILED with the reason; a data stage opens no store at all, so the
     one error line and the absent output are its whole record."""

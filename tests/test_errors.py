@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURES, assert_failure_recorded, has_cuda
+from conftest import FIXTURES, assert_failure_recorded, error_lines, has_cuda
 
 GOOD = (FIXTURES / "diabetes.csv").read_text()
 
@@ -18,7 +18,7 @@ def rewrite_header(old: str, new: str) -> str:
 
 def assert_failed_cleanly(project, proc, stage: str, *needles: str, output: str | None = None) -> str:
     assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("accelbench ")]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     for needle in needles:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_failure_recorded
+from conftest import assert_failure_recorded, error_lines as conftest_error_lines
 from accelbench.workloads.guava import CLASSES, channel_means, draw_guava, generate_images
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "guava"  # 6 images per class: PNG/JPEG, RGB/RGBA/L/CMYK/P
@@ -232,7 +232,7 @@ def path_project(tmp_path_factory):
 
 
 def error_lines(proc) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("accelbench ")]
+    return conftest_error_lines(proc.stderr)
 
 
 def leftovers(output: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import pennylane as qml
 import pytest
 import torch
 
-from conftest import assert_failure_recorded
+from conftest import assert_failure_recorded, error_lines
 from accelbench.errors import DataError
 from accelbench.models.quanv import initial_weights, patch_qnode, random_layers
 from accelbench.models.quanv_sim import circuit_unitary
@@ -400,7 +400,7 @@ def _tree_digest(folder: Path) -> str:
 
 def assert_clean_failure(project, proc, stage: str, output: Path, before: str, *needles: str) -> None:
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("accelbench ")]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
-from conftest import FIXTURES, assert_failure_recorded, make_project
+from conftest import FIXTURES, assert_failure_recorded, error_lines, make_project
 
 from accelbench.models.bilstm_fast import torch_model
 from accelbench.workloads.sentiment import PAD, Model, Prepare, clean, tokenize
@@ -198,7 +198,7 @@ ENTITY_ROWS = "1,Amazon,Positive,love it\r\n2,Amazon,Negative,hate it\r\n"
 def assert_fails_cleanly(project, stage: str, *expected: str, output: str = "data/raw/sentiment") -> None:
     proc = project.stage(stage, "sentiment")
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("accelbench")]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for text in expected:
         assert text in lines[0], lines[0]

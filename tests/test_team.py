@@ -25,7 +25,7 @@ import optuna
 import pytest
 import requests
 
-from conftest import Project, make_project
+from conftest import Project, error_lines, make_project
 from accelbench import tracking
 from servers import MlflowServer, postgres_missing, postgres_server
 
@@ -294,7 +294,9 @@ def test_wrong_url_or_credentials_fail_fast_in_one_line(team):
     done = team.wait(*procs, ok=False)
     elapsed = time.monotonic() - start
     for why, proc in zip(cases, done):
-        lines = proc.stderr.strip().splitlines()
+        lines = error_lines(proc.stderr)
+        said = [ln for ln in proc.stderr.strip().splitlines() if ln not in lines]
+        assert said == ["accelbench train diabetes: start"], (why, said)  # nothing but the start line besides the error
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (why, proc.stderr[-2000:])
         assert lines[0].startswith("accelbench train: error: MLFLOW_TRACKING_URI=http://127.0.0.1:")
     assert "no MLflow tracking server answered (Connection refused)" in done[0].stderr
