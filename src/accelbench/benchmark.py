@@ -32,7 +32,7 @@ from .runtime import on_device, runtime_for
 from .study import Study, config_hash, storage_url, study_name
 from .tasks import Task
 from .timing import IntervalPlan, median, spread, work
-from .tracking import log_benchmark_run, record_failure, run_name, stage_run
+from .tracking import check_server, log_benchmark_run, record_failure, run_name, stage_run, tracking_uri
 from .workloads import Workload
 
 
@@ -76,6 +76,7 @@ def frameworks(cfg: Config, wl: Workload) -> list[str]:
 def run(cfg: Config, wl: Workload, root: Path) -> None:
     """The stage: one child process per (framework, device); records merged into results/<w>/benchmark.json.
     With several ranks (`distributed`), the scaling points (kind=scaling) are measured after them."""
+    check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
     cfg = distributed.for_workload(cfg, wl)
     records: list[dict[str, Any]] = []
     env = {**os.environ, "DVC_ROOT": str(root), interleave.SESSION_ENV: uuid.uuid4().hex[:12]}

@@ -17,13 +17,14 @@ from .io import SPLITS, Prepared, atomic_dir, atomic_file, load_prepared, read_j
 from .project import checkpoint_dir, model_dir, prepared_dir, results_dir
 from .runtime import framework_for, runtime_for
 from .timing import work
-from .tracking import main_rank_run, run_name, stage_run
+from .tracking import check_server, main_rank_run, run_name, stage_run, tracking_uri
 from .workloads import Workload
 
 HOST_TAGS = {"device": "cpu", "framework": "none", "precision": "n/a"}
 
 
 def tune(cfg: Config, wl: Workload, root: Path) -> None:
+    check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
     runtime = runtime_for(cfg, wl)
     prepared = read_prepared(root, wl.name)
     params = cfg.params(wl.name)
@@ -71,6 +72,7 @@ def variant_params(cfg: Config, wl: Workload, root: Path) -> dict[str, tuple[Any
 
 
 def train(cfg: Config, wl: Workload, root: Path) -> None:
+    check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
     cfg = distributed.for_workload(cfg, wl)
     if distributed.needs_relaunch(cfg, framework_for(cfg, wl)):
         distributed.local_gpus_needed(cfg)
@@ -163,6 +165,7 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
+    check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
     runtime = runtime_for(cfg, wl)
     prepared = read_prepared(root, wl.name)
     task = wl.task(prepared.meta)
