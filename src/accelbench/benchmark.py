@@ -155,7 +155,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         target = params.benchmark
         if target.value is not None:
             records.append(_time_to_target(point, vparams))
-        if _stacks(cfg, wl, base, prepared, runtime):
+        if _stacks(cfg, wl, base, runtime):
             records.append(_population_vs_sequential(point, base))
     return records
 
@@ -397,14 +397,10 @@ def _time_to_target(p: Point, params: WorkloadParams) -> dict[str, Any]:
     return rec
 
 
-def _stacks(cfg: Config, wl: Workload, params, prepared: Prepared, runtime: Runtime) -> bool:
-    """Whether population tuning is measured here: switched on, torch, and a model that stacks."""
-    if cfg.benchmark.population is None or runtime.framework != "torch":
-        return False
-    try:
-        return wl.population_model(params, prepared, runtime) is not None
-    except ConfigError:  # e.g. quantum's trainable circuit: these params tune one by one only
-        return False
+def _stacks(cfg: Config, wl: Workload, params: WorkloadParams, runtime: Runtime) -> bool:
+    """Whether population tuning is measured here: switched on, torch, and a model that stacks (asked cheaply:
+    building the population model would run quantum's circuits once more just to answer yes)."""
+    return cfg.benchmark.population is not None and runtime.framework == "torch" and wl.stacks(params)
 
 
 def _population_vs_sequential(p: Point, params: WorkloadParams) -> dict[str, Any]:

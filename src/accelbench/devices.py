@@ -137,6 +137,7 @@ def hardware_info() -> dict[str, Any]:
     }
 
 
+@cache  # base_tags asks once per run, and a tuning stage opens a run per trial
 def recorded_hardware(path: Path) -> dict[str, Any]:
     """The hardware stage's record (results/hardware.json) where it exists: reading it probes nothing."""
     return json.loads(path.read_text()) if path.is_file() else hardware_info()

@@ -231,8 +231,8 @@ class Doc:
 
 def build_for_project(root: Path) -> dict[str, Any]:
     """The report stage: the project's tracking store (or server) -> reports/."""
-    check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line now, not minutes of retries
     uri = tracking_uri(root)
+    check_server(uri)  # a wrong URL or bad credentials: one line now, not minutes of retries
     progress.read(f"the benchmark runs in {uri}")
     with work():
         summary = build(uri, reports_dir(root), root / "results")
