@@ -37,3 +37,29 @@ def test_lower_is_better_flips_the_sign():
                 200, seed=0, note=generic_note)  # fmt: skip
     assert v["model_value"] < v["baseline_value"] and v["margin"] == pytest.approx(v["baseline_value"] - v["model_value"])
     assert v["beats_baseline"] is True
+
+
+@pytest.mark.parametrize("kind, n_outputs, metric", [
+    ("binary", 1, "test/roc_auc"), ("binary", 1, "test/f1"), ("binary", 1, "test/accuracy"), ("binary", 1, "test/loss"),
+    ("multiclass", 4, "test/macro_f1"), ("multiclass", 4, "test/accuracy"), ("regression", 1, "test/rmse"),
+])  # fmt: skip
+def test_the_bootstraps_one_metric_scorer_gives_the_full_metrics_value(kind, n_outputs, metric):
+    """Task.score (numpy, a thousand calls per verdict) against Task.metrics (sklearn) on resamples with repeats,
+    ties in the scores and classes missing from a resample."""
+    from accelbench.tasks import Task
+
+    task = Task(kind, n_outputs)
+    rng = np.random.default_rng(3)
+    n = 120
+    y = rng.integers(0, n_outputs if kind == "multiclass" else 2, n).astype(np.float64)
+    logits = np.round(rng.normal(size=(n, n_outputs)), 1)  # rounded: tied scores
+    if kind == "regression":
+        y = rng.normal(size=n)
+    for _ in range(20):
+        idx = rng.integers(0, n, n // 3)
+        want = task.metrics(y[idx], logits[idx], "test").get(metric)
+        got = task.score(y[idx], logits[idx], metric)
+        assert (got is None and want is None) or got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    diverged = np.full_like(logits, np.nan)  # a diverged model: loss nan, no other metric
+    want = task.metrics(y, diverged, "test").get(metric)
+    assert np.isnan(task.score(y, diverged, metric)) if metric.endswith("loss") else task.score(y, diverged, metric) is want is None

@@ -103,7 +103,7 @@ class Workload:
 
     def item_score(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], logits: np.ndarray, idx: np.ndarray, metric: str) -> float:
         """`metric` on the test items `idx` (with repeats: a bootstrap resample)."""
-        value = self.task(meta).metrics(arrays["y"][idx], logits[idx], "test").get(metric)
+        value = self.task(meta).score(arrays["y"][idx], logits[idx], metric)
         return float("nan") if value is None else float(value)
 
     def verdict_note(self, params: WorkloadParams, beats: bool, margin: float, n_items: int) -> str:
