@@ -127,3 +127,15 @@ def test_the_readmes_layout_names_every_module():
     layout = readme.split("## Layout", 1)[1].split("## ", 1)[0]
     missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
     assert missing == []
+
+
+def test_a_process_age_lies_within_the_wall_time_its_parent_saw():
+    """The wall time stage_times records starts at the process's creation: never before the parent started it
+    (psutil's create_time, built on the whole-second boot time, read up to a second early)."""
+    import subprocess
+    import time
+
+    code = "import time; time.sleep(0.5); from accelbench.stage_times import process_age_s; print(process_age_s())"
+    t0 = time.monotonic()
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.5 <= age <= time.monotonic() - t0

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from . import progress
 from .errors import AccelbenchError, ConfigError, Interrupted
 from .project import load_config, project_root
-from .stage_times import record_at_exit
+from .stage_times import quick_teardown, record_at_exit
 from .workloads import get_workload
 
 EXIT_ERROR = 2
@@ -28,6 +28,7 @@ def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = (), 
     `on_failure` records an error that stopped the stage; stages that log to MLflow pass tracking's.
     """
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    quick_teardown()
     root = project_root()
     args = sys.argv[1:]
     name = args[0] if len(args) == 1 + len(extra_args) else None
@@ -64,6 +65,7 @@ def main_child(stage: str, fn: Callable[..., None], on_failure: OnFailure | None
 
 def main_global(stage: str, fn: Callable[..., None]) -> None:
     """Stages that span workloads (hardware, report): same error boundary, no workload argument."""
+    quick_teardown()
     root = project_root()
     record_at_exit(root, stage, None)
     try:
