@@ -116,7 +116,7 @@ class BenchmarkConfig:
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # cpu, cuda, cuda:N; auto = every device present
     frameworks: list[Framework] = field(default_factory=lambda: ["torch"])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 256])  # the default and tuned batches are added
-    steps: int = 20  # training steps per timed repeat
+    steps: int = 10  # training steps per timed repeat (min_repeat_s lengthens a shorter one)
     warmup_steps: int = 5
     repeats: int = 5
     intervals: int = 5  # the repeats split into this many re-warmed intervals, CPU and GPU interleaved
