@@ -176,3 +176,42 @@ def test_a_stage_in_a_log_says_start_what_it_read_progress_and_result(prepared_p
     assert all(re.search(r"epoch \d/4, [\d.]+ s/epoch, ETA [\d.]+ s", ln) for ln in epochs), epochs
     assert re.fullmatch(r"accelbench train diabetes: done in [\d.]+ s; mlp: [\d.e-]+ s/epoch, val/loss [\d.]+", lines[-1])
     assert "Skip logging GPU metrics" not in proc.stderr and "\r" not in proc.stderr
+
+
+def test_the_benchmark_stage_in_a_log_shows_its_childs_lines_while_the_child_runs(prepared_project):
+    """The benchmark measures in a child process per device (interleave.py); its read and progress lines reach the
+    stage's own stderr while it runs, in order between the stage's start and result lines, and not after it ends."""
+    import subprocess
+    import sys
+
+    env = {**prepared_project.env, "ACCELBENCH_PROGRESS_S": "0"}
+    proc = subprocess.Popen([sys.executable, "stages/benchmark.py", "diabetes"], cwd=prepared_project.root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines, child_alive_at_read = [], False
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if ": read " in line:  # the child's first line: the child must still be at work when it arrives
+            child_alive_at_read = any("accelbench.benchmark" in cmd for cmd in _commands_under(proc.pid))
+    assert proc.wait(timeout=600) == 0, "\n".join(lines[-40:])
+    ours = [ln for ln in lines if ln.startswith("accelbench ")]
+    assert ours[0] == "accelbench benchmark diabetes: start"
+    assert re.fullmatch(r"accelbench benchmark diabetes: read data/prepared/diabetes \([\d,]+ training rows\) to time torch on cpu", ours[1])
+    assert child_alive_at_read, "the child's read line arrived only after the child had ended"
+    points = [ln for ln in ours if ln.startswith("accelbench benchmark diabetes mlp torch cpu: batch size ")]
+    assert points and all(re.search(r"batch size \d/\d, [\d.]+ s/batch size, ETA [\d.]+ s", ln) for ln in points), ours
+    assert ours.index(points[0]) == 2  # progress follows the read line: nothing of the child's is held back
+    assert re.fullmatch(r"accelbench benchmark diabetes: done in [\d.]+ s; \d+ measurements in results/diabetes/benchmark.json", ours[-1])
+    assert not [ln for ln in ours if ": error: " in ln or "interrupted" in ln], ours
+
+
+def _commands_under(pid: int) -> list[str]:
+    """The command lines of the processes under `pid` (one that ends while we look is passed over)."""
+    import contextlib
+
+    import psutil
+
+    commands = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            commands.append(" ".join(child.cmdline()))
+    return commands
