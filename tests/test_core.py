@@ -215,3 +215,63 @@ def _commands_under(pid: int) -> list[str]:
         with contextlib.suppress(psutil.Error):
             commands.append(" ".join(child.cmdline()))
     return commands
+
+
+def test_a_moved_project_keeps_its_mlflow_artifacts(prepared_project, tmp_path):
+    """The local store keeps artifact locations relative to the project root (tracking.use_experiment): copied
+    elsewhere and the original gone, MLflow finds every run's artifacts in the copy, and a stage run there logs
+    into the copy, never into the old place."""
+    import contextlib
+    import shutil
+
+    import mlflow
+
+    from conftest import Project
+
+    assert prepared_project.stage("train").returncode == 0
+    copy = Project(tmp_path / "elsewhere" / "project", prepared_project.env)
+    shutil.copytree(prepared_project.root, copy.root, symlinks=True)
+    original = prepared_project.root
+    gone = original.rename(original.with_name("gone"))
+    try:
+        assert copy.client().get_experiment_by_name("diabetes").artifact_location == "mlruns/artifacts/diabetes"
+        train = copy.runs(filter_string="tags.stage = 'train'")[0]
+        assert train.info.artifact_uri == f"mlruns/artifacts/diabetes/{train.info.run_id}/artifacts"
+        assert {"model/model.pt", "model/model.json"} <= set(copy.artifacts(train.info.run_id, "model"))
+        with contextlib.chdir(copy.root):
+            got = mlflow.artifacts.download_artifacts(run_id=train.info.run_id, artifact_path="model/model.json",
+                                                      dst_path=str(tmp_path / "got"), tracking_uri=str(copy.client().tracking_uri))  # fmt: skip
+        assert Path(got).read_text() == (copy.root / "models/diabetes/mlp/model.json").read_text()
+        assert copy.stage("train").returncode == 0
+        again = copy.runs(filter_string="tags.stage = 'train'")[0]
+        assert again.info.run_id != train.info.run_id and "model/model.pt" in copy.artifacts(again.info.run_id, "model")
+        assert not original.exists()  # nothing written to the old place
+    finally:
+        gone.rename(original)
+
+
+def test_a_store_from_before_relative_locations_is_made_relative_where_it_now_lies(tmp_path):
+    """A store made while locations were absolute, its project moved since: the first stage to open the experiment
+    in the new place rewrites the old prefix, so the runs logged before the move find their artifacts again."""
+    import contextlib
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    (new / "mlruns").mkdir(parents=True)
+    client = mlflow.MlflowClient(f"sqlite:///{new / 'mlruns' / 'mlflow.db'}")
+    exp = client.create_experiment("diabetes", artifact_location=(old / "mlruns/artifacts/diabetes").as_uri())
+    run = client.create_run(exp).info
+    moved = new / "mlruns/artifacts/diabetes" / run.run_id / "artifacts" / "note.txt"  # where the move took it
+    moved.parent.mkdir(parents=True)
+    moved.write_text("kept")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    subprocess.run([sys.executable, "-c", "from accelbench.tracking import use_experiment; use_experiment('diabetes')"],
+                   env={**env, "DVC_ROOT": str(new)}, check=True, timeout=120)  # fmt: skip
+    assert client.get_experiment(exp).artifact_location == "mlruns/artifacts/diabetes"
+    assert client.get_run(run.run_id).info.artifact_uri == f"mlruns/artifacts/diabetes/{run.run_id}/artifacts"
+    with contextlib.chdir(new):
+        assert [a.path for a in client.list_artifacts(run.run_id)] == ["note.txt"]
