@@ -219,10 +219,12 @@ def _commands_under(pid: int) -> list[str]:
 
 def test_a_moved_project_keeps_its_mlflow_artifacts(prepared_project, tmp_path):
     """The local store keeps artifact locations relative to the project root (tracking.use_experiment): copied
-    elsewhere and the original gone, MLflow finds every run's artifacts in the copy, and a stage run there logs
-    into the copy, never into the old place."""
+    elsewhere and the original gone, MLflow finds every run's artifacts in the copy, and a stage run for the copy
+    logs into it, never into the old place nor its own working directory."""
     import contextlib
     import shutil
+    import subprocess
+    import sys
 
     import mlflow
 
@@ -242,10 +244,15 @@ def test_a_moved_project_keeps_its_mlflow_artifacts(prepared_project, tmp_path):
             got = mlflow.artifacts.download_artifacts(run_id=train.info.run_id, artifact_path="model/model.json",
                                                       dst_path=str(tmp_path / "got"), tracking_uri=str(copy.client().tracking_uri))  # fmt: skip
         assert Path(got).read_text() == (copy.root / "models/diabetes/mlp/model.json").read_text()
-        assert copy.stage("train").returncode == 0
+        # as a queued or temp experiment runs it: in a copy of the workspace, $DVC_ROOT naming the project
+        workspace = tmp_path / "workspace"
+        workspace.mkdir()
+        proc = subprocess.run([sys.executable, str(copy.root / "stages/train.py"), "diabetes"], cwd=workspace,
+                              env={**copy.env, "DVC_ROOT": str(copy.root)}, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
         again = copy.runs(filter_string="tags.stage = 'train'")[0]
         assert again.info.run_id != train.info.run_id and "model/model.pt" in copy.artifacts(again.info.run_id, "model")
-        assert not original.exists()  # nothing written to the old place
+        assert not original.exists() and list(workspace.iterdir()) == []  # nothing written to the old place or the cwd
     finally:
         gone.rename(original)
 
