@@ -1,6 +1,7 @@
 """A fixture shrinks the real config and runs the real entry points in a temp git + DVC repo."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -97,6 +98,12 @@ class Project:
 
     def client(self) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(tracking_uri=f"sqlite:///{self.root / 'mlruns' / 'mlflow.db'}")
+
+    def artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        """A run's artifact paths, listed as MLflow's tools do: from the project root, against which the local
+        store's relative artifact locations resolve (tracking.use_experiment)."""
+        with contextlib.chdir(self.root):
+            return [a.path for a in self.client().list_artifacts(run_id, path)]
 
     def runs(self, experiment: str = "diabetes", filter_string: str = "") -> list:
         client = self.client()

@@ -176,3 +176,109 @@ def test_a_stage_in_a_log_says_start_what_it_read_progress_and_result(prepared_p
     assert all(re.search(r"epoch \d/4, [\d.]+ s/epoch, ETA [\d.]+ s", ln) for ln in epochs), epochs
     assert re.fullmatch(r"accelbench train diabetes: done in [\d.]+ s; mlp: [\d.e-]+ s/epoch, val/loss [\d.]+", lines[-1])
     assert "Skip logging GPU metrics" not in proc.stderr and "\r" not in proc.stderr
+
+
+def test_the_benchmark_stage_in_a_log_shows_its_childs_lines_while_the_child_runs(prepared_project):
+    """The benchmark measures in a child process per device (interleave.py); its read and progress lines reach the
+    stage's own stderr while it runs, in order between the stage's start and result lines, and not after it ends."""
+    import subprocess
+    import sys
+
+    env = {**prepared_project.env, "ACCELBENCH_PROGRESS_S": "0"}
+    proc = subprocess.Popen([sys.executable, "stages/benchmark.py", "diabetes"], cwd=prepared_project.root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines, child_alive_at_read = [], False
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if ": read " in line:  # the child's first line: the child must still be at work when it arrives
+            child_alive_at_read = any("accelbench.benchmark" in cmd for cmd in _commands_under(proc.pid))
+    assert proc.wait(timeout=600) == 0, "\n".join(lines[-40:])
+    ours = [ln for ln in lines if ln.startswith("accelbench ")]
+    assert ours[0] == "accelbench benchmark diabetes: start"
+    assert re.fullmatch(r"accelbench benchmark diabetes: read data/prepared/diabetes \([\d,]+ training rows\) to time torch on cpu", ours[1])
+    assert child_alive_at_read, "the child's read line arrived only after the child had ended"
+    points = [ln for ln in ours if ln.startswith("accelbench benchmark diabetes mlp torch cpu: batch size ")]
+    assert points and all(re.search(r"batch size \d/\d, [\d.]+ s/batch size, ETA [\d.]+ s", ln) for ln in points), ours
+    assert ours.index(points[0]) == 2  # progress follows the read line: nothing of the child's is held back
+    assert re.fullmatch(r"accelbench benchmark diabetes: done in [\d.]+ s; \d+ measurements in results/diabetes/benchmark.json", ours[-1])
+    assert not [ln for ln in ours if ": error: " in ln or "interrupted" in ln], ours
+
+
+def _commands_under(pid: int) -> list[str]:
+    """The command lines of the processes under `pid` (one that ends while we look is passed over)."""
+    import contextlib
+
+    import psutil
+
+    commands = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            commands.append(" ".join(child.cmdline()))
+    return commands
+
+
+def test_a_moved_project_keeps_its_mlflow_artifacts(prepared_project, tmp_path):
+    """The local store keeps artifact locations relative to the project root (tracking.use_experiment): copied
+    elsewhere and the original gone, MLflow finds every run's artifacts in the copy, and a stage run for the copy
+    logs into it, never into the old place nor its own working directory."""
+    import contextlib
+    import shutil
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from conftest import Project
+
+    assert prepared_project.stage("train").returncode == 0
+    copy = Project(tmp_path / "elsewhere" / "project", prepared_project.env)
+    shutil.copytree(prepared_project.root, copy.root, symlinks=True)
+    original = prepared_project.root
+    gone = original.rename(original.with_name("gone"))
+    try:
+        assert copy.client().get_experiment_by_name("diabetes").artifact_location == "mlruns/artifacts/diabetes"
+        train = copy.runs(filter_string="tags.stage = 'train'")[0]
+        assert train.info.artifact_uri == f"mlruns/artifacts/diabetes/{train.info.run_id}/artifacts"
+        assert {"model/model.pt", "model/model.json"} <= set(copy.artifacts(train.info.run_id, "model"))
+        with contextlib.chdir(copy.root):
+            got = mlflow.artifacts.download_artifacts(run_id=train.info.run_id, artifact_path="model/model.json",
+                                                      dst_path=str(tmp_path / "got"), tracking_uri=str(copy.client().tracking_uri))  # fmt: skip
+        assert Path(got).read_text() == (copy.root / "models/diabetes/mlp/model.json").read_text()
+        # as a queued or temp experiment runs it: in a copy of the workspace, $DVC_ROOT naming the project
+        workspace = tmp_path / "workspace"
+        workspace.mkdir()
+        proc = subprocess.run([sys.executable, str(copy.root / "stages/train.py"), "diabetes"], cwd=workspace,
+                              env={**copy.env, "DVC_ROOT": str(copy.root)}, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        again = copy.runs(filter_string="tags.stage = 'train'")[0]
+        assert again.info.run_id != train.info.run_id and "model/model.pt" in copy.artifacts(again.info.run_id, "model")
+        assert not original.exists() and list(workspace.iterdir()) == []  # nothing written to the old place or the cwd
+    finally:
+        gone.rename(original)
+
+
+def test_a_store_from_before_relative_locations_is_made_relative_where_it_now_lies(tmp_path):
+    """A store made while locations were absolute, its project moved since: the first stage to open the experiment
+    in the new place rewrites the old prefix, so the runs logged before the move find their artifacts again."""
+    import contextlib
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    (new / "mlruns").mkdir(parents=True)
+    client = mlflow.MlflowClient(f"sqlite:///{new / 'mlruns' / 'mlflow.db'}")
+    exp = client.create_experiment("diabetes", artifact_location=(old / "mlruns/artifacts/diabetes").as_uri())
+    run = client.create_run(exp).info
+    moved = new / "mlruns/artifacts/diabetes" / run.run_id / "artifacts" / "note.txt"  # where the move took it
+    moved.parent.mkdir(parents=True)
+    moved.write_text("kept")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    subprocess.run([sys.executable, "-c", "from accelbench.tracking import use_experiment; use_experiment('diabetes')"],
+                   env={**env, "DVC_ROOT": str(new)}, check=True, timeout=120)  # fmt: skip
+    assert client.get_experiment(exp).artifact_location == "mlruns/artifacts/diabetes"
+    assert client.get_run(run.run_id).info.artifact_uri == f"mlruns/artifacts/diabetes/{run.run_id}/artifacts"
+    with contextlib.chdir(new):
+        assert [a.path for a in client.list_artifacts(run.run_id)] == ["note.txt"]

@@ -157,6 +157,22 @@ def test_bad_ablation_entry_fails_the_benchmark_stage_cleanly(prepared_project):
         project.set_params(original)
 
 
+
+def test_a_failing_benchmark_child_is_reported_once_and_its_sibling_ended_quietly(prepared_project):
+    """Two device children taking turns: the CPU's measures, the absent GPU's fails on its first turn. Their lines
+    reach the stage's stderr as they come, but the failing child's error line only once, as the stage's own; the
+    CPU child, ended for it, adds no line of its own ending."""
+    project = prepared_project
+    original = project.params()
+    try:
+        project.update("benchmark.devices", ["cpu", "cuda:7"])
+        proc = project.stage("benchmark")
+        assert_failed_cleanly(project, proc, "benchmark", "device: 'cuda:7' requested", output="results/diabetes/benchmark.json")
+        assert "accelbench benchmark diabetes: read data/prepared/diabetes" in proc.stderr  # the CPU child, live
+        assert "interrupted" not in proc.stderr
+    finally:
+        project.set_params(original)
+
 def test_ablation_options_that_do_not_apply_say_why_and_the_rest_are_measured(prepared_project, tmp_path):
     """Not an error, but the same promise: cuda_graphs on the CPU and channels_last on an MLP are recorded no-ops with
     their reason; bf16 is timed beside the quality of a training run under it (the benchmark stage's child, on the CPU)."""

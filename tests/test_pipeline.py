@@ -96,7 +96,7 @@ def test_train_run_has_params_curves_timings_and_system_metrics(reproduced):
     curve = reproduced.client().get_metric_history(train.info.run_id, "train/loss")
     assert sorted(p.step for p in curve) == [0, 1, 2, 3]
     assert any(k.startswith("system/") for k in m), "MLflow system metrics missing"
-    artifacts = [a.path for a in reproduced.client().list_artifacts(train.info.run_id, "model")]
+    artifacts = reproduced.artifacts(train.info.run_id, "model")
     assert "model/model.pt" in artifacts
 
 

@@ -349,8 +349,7 @@ def test_each_variant_is_its_own_finished_run(digits):
     for key in ("model.head", "model.hidden", "train.epochs", "train.batch_size"):  # the same head and budget
         assert quanv.data.params[key] == raw.data.params[key], key
     assert "throughput/circuits_per_s" in quanv.data.metrics
-    artifacts = [a.path for a in digits.client().list_artifacts(
-        digits.runs("quantum", "tags.stage = 'evaluate' and tags.variant = 'quanv'")[0].info.run_id, "plots")]  # fmt: skip
+    artifacts = digits.artifacts(digits.runs("quantum", "tags.stage = 'evaluate' and tags.variant = 'quanv'")[0].info.run_id, "plots")
     assert "plots/quanv_test_quantum_channels.png" in artifacts
 
 

@@ -111,7 +111,7 @@ def test_predicted_vs_actual_png_is_written_and_logged(stock):
     png = stock.root / "results/stock/plots/lstm_test_predicted_vs_actual.png"
     assert Image.open(png).size[0] > 500
     run = [r for r in stock.runs("stock", "tags.stage = 'evaluate'") if r.data.tags.get("variant") == "lstm"][0]
-    logged = [a.path for a in stock.client().list_artifacts(run.info.run_id, "plots")]
+    logged = stock.artifacts(run.info.run_id, "plots")
     assert "plots/lstm_test_predicted_vs_actual.png" in logged
 
 

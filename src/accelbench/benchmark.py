@@ -96,12 +96,18 @@ def _devices_in_turns(wl: Workload, framework: str, specs: list[str], root: Path
         outs = [Path(tmp) / f"records-{i}.json" for i in range(len(specs))]
         child = [sys.executable, "-m", "accelbench.benchmark", wl.name, framework]
         cmds = [[*child, spec, str(out)] for spec, out in zip(specs, outs)]
-        results = interleave.run_in_turns(cmds, root, env, Path(tmp))
-        for code, stderr in results:
+        for code, stderr in interleave.run_in_turns(cmds, root, env):
             if code != 0:
-                lines = [ln for ln in stderr.splitlines() if ln.startswith("accelbench ")]
-                raise AccelbenchError(lines[-1].split("error: ", 1)[-1] if lines else stderr.strip()[-2000:])
+                raise AccelbenchError(_child_error(stderr))
         return [rec for out in outs for rec in json.loads(out.read_text())]
+
+
+def _child_error(stderr: str) -> str:
+    """A failed child's reason: its error line, else (a crash, not a clean error) the end of its stderr. Its
+    progress lines are no reason, though they too start with 'accelbench '."""
+    errors = [ln.split(interleave.ERROR_MARK, 1)[1] for ln in stderr.splitlines()
+              if ln.startswith("accelbench ") and interleave.ERROR_MARK in ln]  # fmt: skip
+    return errors[-1] if errors else stderr.strip()[-2000:]
 
 
 def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, root: Path) -> tuple[dict[str, Any], str]:

@@ -4,18 +4,53 @@ The parent starts one process per device and hands a single turn round them: onl
 hands the turn on at the end of each timed interval. A slow spell of the host then hits the CPU's and the
 GPU's intervals alike, and no process times while another computes. Each child talks to the parent over two
 pipes whose descriptors it finds in $ACCELBENCH_TURN_FDS ("<go read fd>,<done write fd>"); without it (a child
-started by hand) a turn is always its own.
+started by hand) a turn is always its own. Each child's stderr is read as it is written and echoed on the
+parent's, so its progress shows while it runs.
 """
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 TURN_ENV = "ACCELBENCH_TURN_FDS"
 SESSION_ENV = "ACCELBENCH_BENCH_SESSION"  # one id per benchmark stage call: the report tells two runs apart by it
+ERROR_MARK = ": error: "  # in a child's line "accelbench <stage>: error: <why>" (cli.main)
+KEPT_LINES = 1000  # of each child's stderr: a failure is reported from its end
+DRAIN_WAIT_S = 10.0  # after a child's exit: a process it left behind may hold its stderr open
+
+_ECHO_LOCK = threading.Lock()  # one line at a time from several children
+
+
+class _Drain:
+    """A thread that reads one child's stderr without pause, keeps its last lines and echoes each line on this
+    process's stderr while `echo` is set. Reading at once, not after the child ends, is what keeps a child from
+    blocking on a full pipe and so holding the turn; only a stalled reader of our own stderr could stall it, as
+    it would stall this process. The child's error line is kept, not echoed: the parent reports it as its own."""
+
+    def __init__(self, pipe: IO[str], echo: threading.Event) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
+        self._thread = threading.Thread(target=self._read, args=(pipe, echo), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[str], echo: threading.Event) -> None:
+        with pipe:
+            for line in pipe:
+                self._lines.append(line)
+                if echo.is_set() and not (line.startswith("accelbench ") and ERROR_MARK in line):
+                    with _ECHO_LOCK:
+                        sys.stderr.write(line)
+                        sys.stderr.flush()
+
+    def text(self) -> str:
+        """What the child wrote (its last KEPT_LINES lines), once it has closed its stderr."""
+        self._thread.join(DRAIN_WAIT_S)
+        return "".join(self._lines)
 
 
 @dataclass
@@ -23,7 +58,7 @@ class _Child:
     proc: subprocess.Popen
     go: IO[str]
     done: IO[str]
-    stderr: IO[str]
+    stderr: _Drain
 
     def take_turn(self) -> bool:
         """Let the child run until it hands the turn back (True) or exits (False)."""
@@ -34,16 +69,15 @@ class _Child:
             return False
         return self.done.readline() != ""
 
-    def error_text(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()
 
-
-def run_in_turns(cmds: list[list[str]], cwd: Path, env: dict[str, str], log_dir: Path) -> list[tuple[int, str]]:
-    """Run the commands as children taking turns round-robin; the exit code and stderr of each child that ended
-    on its own, in order. The first child that fails ends the others (SIGTERM: their runs end KILLED), which are
-    left out of the answer: the failure is the first child's to report."""
-    children = [_start(cmd, cwd, env, log_dir / f"child{i}.stderr") for i, cmd in enumerate(cmds)]
+def run_in_turns(cmds: list[list[str]], cwd: Path, env: dict[str, str]) -> list[tuple[int, str]]:
+    """Run the commands as children taking turns round-robin, their stderr echoed here as it comes; the exit
+    code and stderr of each child that ended on its own, in order. The first child that fails ends the others
+    (SIGTERM: their runs end KILLED), which are left out of the answer and silenced: the failure is the first
+    child's to report."""
+    echo = threading.Event()
+    echo.set()
+    children = [_start(cmd, cwd, env, echo) for cmd in cmds]
     active, i = list(children), 0
     try:
         while active:
@@ -56,24 +90,27 @@ def run_in_turns(cmds: list[list[str]], cwd: Path, env: dict[str, str], log_dir:
                 break
     finally:
         ended = [c for c in children if c.proc.poll() is None]
+        if ended:
+            echo.clear()
         for child in children:
             if child in ended:
                 child.proc.terminate()
             child.proc.wait()
             child.go.close()
             child.done.close()
-    return [(c.proc.returncode, c.error_text()) for c in children if c not in ended]
+    answer = [(c.proc.returncode, c.stderr.text()) for c in children if c not in ended]
+    echo.clear()  # a drain still open past DRAIN_WAIT_S speaks no more once this stage moves on
+    return answer
 
 
-def _start(cmd: list[str], cwd: Path, env: dict[str, str], stderr_path: Path) -> _Child:
+def _start(cmd: list[str], cwd: Path, env: dict[str, str], echo: threading.Event) -> _Child:
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
-    stderr = open(stderr_path, "w+")  # a file, not a pipe: a child blocked on a full pipe would hold the turn
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, TURN_ENV: f"{go_r},{done_w}"}, stderr=stderr,
-                            pass_fds=(go_r, done_w))  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, TURN_ENV: f"{go_r},{done_w}"}, stderr=subprocess.PIPE,
+                            text=True, errors="replace", pass_fds=(go_r, done_w))  # fmt: skip
     os.close(go_r)  # the parent keeps only its ends: the child's exit then reads as end-of-file
     os.close(done_w)
-    return _Child(proc, os.fdopen(go_w, "w"), os.fdopen(done_r), stderr)
+    return _Child(proc, os.fdopen(go_w, "w"), os.fdopen(done_r), _Drain(proc.stderr, echo))
 
 
 class Turn:

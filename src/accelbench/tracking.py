@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import mlflow
 import requests
 from mlflow.entities import Metric, RunTag
+from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
@@ -95,22 +97,64 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+ARTIFACTS = "mlruns/artifacts"  # the local store's artifacts, relative to the project root
+
+
 def use_experiment(workload: str) -> str:
     """Point MLflow at the project store and the workload's experiment; return its id."""
     root = project_root()
     uri = tracking_uri(root)
     check_server(uri)  # a stage's first contact with MLflow, before it writes anything
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:"):
+    local = uri.startswith("sqlite:")
+    if local:
         (root / "mlruns").mkdir(exist_ok=True)
     exp = mlflow.get_experiment_by_name(workload)
     if exp is None:
-        location = (root / "mlruns" / "artifacts" / workload).as_uri() if uri.startswith("sqlite:") else None
-        try:
-            return mlflow.create_experiment(workload, artifact_location=location)
-        except mlflow.exceptions.MlflowException:  # another worker created it first
-            exp = mlflow.get_experiment_by_name(workload)
+        # created at the absolute path (MLflow makes any local one absolute), made relative below: a run another
+        # process starts in between still writes its artifacts to the right place
+        location = (root / ARTIFACTS / workload).as_uri() if local else None
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # another worker created it first
+            mlflow.create_experiment(workload, artifact_location=location)
+        exp = mlflow.get_experiment_by_name(workload)
+    if local and exp.artifact_location != f"{ARTIFACTS}/{workload}":
+        _make_artifacts_relative(uri, exp.experiment_id, exp.artifact_location, workload)
     return exp.experiment_id
+
+
+def _make_artifacts_relative(uri: str, experiment_id: str, location: str, workload: str) -> None:
+    """Store the experiment's artifact location, and its runs', relative to the project root.
+
+    Absolute, they break when the project is moved or copied: the UI and clients look in the old place.
+    Relative, MLflow resolves them against the working directory, which the stages (DVC runs them in the root),
+    `make ui` and the tests share; the stages' own writes resolve them against the root (artifact_repository),
+    since a queued or temp experiment runs in a copy of the workspace. Rewriting an absolute prefix whenever the
+    project turns up elsewhere would instead leave a copy reading the original's files until a stage ran there.
+    MLflow has no call to change a location: one UPDATE of its experiments and runs tables. Only a location of
+    ours is rewritten (a file: URI ending in mlruns/artifacts/<workload>), wherever the project lay then."""
+    import sqlalchemy  # here: a tracking server's stages never load it
+
+    relative = f"{ARTIFACTS}/{workload}"
+    if urlsplit(location).scheme != "file" or not location.endswith(f"/{relative}"):
+        return
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.begin() as db:
+            db.execute(sqlalchemy.text("UPDATE experiments SET artifact_location = :new WHERE experiment_id = :id"),
+                       {"new": relative, "id": int(experiment_id)})  # fmt: skip
+            db.execute(sqlalchemy.text("UPDATE runs SET artifact_uri = :new || substr(artifact_uri, :cut) "
+                                       "WHERE experiment_id = :id AND substr(artifact_uri, 1, :cut - 1) = :old"),
+                       {"new": relative, "cut": len(location) + 1, "id": int(experiment_id), "old": location})  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def artifact_repository(artifact_uri: str) -> ArtifactRepository:
+    """Where a run's artifacts go: a relative URI (the local store's) under the project root, whatever this
+    process's working directory; any other as MLflow's client resolves it (a server's mlflow-artifacts:)."""
+    if not urlsplit(artifact_uri).scheme and not Path(artifact_uri).is_absolute():
+        artifact_uri = str(project_root() / artifact_uri)
+    return get_artifact_repository(artifact_uri, tracking_uri=mlflow.get_tracking_uri())
 
 
 def reap_orphans(experiment_id: str) -> None:
@@ -176,8 +220,9 @@ class Tracker:
 
     FLUSH_EVERY_S = 5.0
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, artifact_uri: str):
         self.run_id = run_id
+        self.artifact_uri = artifact_uri
         self.client = mlflow.MlflowClient()
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
@@ -204,10 +249,10 @@ class Tracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])  # one round trip
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        artifact_repository(self.artifact_uri).log_artifact(str(path), artifact_path)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        artifact_repository(self.artifact_uri).log_artifacts(str(folder), artifact_path)
 
 
 @dataclass(frozen=True)
@@ -262,7 +307,7 @@ def _start(workload: str, stage: str, runtime_tags: dict[str, str], opts: RunOpt
             tags=all_tags,
             log_system_metrics=system_metrics,
         )
-    return Tracker(run.info.run_id)
+    return Tracker(run.info.run_id, run.info.artifact_uri)
 
 
 @contextlib.contextmanager
