@@ -202,6 +202,7 @@ def test_the_benchmark_stage_in_a_log_shows_its_childs_lines_while_the_child_run
     assert ours.index(points[0]) == 2  # progress follows the read line: nothing of the child's is held back
     assert re.fullmatch(r"accelbench benchmark diabetes: done in [\d.]+ s; \d+ measurements in results/diabetes/benchmark.json", ours[-1])
     assert not [ln for ln in ours if ": error: " in ln or "interrupted" in ln], ours
+    assert not [ln for ln in lines if " INFO " in ln], lines  # MLflow's and alembic's chatter stays filtered
 
 
 def _commands_under(pid: int) -> list[str]:

@@ -18,7 +18,8 @@ T = TypeVar("T")
 # Lines a user can do nothing about: MLflow's system-metrics monitor announcing each start and stop and
 # "Skip logging GPU metrics" on a CPU host.
 QUIET_LOGGERS = ("mlflow.system_metrics", "mlflow.system_metrics.system_metrics_monitor",
-                 "mlflow.system_metrics.metrics.gpu_monitor")  # fmt: skip
+                 "mlflow.system_metrics.metrics.gpu_monitor",
+                 "mlflow.store.db.utils", "alembic.runtime.migration")  # a new store's table creation, line by line  # fmt: skip
 
 
 def interval_s() -> float:
