@@ -35,7 +35,9 @@ def pytest_collection_modifyitems(config, items):
 
 # Per workload, the dotted keys that make its stages take seconds, not minutes.
 SMALL: dict[str, dict[str, object]] = {
-    "diabetes": {"train.epochs": 4},
+    # one trial at a time: the tests of tuning's processes (workers, claims, timeouts, failing trials) tune diabetes;
+    # test_population runs its populations, and quantum's stacking head tunes as populations (auto) throughout
+    "diabetes": {"train.epochs": 4, "tune.strategy": "sequential"},
     "guava": {"data.count": 60, "data.size": 64, "prepare.image_size": 32, "train.epochs": 2},
     "sentiment": {
         "data.max_rows": 400, "train.epochs": 2, "model.embed_dim": 8, "model.hidden": 8, "prepare.min_freq": 1,

@@ -1,5 +1,5 @@
 """The named study sizes: `study: gpu` resolves and runs end to end (here on the CPU, shrunk); tuning honours
-tune.timeout_s inside a trial; `tune.strategy: auto` picks populations only on CUDA."""
+tune.timeout_s inside a trial; `tune.strategy: auto` picks populations wherever the model stacks."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import time
 import yaml
 
 from conftest import REPO, make_project
+from accelbench.config import with_overrides
 from accelbench.devices import Device, Runtime
 from accelbench.project import load_config
 from accelbench.study import strategy_for
@@ -71,13 +72,15 @@ def test_a_trial_stops_at_the_tuning_timeout(tmp_path):
     assert len(trials) == 1 and "tune.timeout_s (2.0 s) reached at epoch" in trials[0].data.tags["pruned"]
 
 
-def test_auto_strategy_tunes_populations_only_on_cuda_where_the_model_stacks():
+def test_auto_strategy_tunes_populations_where_the_model_stacks_on_any_device():
     cfg = load_config("params.yaml")
     cpu, cuda = Device("cpu"), Device("cuda", 0, "H200")
     for name in available():
         params, wl = cfg.params(name), get_workload(name)
         assert params.tune.strategy == "auto"
-        assert strategy_for(wl, params, Runtime(cpu, "torch", "fp32", False, 0)) == "sequential"
         expected = "population" if name in {"diabetes", "quantum"} else "sequential"
+        assert strategy_for(wl, params, Runtime(cpu, "torch", "fp32", False, 0)) == expected, name
         assert strategy_for(wl, params, Runtime(cuda, "torch", "fp32", False, 0)) == expected, name
         assert strategy_for(wl, params, Runtime(cuda, "tensorflow", "fp32", False, 0)) == "sequential"
+    trainable = with_overrides(cfg.params("quantum"), {"model.quanv.mode": "trainable"})  # circuits learn: no stack
+    assert strategy_for(get_workload("quantum"), trainable, Runtime(cpu, "torch", "fp32", False, 0)) == "sequential"

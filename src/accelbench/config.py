@@ -70,7 +70,7 @@ class BenchTarget:
 class WorkloadTune:
     """How this workload is tuned: one trial at a time, or populations trained as one stacked model."""
 
-    # auto: population on CUDA where the model stacks (study.strategy_for decides), else sequential
+    # auto: population where the model stacks, on any device (study.strategy_for decides), else sequential
     strategy: Literal["auto", "sequential", "population"] = "auto"
     population: int = 256  # trials asked from Optuna and trained together (torch only)
     report_every: int = 10  # epochs between intermediate values reported for pruning

@@ -104,10 +104,9 @@ def open_study(cfg: Config, wl: Workload, variant: str, params: WorkloadParams, 
 
 
 def strategy_for(wl: Workload, params: WorkloadParams, runtime: Runtime) -> str:
-    """`auto` tunes populations where they pay: torch on CUDA and a model that stacks. On the CPU one trial at a
-    time is as fast per trial, and the stacked population would only add its set-up."""
+    """`auto` tunes populations wherever the model stacks (torch), on the CPU too: a step of a small model is
+    mostly Python and dispatch, which a population pays once for all its members (tune@diabetes on 2 cores:
+    25.5 s one by one, 12.4 s as populations, the same best trial)."""
     if params.tune.strategy != "auto":
         return params.tune.strategy
-    if runtime.framework != "torch" or runtime.device.type != "cuda":
-        return "sequential"
-    return "population" if wl.stacks(params) else "sequential"
+    return "population" if runtime.framework == "torch" and wl.stacks(params) else "sequential"
