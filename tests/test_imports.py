@@ -106,6 +106,17 @@ def test_stages_that_train_nothing_load_no_framework_and_no_store(tmp_path):
     assert {"torch", "mlflow"} <= loaded_by(project, [["stages/train.py", "diabetes"]])
 
 
+def test_tensorflow_stages_load_no_torch(tmp_path):
+    """The Keras twins live apart from the torch models (models/keras_twins.py): a TensorFlow stage loads only
+    the framework it trains with, here the series model, whose cuDNN question is asked without torch too."""
+    project = make_project(tmp_path / "project", ["stock"])
+    project.update("framework", "tensorflow")
+    project.run(sys.executable, "-m", "dvc", "repro", "prepare@stock")
+    loaded = loaded_by(project, [["stages/train.py", "stock"], ["stages/evaluate.py", "stock"]])
+    assert "tensorflow" in loaded and "torch" not in loaded, loaded
+    assert (project.root / "models/stock/lstm/model.keras").is_file() or any((project.root / "models/stock/lstm").iterdir())
+
+
 def test_stage_times_reports_each_stages_fixed_cost_from_a_real_run(tmp_path):
     project = make_project(tmp_path / "project", ["diabetes"])
     project.run(sys.executable, "-m", "dvc", "repro", "eda@diabetes", "tune@diabetes")

@@ -126,6 +126,8 @@ def group_tags() -> dict[str, str]:
 
 
 def leave() -> None:
+    if "torch.distributed" not in sys.modules:  # never joined a group (a TensorFlow stage loads no torch)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

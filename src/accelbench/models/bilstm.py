@@ -1,7 +1,7 @@
 """The sentiment workload's model: token embeddings -> bidirectional LSTM layers -> each tweet's last forward
 and backward states -> dropout -> dense logits.
 
-`BiLSTM` (torch) and `keras_model` (TensorFlow) are twins. `bilstm_fast` holds the torch fast paths (both
+`BiLSTM`'s Keras twin is keras_twins.bilstm. `bilstm_fast` holds the torch fast paths (both
 directions as one LSTM, the head as a multiply and sum, the embedding rows gathered by index): the same
 function, switched on by params.
 """
@@ -90,20 +90,3 @@ class BiLSTM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.features(tokens, lengths))).float()
-
-
-def keras_model(model: Model, vocab_size: int, n_classes: int, max_len: int):
-    """Keras derives the same mask from the padding id (mask_zero); `lengths` is taken to keep the shared
-    input signature. Default LSTM settings + right padding keep the layer on the fused cuDNN kernel."""
-    import keras
-
-    tokens = keras.Input((max_len,), dtype="int32", name="tokens")
-    lengths = keras.Input((), dtype="int64", name="lengths")
-    x = keras.layers.Embedding(vocab_size, model.embed_dim, mask_zero=True)(tokens)
-    for i in range(model.layers):
-        last = i == model.layers - 1
-        lstm = keras.layers.LSTM(model.hidden, return_sequences=not last, dropout=model.dropout if i else 0.0)
-        x = keras.layers.Bidirectional(lstm)(x)
-    x = keras.layers.Dropout(model.dropout)(x)
-    logits = keras.layers.Dense(n_classes, dtype="float32")(x)  # fp32 logits under mixed precision
-    return keras.Model([tokens, lengths], logits)

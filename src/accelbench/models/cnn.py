@@ -1,14 +1,13 @@
 """The guava workload's model: a small CNN on uint8 photos, augmented on the device while it trains.
 
 Each conv block is conv 3x3 -> batch norm -> ReLU -> max pool 2x2; the first conv has stride 2. Global average
-pooling, dropout and a dense layer give the logits. `GuavaCNN` (torch) and `keras_model` (TensorFlow) are
-twins. `cnn_fast` holds the CUDA fast paths: the same functions in faster shapes, switched on by params.
+pooling, dropout and a dense layer give the logits. `GuavaCNN`'s Keras twin is
+keras_twins.guava_cnn. `cnn_fast` holds the CUDA fast paths: the same functions in faster shapes, switched on by params.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -54,34 +53,3 @@ class GuavaCNN(nn.Module):
         if self.training and self.augments:
             x = augment_reference(x, *draw_augmentation(len(x), self.aug, x.device))
         return (x - self.mean) / self.std
-
-
-def keras_model(model: Model, mean: list[float], std: list[float], n_classes: int, image_size: int):
-    """The same network in Keras; its random layers act only when training=True, i.e. inside fit: on whole
-    batches, on the device."""
-    import keras
-
-    layers, aug = keras.layers, model.augment
-    image = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
-    x = layers.Rescaling(1.0, dtype="float32")(image)  # uint8 -> float on the device
-    if aug.flip:
-        x = layers.RandomFlip("horizontal_and_vertical", dtype="float32")(x)
-    if aug.rotation_deg:
-        x = layers.RandomRotation(aug.rotation_deg / 360, fill_mode="reflect", dtype="float32")(x)
-    if aug.crop_min < 1:
-        zoom, shift = -(1 - aug.crop_min), (1 - aug.crop_min) / 2
-        x = layers.RandomZoom((zoom, 0.0), fill_mode="reflect", dtype="float32")(x)  # negative = zoom in = crop
-        x = layers.RandomTranslation(shift, shift, fill_mode="reflect", dtype="float32")(x)
-    if aug.jitter:
-        x = layers.RandomBrightness(aug.jitter, value_range=(0, 255), dtype="float32")(x)
-        x = layers.RandomContrast(aug.jitter, value_range=(0, 255), dtype="float32")(x)
-    x = layers.Normalization(mean=mean, variance=np.square(std).tolist(), dtype="float32")(x)
-    for i, width in enumerate(model.channels):
-        x = layers.Conv2D(width, 3, strides=2 if i == 0 else 1, padding="same", use_bias=False)(x)  # strided stem
-        x = layers.BatchNormalization()(x)
-        x = layers.ReLU()(x)
-        x = layers.MaxPooling2D()(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(model.dropout)(x)
-    logits = layers.Dense(n_classes, dtype="float32")(x)  # logits stay fp32 under mixed precision
-    return keras.Model(image, logits)

@@ -1,7 +1,7 @@
 """The diabetes workload's model: a small multilayer perceptron, ReLU and dropout after each hidden layer, one
 logit out.
 
-`MLP` (torch) and `keras_model` (TensorFlow) are twins: the same layers, the same initialisers.
+`MLP`'s Keras twin is keras_twins.mlp: the same layers, the same initialisers.
 """
 from __future__ import annotations
 
@@ -26,14 +26,3 @@ class MLP(nn.Sequential):
             if isinstance(m, nn.Linear):  # Keras' defaults, so both frameworks start alike
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-
-
-def keras_model(inputs: int, hidden: list[int], dropout: float):
-    import keras
-
-    model = keras.Sequential([keras.Input((inputs,))])
-    for h in hidden:
-        model.add(keras.layers.Dense(h, activation="relu"))
-        model.add(keras.layers.Dropout(dropout))
-    model.add(keras.layers.Dense(1, dtype="float32"))  # logits stay fp32 under mixed precision
-    return model

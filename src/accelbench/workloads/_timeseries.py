@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import verdict as vd
 from ..config import DataParams, TrainParams, WorkloadParams
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..io import Prepared, read_json
 from ..tasks import Task
 from . import Baseline, Workload, kaggle_file
@@ -69,6 +69,15 @@ class RecurrentModel:
     layers: int = 4
     dropout: float = 0.2
     lookback: int | None = None  # use only the last N days of each window (tunable); None: the whole window
+
+    def steps(self, window: int, section: str) -> int:
+        """The days of each window the model reads: `lookback`, checked against the prepared window."""
+        if self.lookback is None:
+            return window
+        if not 1 <= self.lookback <= window:
+            raise ConfigError(f"params.yaml: {section}.model.lookback: {self.lookback} must be between 1 and the "
+                              f"prepared window ({section}.prepare.window: {window})")  # fmt: skip
+        return self.lookback
 
 
 @dataclass(frozen=True)
@@ -388,6 +397,22 @@ class SeriesParams(WorkloadParams):
     train: TrainParams = field(default_factory=TrainParams)
 
 
+def cudnn_rnn(model: RecurrentModel, runtime: Any) -> tuple[bool, str]:
+    """Whether the configured cell runs on the fused cuDNN kernel, asked of the framework by a probe on the GPU.
+    On the CPU there is no cuDNN to ask about, and no probe runs: it would cost a stage more start-up than a small
+    model's training."""
+    if runtime.device.type == "cpu":
+        simple = runtime.framework != "torch" and model.cell == "rnn"
+        return False, ("Keras SimpleRNN has no cuDNN kernel; " if simple else "") + "no cuDNN on CPU"
+    if runtime.framework == "torch":
+        from ..models.recurrent import torch_uses_cudnn  # imports torch: only stages that train load it
+
+        return torch_uses_cudnn(model, runtime)
+    from ..models.keras_twins import recurrent_uses_cudnn
+
+    return recurrent_uses_cudnn(model)
+
+
 class SeriesWorkload(Workload):
     """Next-price regression from a sliding window of one price column."""
 
@@ -508,9 +533,7 @@ class SeriesWorkload(Workload):
         return {params.model.cell: {}}
 
     def run_tags(self, params: SeriesParams, runtime: Any) -> dict[str, str]:
-        from ..models.recurrent import cudnn_probe  # imports torch: only stages that train load it
-
-        used, detail = cudnn_probe(params.model, runtime)
+        used, detail = cudnn_rnn(params.model, runtime)
         return {"cell": params.model.cell, "cudnn_rnn": "used" if used else "not used", "cudnn_rnn_detail": detail}
 
     def evaluate_extra(
@@ -551,6 +574,6 @@ class SeriesWorkload(Workload):
         return RecurrentRegressor(params.model, meta["window"], self.name)
 
     def build_tensorflow(self, params: SeriesParams, meta: dict[str, Any]):
-        from ..models.recurrent import keras_model
+        from ..models.keras_twins import recurrent
 
-        return keras_model(params.model, meta["window"], self.name)
+        return recurrent(params.model, meta["window"], self.name)

@@ -243,9 +243,9 @@ class Diabetes(Workload):
         return MLP(len(meta["features"]), params.model.hidden, params.model.dropout)
 
     def build_tensorflow(self, params: Params, meta: dict[str, Any]):
-        from ..models.mlp import keras_model
+        from ..models.keras_twins import mlp
 
-        return keras_model(len(meta["features"]), params.model.hidden, params.model.dropout)
+        return mlp(len(meta["features"]), params.model.hidden, params.model.dropout)
 
 
 WORKLOAD = Diabetes()

@@ -663,9 +663,9 @@ class Guava(Workload):
         return torch_model(params.model, meta["channel_mean"], meta["channel_std"], len(meta["classes"]))
 
     def build_tensorflow(self, params: Params, meta: dict[str, Any]):
-        from ..models.cnn import keras_model
+        from ..models.keras_twins import guava_cnn
 
-        return keras_model(params.model, meta["channel_mean"], meta["channel_std"], len(meta["classes"]), meta["image_size"])
+        return guava_cnn(params.model, meta["channel_mean"], meta["channel_std"], len(meta["classes"]), meta["image_size"])
 
 
 def channel_means(x: np.ndarray) -> np.ndarray:

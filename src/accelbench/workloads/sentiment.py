@@ -549,9 +549,9 @@ class Sentiment(Workload):
         return torch_model(params.model, meta["vocab_size"], len(meta["classes"]), PAD)
 
     def build_tensorflow(self, params: Params, meta: dict[str, Any]):
-        from ..models.bilstm import keras_model
+        from ..models.keras_twins import bilstm
 
-        return keras_model(params.model, meta["vocab_size"], len(meta["classes"]), meta["max_len"])
+        return bilstm(params.model, meta["vocab_size"], len(meta["classes"]), meta["max_len"])
 
 
 # ---------------------------------------------------------------- EDA (raw rows, default cleaning)
