@@ -113,7 +113,7 @@ for k in range(3):
 def test_device_processes_take_turns_interval_by_interval(tmp_path):
     log = tmp_path / "order.txt"
     cmds = [[sys.executable, "-c", CHILD, str(log), name] for name in ("cpu", "gpu")]
-    results = interleave.run_in_turns(cmds, tmp_path, dict(__import__("os").environ), tmp_path)
+    results = interleave.run_in_turns(cmds, tmp_path, dict(__import__("os").environ))
     assert [code for code, _ in results] == [0, 0]
     assert log.read_text().split() == ["cpu0", "gpu0", "cpu1", "gpu1", "cpu2", "gpu2"]
 
@@ -121,7 +121,7 @@ def test_device_processes_take_turns_interval_by_interval(tmp_path):
 def test_a_failing_device_process_ends_the_others(tmp_path):
     failing = "from accelbench import interleave\ninterleave.turn().wait()\nraise SystemExit(3)"
     cmds = [[sys.executable, "-c", failing], [sys.executable, "-c", CHILD, str(tmp_path / "x.txt"), "gpu"]]
-    results = interleave.run_in_turns(cmds, tmp_path, dict(__import__("os").environ), tmp_path)
+    results = interleave.run_in_turns(cmds, tmp_path, dict(__import__("os").environ))
     assert [code for code, _ in results] == [3]  # the other never took a turn: ended, left out
     assert not (tmp_path / "x.txt").exists()
 
