@@ -92,6 +92,22 @@ def test_ddp_two_gloo_ranks_train_like_one_process(dp):
     assert reference[-1]["train/loss"] < reference[0]["train/loss"]  # it learned: the match is not two flat lines
 
 
+def test_a_failure_in_every_rank_is_one_error_line(dp):
+    """Both ranks diverge alike: the stage prints the first rank's error once, not once per rank and again."""
+    from conftest import error_lines
+
+    original = dp.params()
+    try:
+        dp.update("distributed.gpus", 2)
+        dp.update("stock.train.lr", 1.0e30)
+        proc = dp.stage("train", "stock")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = error_lines(proc.stderr)
+        assert len(errors) == 1 and "training loss became nan" in errors[0], proc.stderr[-3000:]
+    finally:
+        dp.set_params(original)
+
+
 def test_tensorflow_mirrored_over_two_logical_cpus_trains_like_one_device(dp):
     params = dp.params()
     params["framework"] = "tensorflow"

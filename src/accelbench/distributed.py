@@ -71,9 +71,14 @@ def run_ranks(cmd: list[str], root: Path, stage: str, env: dict[str, str] | None
     errors: list[str] = []
     try:
         for line in proc.stderr:
-            sys.stderr.write(line)
             if line.startswith(f"accelbench {stage}: error: "):
-                errors.append(line.strip().split(": error: ", 1)[1])
+                message = line.strip().split(": error: ", 1)[1]
+                if message in errors[:1]:  # another rank's copy of it: the stage prints the first, once
+                    continue
+                if not errors:  # the stage's own error line, printed once when it fails
+                    errors.append(message)
+                    continue
+            sys.stderr.write(line)
         proc.wait()
     finally:
         if proc.poll() is None:  # interrupted: torchrun passes the signal on to its ranks
