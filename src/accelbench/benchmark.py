@@ -105,9 +105,7 @@ def _devices_in_turns(wl: Workload, framework: str, specs: list[str], root: Path
 def _child_error(stderr: str) -> str:
     """A failed child's reason: its error line, else (a crash, not a clean error) the end of its stderr. Its
     progress lines are no reason, though they too start with 'accelbench '."""
-    errors = [ln.split(interleave.ERROR_MARK, 1)[1] for ln in stderr.splitlines()
-              if ln.startswith("accelbench ") and interleave.ERROR_MARK in ln]  # fmt: skip
-    return errors[-1] if errors else stderr.strip()[-2000:]
+    return progress.last_error(stderr) or stderr.strip()[-2000:]
 
 
 def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, root: Path) -> tuple[dict[str, Any], str]:

@@ -49,7 +49,7 @@ def main(stage: str, fn: Callable[..., None], extra_args: tuple[str, ...] = (), 
                 on_failure(name, stage, exc)
             raise
     except AccelbenchError as exc:
-        print(f"accelbench {stage}: error: {exc}", file=sys.stderr)
+        print(progress.error_line(stage, exc), file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         print(f"accelbench {stage}: interrupted (SIGINT)", file=sys.stderr)
@@ -72,5 +72,5 @@ def main_global(stage: str, fn: Callable[..., None]) -> None:
         with progress.Stage(stage):
             fn(root)
     except AccelbenchError as exc:
-        print(f"accelbench {stage}: error: {exc}", file=sys.stderr)
+        print(progress.error_line(stage, exc), file=sys.stderr)
         sys.exit(EXIT_ERROR)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import progress
 from .config import Config, DistributedConfig, TrainParams
 from .devices import Device, Runtime, gpu_names, resolve
 from .errors import AccelbenchError, ConfigError, DeviceError
@@ -68,24 +69,21 @@ def torchrun_args(d: DistributedConfig, nproc: int | None = None) -> list[str]:
 def run_ranks(cmd: list[str], root: Path, stage: str, env: dict[str, str] | None = None) -> None:
     """Run `cmd` (torchrun and its ranks), stderr streamed through; raise with the first rank's error line."""
     proc = subprocess.Popen(cmd, cwd=root, env=env or child_env(root), stderr=subprocess.PIPE, text=True)
-    errors: list[str] = []
+    first: str | None = None  # the first rank's error: the stage prints it, once, as its own error line
     try:
         for line in proc.stderr:
-            if line.startswith(f"accelbench {stage}: error: "):
-                message = line.strip().split(": error: ", 1)[1]
-                if message in errors[:1]:  # another rank's copy of it: the stage prints the first, once
-                    continue
-                if not errors:  # the stage's own error line, printed once when it fails
-                    errors.append(message)
-                    continue
-            sys.stderr.write(line)
+            message = progress.error_message(line, stage)
+            if message is not None and first is None:
+                first = message
+            elif message is None or message != first:  # not another rank's copy of that one
+                sys.stderr.write(line)
         proc.wait()
     finally:
         if proc.poll() is None:  # interrupted: torchrun passes the signal on to its ranks
             proc.terminate()
             proc.wait()
     if proc.returncode != 0:
-        raise RanksFailed(errors[0] if errors else f"{' '.join(cmd[1:5])}... exited {proc.returncode}")
+        raise RanksFailed(first if first is not None else f"{' '.join(cmd[1:5])}... exited {proc.returncode}")
 
 
 def relaunch(cfg: Config, stage: str, workload: str, root: Path) -> None:

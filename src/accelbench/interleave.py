@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .progress import error_message
+
 TURN_ENV = "ACCELBENCH_TURN_FDS"
 SESSION_ENV = "ACCELBENCH_BENCH_SESSION"  # one id per benchmark stage call: the report tells two runs apart by it
-ERROR_MARK = ": error: "  # in a child's line "accelbench <stage>: error: <why>" (cli.main)
 KEPT_LINES = 1000  # of each child's stderr: a failure is reported from its end
 DRAIN_WAIT_S = 10.0  # after a child's exit: a process it left behind may hold its stderr open
 
@@ -42,7 +43,7 @@ class _Drain:
         with pipe:
             for line in pipe:
                 self._lines.append(line)
-                if echo.is_set() and not (line.startswith("accelbench ") and ERROR_MARK in line):
+                if echo.is_set() and error_message(line) is None:
                     with _ECHO_LOCK:
                         sys.stderr.write(line)
                         sys.stderr.flush()

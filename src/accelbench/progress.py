@@ -30,6 +30,29 @@ def say(text: str) -> None:
     print(f"accelbench {text}", file=sys.stderr, flush=True)
 
 
+ERROR_MARK = ": error: "
+
+
+def error_line(stage: str, message: object) -> str:
+    """A stage's one error line, as cli prints it and as a parent finds it in a child's stderr."""
+    return f"accelbench {stage}{ERROR_MARK}{message}"
+
+
+def error_message(line: str, stage: str | None = None) -> str | None:
+    """The message of an error line (of `stage`'s only, if given); None for any other line (start, read,
+    progress, result)."""
+    head, mark, message = line.rstrip("\n").partition(ERROR_MARK)
+    if mark and head.startswith("accelbench ") and (stage is None or head == f"accelbench {stage}"):
+        return message
+    return None
+
+
+def last_error(stderr: str) -> str | None:
+    """The message of the last error line a child process wrote, None if it wrote none (a crash)."""
+    messages = [m for m in map(error_message, stderr.splitlines()) if m is not None]
+    return messages[-1] if messages else None
+
+
 def quiet_noise() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -163,8 +163,7 @@ def _wait(proc: subprocess.Popen) -> str | None:
     _, err = proc.communicate()
     if proc.returncode == 0:
         return None
-    lines = [ln for ln in err.splitlines() if ln.startswith("accelbench ")]
-    return lines[-1].split("error: ", 1)[-1] if lines else f"tuning worker exited {proc.returncode}: {err.strip()[-2000:]}"
+    return progress.last_error(err) or f"tuning worker exited {proc.returncode}: {err.strip()[-2000:]}"
 
 
 def worker(cfg: Config, wl: Workload, root: Path, variant: str, n_trials: str, parent_run_id: str) -> None:
