@@ -68,10 +68,10 @@ class Task:
         """One of `metrics`' values (e.g. `test/macro_f1`), None where it has none. The verdict's bootstrap asks
         a thousand resamples for one metric: sklearn's checks around each call took seconds, numpy's counts
         take milliseconds (tests/test_verdict.py pins each to sklearn)."""
-        name = metric.split("/", 1)[1]
+        prefix, name = metric.split("/", 1)
         logits = np.asarray(logits, dtype=np.float64)
         if self.kind == "regression" or name == "loss" or not np.all(np.isfinite(logits)):
-            return self.metrics(y_true, logits, "x").get(f"x/{name}")
+            return self.metrics(y_true, logits, prefix).get(metric)
         y = y_true.astype(np.int64).reshape(-1)
         pred = self.predictions(logits)
         if name == "accuracy":

@@ -224,7 +224,7 @@ class Tracker:
 
     def __init__(self, run_id: str, artifact_uri: str):
         self.run_id = run_id
-        self.artifact_uri = artifact_uri
+        self._artifacts = artifact_repository(artifact_uri)
         self.client = mlflow.MlflowClient()
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
@@ -251,10 +251,10 @@ class Tracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])  # one round trip
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        artifact_repository(self.artifact_uri).log_artifact(str(path), artifact_path)
+        self._artifacts.log_artifact(str(path), artifact_path)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        artifact_repository(self.artifact_uri).log_artifacts(str(folder), artifact_path)
+        self._artifacts.log_artifacts(str(folder), artifact_path)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def torch_uses_cudnn(model: RecurrentModel, runtime: Any) -> tuple[bool, str]:
     """Run one tiny forward pass of the configured cell on the run's GPU and precision and look at which kernel
     ran: the answer comes from the framework, not from a rule of thumb."""
     dev = runtime.device.torch
-    with torch.random.fork_rng(devices=[runtime.device.index] if runtime.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[runtime.device.index]):
         net = TORCH_CELLS[model.cell](1, model.units, model.layers, batch_first=True).to(dev)
         with _OpsSeen() as seen, _autocast(runtime), torch.no_grad():
             net(torch.zeros(2, 4, 1, device=dev))
