@@ -163,6 +163,32 @@ def test_four_tuning_workers_share_one_sqlite_study(prepared_project):
         project.set_params(original)
 
 
+CLAIMING_PROCESS = """
+import sys, time, optuna
+from accelbench import claims
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name="s", storage=claims.storage(sys.argv[1]))
+while claims.run_one(study, "h", int(sys.argv[2]), lambda t: (time.sleep(0.005), t.suggest_float("x", 0, 1))[1]):
+    pass
+"""
+
+
+def test_processes_claiming_at_once_run_each_trial_once(tmp_path):
+    """Six processes claim and run trials of one SQLite study as fast as they can: each trial is popped by one
+    process (two popping one waiting trial both ran it, and the second failed on 'Cannot tell a COMPLETE trial')."""
+    from accelbench import claims
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(study_name="s", storage=claims.storage(url))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMING_PROCESS, url, "40"], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]  # fmt: skip
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, next(e for e in errors if e)[-2000:]
+    states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 40
+
+
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(prepared_project):
     """A real failure (a learning rate that blows the loss up: TrainingError, the path an out-of-memory
     error takes too) fails its trial in Optuna and in MLflow with the reason; the other trials run."""

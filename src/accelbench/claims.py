@@ -2,7 +2,8 @@
 
 Each process claims a trial before running it: under a lock held in the storage itself (an advisory lock on
 PostgreSQL, GET_LOCK on MySQL, a file lock beside a SQLite file), it counts the study's live and finished
-trials of the same config and, while fewer than `n_trials`, enqueues one labelled with the config hash.
+trials of the same config and, while fewer than `n_trials`, enqueues one labelled with the config hash;
+it keeps the lock until Optuna has popped that trial, so no two processes pop the same one.
 Claims are trials in the storage, so a second host sees them; failed trials do not count (a rerun retries
 them), and trials of a killed process are failed by Optuna's heartbeat once stale, freeing their claim.
 """
@@ -12,7 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -36,21 +37,33 @@ def storage(url: str) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
 
 
-def claim(study: optuna.Study, config_hash: str, n_trials: int) -> bool:
-    """Enqueue one trial for this config if the study holds fewer than `n_trials` of it; say whether it did."""
-    with _lock(study), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-        held = [t for t in study.get_trials(deepcopy=False, states=CLAIMED) if t.user_attrs.get("config_hash") == config_hash]
-        if len(held) >= n_trials:
+def run_one(study: optuna.Study, config_hash: str, n_trials: int, objective: Callable[[optuna.Trial], float],
+            catch: tuple[type[Exception], ...] = ()) -> bool:  # fmt: skip
+    """Claim one trial for this config and run it (Optuna's optimize, one trial); False, running nothing, where
+    the study already holds `n_trials` of it. The lock is held until Optuna has popped the trial (its ask):
+    SQLite has no row locks, so two processes popping at once could both take one waiting trial and both run
+    it, and the second to finish would fail ("Cannot tell a COMPLETE trial")."""
+    with contextlib.ExitStack() as held:
+        held.enter_context(_lock(study))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        claimed = [t for t in study.get_trials(deepcopy=False, states=CLAIMED) if t.user_attrs.get("config_hash") == config_hash]
+        if len(claimed) >= n_trials:
             return False
         study.enqueue_trial({}, user_attrs={"config_hash": config_hash})
+
+        def popped_then_run(trial: optuna.Trial) -> float:
+            held.close()  # Optuna calls the objective once it has popped the trial
+            return objective(trial)
+
+        study.optimize(popped_then_run, n_trials=1, catch=catch)
         return True
 
 
 @contextlib.contextmanager
 def _lock(study: optuna.Study) -> Iterator[None]:
-    store = study._storage
+    store = getattr(study._storage, "_backend", study._storage)  # create_study wraps the RDBStorage in a cache
     url = str(getattr(store, "url", ""))
     key = int.from_bytes(hashlib.sha256(study.study_name.encode()).digest()[:8], "big", signed=True)
     if url.startswith("sqlite:///"):

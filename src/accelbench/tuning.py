@@ -85,9 +85,10 @@ def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
         with progress.bar(n_trials, f"tune {s.name}", "trial") as bar:
             # at most this process's share, and never past n_trials in the whole study (other hosts included)
             for _ in range(n_trials):
-                if time.monotonic() > deadline or not claims.claim(s.optuna, s.config_hash, s.cfg.tune.n_trials):
+                if time.monotonic() > deadline or not claims.run_one(
+                    s.optuna, s.config_hash, s.cfg.tune.n_trials, objective, catch=(TrainingError,)
+                ):
                     break
-                s.optuna.optimize(objective, n_trials=1, catch=(TrainingError,))
                 bar.set_postfix_str(_trial_line(s))
                 bar.update(1)
 
