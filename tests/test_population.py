@@ -108,6 +108,7 @@ def test_benchmark_times_population_against_sequential_tuning(prepared_project):
         project.update("diabetes.benchmark.value", None)
         proc = project.stage("benchmark")
         assert proc.returncode == 0, proc.stderr
+        assert "[I " not in proc.stderr  # Optuna's INFO lines (a throwaway study created, each trial finished) stay filtered
         records = json.loads((project.root / "results/diabetes/benchmark.json").read_text())["records"]
         [rec] = [r for r in records if r["kind"] == "population"]
         assert rec["epochs"] == "3" and rec["objective"] == "val/roc_auc" and rec["device"] == "cpu"

@@ -19,7 +19,8 @@ T = TypeVar("T")
 # "Skip logging GPU metrics" on a CPU host.
 QUIET_LOGGERS = ("mlflow.system_metrics", "mlflow.system_metrics.system_metrics_monitor",
                  "mlflow.system_metrics.metrics.gpu_monitor",
-                 "mlflow.store.db.utils", "alembic.runtime.migration")  # a new store's table creation, line by line  # fmt: skip
+                 "mlflow.store.db.utils", "alembic.runtime.migration",  # a new store's table creation, line by line
+                 "optuna")  # each throwaway study the benchmark times, each trial finished  # fmt: skip
 
 
 def interval_s() -> float:
