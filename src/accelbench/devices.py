@@ -154,12 +154,14 @@ def _torch_build_cuda() -> str | None:
 
 
 def _cudnn_version() -> int | None:
-    """torch.backends.cudnn.version()'s number, read from the pip wheel's version where torch's cuDNN comes from
-    one: importing torch and starting CUDA for it took 3.7 s of the hardware stage on the H200 host."""
-    for cuda in ("cu13", "cu12", "cu11"):
-        if (version := _version(f"nvidia-cudnn-{cuda}")) is not None:
-            major, minor, patch = (int(part) for part in version.split(".")[:3])
-            return major * (10000 if major >= 9 else 1000) + minor * 100 + patch  # cuDNN's own CUDNN_VERSION
+    """torch.backends.cudnn.version()'s number, read from the version of the nvidia-cudnn wheel that torch's CUDA
+    build loads where there is one: importing torch and starting CUDA for it took 3.7 s of the hardware stage
+    on the H200 host."""
+    build = _torch_build_cuda()
+    version = _version(f"nvidia-cudnn-cu{build.split('.')[0]}") if build else None
+    if version is not None:
+        major, minor, patch = (int(part) for part in version.split(".")[:3])
+        return major * (10000 if major >= 9 else 1000) + minor * 100 + patch  # cuDNN's own CUDNN_VERSION
     import torch
 
     return torch.backends.cudnn.version() if torch.cuda.is_available() else None
