@@ -32,9 +32,10 @@ repro: setup
 	@if [ "$(STUDY)" = quick ]; then dvc repro; else dvc exp run -S study=$(STUDY); fi
 	@echo "report: $(CURDIR)/reports/report.html (and reports/report.md); every run: make ui"
 
-# Two workers, one test file each: most of the time is single-threaded stage start-up.
+# Two workers, one test file each: most of the time is single-threaded stage start-up. The twenty slowest tests
+# are listed at the end, so the suite's time stays a measured figure.
 test: setup postgres-server
-	python -m pytest -q -n 2 --dist loadfile
+	python -m pytest -q -n 2 --dist loadfile --durations=20
 
 # The shared-storage test starts a throwaway PostgreSQL server from Debian's package: installed here when
 # missing, apt-get exists and we are root. Never fatal: without it that one test skips, saying why.
