@@ -167,7 +167,8 @@ def test_a_failing_benchmark_child_is_reported_once_and_its_sibling_ended_quietl
     try:
         project.update("benchmark.devices", ["cpu", "cuda:7"])
         proc = project.stage("benchmark")
-        assert_failed_cleanly(project, proc, "benchmark", "device: 'cuda:7' requested", output="results/diabetes/benchmark.json")
+        assert_failed_cleanly(project, proc, "benchmark", "params.yaml: benchmark.devices: 'cuda:7' requested",
+                              output="results/diabetes/benchmark.json")  # fmt: skip
         assert "accelbench benchmark diabetes: read data/prepared/diabetes" in proc.stderr  # the CPU child, live
         assert "interrupted" not in proc.stderr
     finally:

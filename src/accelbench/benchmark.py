@@ -124,7 +124,8 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
     interleave.turn().wait()  # nothing of this process runs while another device's process times
     b = cfg.benchmark
     fair = hostload.physical_cores() if spec == "cpu" else None  # one thread per physical core
-    runtime = runtime_for(on_device(cfg, wl, spec, framework, b.cpu_threads or cfg.cpu_threads or fair), wl)
+    runtime = runtime_for(on_device(cfg, wl, spec, framework, b.cpu_threads or cfg.cpu_threads or fair), wl,
+                          device_key="benchmark.devices")  # fmt: skip
     device = runtime.device
     if blocker := _precision_blocker(runtime):
         return [_skipped(wl, runtime, "throughput, ablation and time to target", blocker)]

@@ -42,21 +42,23 @@ class Device:
         return "cpu" if self.type == "cpu" else ("cuda" if self.index == 0 else f"cuda{self.index}")
 
 
-def resolve(spec: str, framework: str) -> Device:
-    """Turn a params device string into a Device the framework can use; never fall back silently."""
+def resolve(spec: str, framework: str, key: str = "device") -> Device:
+    """Turn a params device string into a Device the framework can use; never fall back silently. `key` is the
+    params.yaml key the string came from, for the error message."""
     if not _SPEC.match(spec):
-        raise DeviceError(f"params.yaml: device: '{spec}' is not one of cpu, cuda, cuda:N, auto")
+        raise DeviceError(f"params.yaml: {key}: '{spec}' is not one of cpu, cuda, cuda:N, auto")
     gpus = _framework_gpu_count(framework) if spec != "cpu" else 0
     if spec == "cpu" or (spec == "auto" and gpus == 0):
         return Device("cpu", 0, cpu_name())
     index = int(spec.split(":")[1]) if ":" in spec else 0
     if gpus == 0:
+        hint = "use device=cpu" if key == "device" else f"list only this machine's devices in {key}"
         raise DeviceError(
-            f"params.yaml: device: '{spec}' requested but {framework} sees no CUDA GPU on this machine "
-            "(use device=cpu, or install the framework's CUDA build)"
+            f"params.yaml: {key}: '{spec}' requested but {framework} sees no CUDA GPU on this machine "
+            f"({hint}, or install the framework's CUDA build)"
         )
     if index >= gpus:
-        raise DeviceError(f"params.yaml: device: '{spec}' requested but only {gpus} GPU(s) are visible")
+        raise DeviceError(f"params.yaml: {key}: '{spec}' requested but only {gpus} GPU(s) are visible")
     return Device("cuda", index, gpu_names()[index] if index < len(gpu_names()) else f"cuda:{index}")
 
 

@@ -21,10 +21,12 @@ def framework_for(cfg: Config, wl: Workload) -> str:
     return framework
 
 
-def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False) -> Runtime:
-    """`data_parallel`: this process is (a rank of) a `distributed` run: train and benchmark, not tune/evaluate."""
+def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False, device_key: str = "device") -> Runtime:
+    """`data_parallel`: this process is (a rank of) a `distributed` run: train and benchmark, not tune/evaluate.
+    `device_key`: where cfg.device came from in params.yaml, for the error message (a benchmark child's is one
+    of benchmark.devices)."""
     framework = framework_for(cfg, wl)
-    device = devices.resolve(cfg.device, framework)
+    device = devices.resolve(cfg.device, framework, device_key)
     runtime = Runtime.from_config(cfg, device, framework, cfg.cpu_threads)
     if data_parallel:
         runtime = distributed.join(cfg, runtime)
