@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,8 +148,13 @@ def test_four_tuning_workers_share_one_sqlite_study(prepared_project):
         project.update("tune.workers", 4)
         project.update("tune.n_trials", 8)
         project.update("tune.prune_warmup_epochs", 100)  # no pruning: every trial runs to the end
-        proc = project.stage("tune")
+        env = {**project.env, "ACCELBENCH_PROGRESS_S": "0"}  # a progress line after every trial
+        proc = subprocess.run([sys.executable, "stages/tune.py", "diabetes"], cwd=project.root, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
+        # each worker's progress reaches the stage's output: a line per trial of each of the three workers
+        workers = re.findall(r"^accelbench tune diabetes-cpu-torch \(worker, pid (\d+)\): trial \d/\d", proc.stderr, re.M)
+        assert len(workers) == 6 and len(set(workers)) == 3, proc.stderr
         best = json.loads((project.root / "results/diabetes/best_params.json").read_text())["mlp"]
         study = optuna.load_study(study_name="diabetes-cpu-torch", storage=f"sqlite:///{project.root}/mlruns/optuna.db")
         mine = [t for t in study.trials if t.user_attrs.get("config_hash") == best["config_hash"]]

@@ -9,57 +9,23 @@ parent's, so its progress shows while it runs.
 """
 from __future__ import annotations
 
-import collections
 import os
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .progress import error_message
+from .progress import Drain
 
 TURN_ENV = "ACCELBENCH_TURN_FDS"
 SESSION_ENV = "ACCELBENCH_BENCH_SESSION"  # one id per benchmark stage call: the report tells two runs apart by it
-KEPT_LINES = 1000  # of each child's stderr: a failure is reported from its end
-DRAIN_WAIT_S = 10.0  # after a child's exit: a process it left behind may hold its stderr open
-
-_ECHO_LOCK = threading.Lock()  # one line at a time from several children
-
-
-class _Drain:
-    """A thread that reads one child's stderr without pause, keeps its last lines and echoes each line on this
-    process's stderr while `echo` is set. Reading at once, not after the child ends, is what keeps a child from
-    blocking on a full pipe and so holding the turn; only a stalled reader of our own stderr could stall it, as
-    it would stall this process. The child's error line is kept, not echoed: the parent reports it as its own."""
-
-    def __init__(self, pipe: IO[str], echo: threading.Event) -> None:
-        self._lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
-        self._thread = threading.Thread(target=self._read, args=(pipe, echo), daemon=True)
-        self._thread.start()
-
-    def _read(self, pipe: IO[str], echo: threading.Event) -> None:
-        with pipe:
-            for line in pipe:
-                self._lines.append(line)
-                if echo.is_set() and error_message(line) is None:
-                    with _ECHO_LOCK:
-                        sys.stderr.write(line)
-                        sys.stderr.flush()
-
-    def text(self) -> str:
-        """What the child wrote (its last KEPT_LINES lines), once it has closed its stderr."""
-        self._thread.join(DRAIN_WAIT_S)
-        return "".join(self._lines)
-
-
 @dataclass
 class _Child:
     proc: subprocess.Popen
     go: IO[str]
     done: IO[str]
-    stderr: _Drain
+    stderr: Drain
 
     def take_turn(self) -> bool:
         """Let the child run until it hands the turn back (True) or exits (False)."""
@@ -100,7 +66,7 @@ def run_in_turns(cmds: list[list[str]], cwd: Path, env: dict[str, str]) -> list[
             child.go.close()
             child.done.close()
     answer = [(c.proc.returncode, c.stderr.text()) for c in children if c not in ended]
-    echo.clear()  # a drain still open past DRAIN_WAIT_S speaks no more once this stage moves on
+    echo.clear()  # a drain still open past progress.DRAIN_WAIT_S speaks no more once this stage moves on
     return answer
 
 
@@ -111,7 +77,7 @@ def _start(cmd: list[str], cwd: Path, env: dict[str, str], echo: threading.Event
                             text=True, errors="replace", pass_fds=(go_r, done_w))  # fmt: skip
     os.close(go_r)  # the parent keeps only its ends: the child's exit then reads as end-of-file
     os.close(done_w)
-    return _Child(proc, os.fdopen(go_w, "w"), os.fdopen(done_r), _Drain(proc.stderr, echo))
+    return _Child(proc, os.fdopen(go_w, "w"), os.fdopen(done_r), Drain(proc.stderr, echo))
 
 
 class Turn:

@@ -6,12 +6,14 @@ one adds no noise. Everything goes to stderr, which DVC passes through unbuffere
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
 
@@ -52,6 +54,41 @@ def last_error(stderr: str) -> str | None:
     """The message of the last error line a child process wrote, None if it wrote none (a crash)."""
     messages = [m for m in map(error_message, stderr.splitlines()) if m is not None]
     return messages[-1] if messages else None
+
+
+KEPT_LINES = 1000  # of a child's stderr: a failure is reported from its end
+DRAIN_WAIT_S = 10.0  # after a child's exit: a process it left behind may hold its stderr open
+_ECHO_LOCK = threading.Lock()  # one line at a time from several children
+
+
+class Drain:
+    """A thread that reads a helper process's stderr (a benchmark child, a tuning worker) without pause, keeps its
+    last lines and echoes each line on this process's stderr while `echo` is set (always, without one), so the
+    helper's progress shows while it runs. Reading at once, not after the child ends, is also what keeps a child
+    from blocking on a full pipe; only a stalled reader of our own stderr could stall it, as it would stall this
+    process. The child's error line is kept, not echoed: the parent reports it as its own."""
+
+    def __init__(self, pipe: IO[str], echo: threading.Event | None = None) -> None:
+        if echo is None:
+            echo = threading.Event()
+            echo.set()
+        self._lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
+        self._thread = threading.Thread(target=self._read, args=(pipe, echo), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[str], echo: threading.Event) -> None:
+        with pipe:
+            for line in pipe:
+                self._lines.append(line)
+                if echo.is_set() and error_message(line) is None:
+                    with _ECHO_LOCK:
+                        sys.stderr.write(line)
+                        sys.stderr.flush()
+
+    def text(self) -> str:
+        """What the child wrote (its last KEPT_LINES lines), once it has closed its stderr."""
+        self._thread.join(DRAIN_WAIT_S)
+        return "".join(self._lines)
 
 
 def quiet_noise() -> None:

@@ -74,7 +74,8 @@ def objective_for(s: Study, parent_run_id: str, deadline: float = float("inf")):
     return objective
 
 
-def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
+def optimize(s: Study, n_trials: int, parent_run_id: str, desc: str | None = None) -> None:
+    """Up to `n_trials` of the study in this process; `desc` names its progress (a worker's carries its pid)."""
     if n_trials > 0 and strategy_for(s.wl, s.params, s.runtime) == "population":
         from . import population  # imports torch: only a population study pays for it
 
@@ -82,7 +83,7 @@ def optimize(s: Study, n_trials: int, parent_run_id: str) -> None:
     elif n_trials > 0:
         deadline = time.monotonic() + s.cfg.tune.timeout_s
         objective = objective_for(s, parent_run_id, deadline)
-        with progress.bar(n_trials, f"tune {s.name}", "trial") as bar:
+        with progress.bar(n_trials, desc or f"tune {s.name}", "trial") as bar:
             # at most this process's share, and never past n_trials in the whole study (other hosts included)
             for _ in range(n_trials):
                 if time.monotonic() > deadline or not claims.run_one(
@@ -155,13 +156,18 @@ def run_study(
         return best
 
 
-def _spawn_worker(workload: str, variant: str, n: int, parent_run_id: str, root: Path) -> subprocess.Popen:
+def _spawn_worker(workload: str, variant: str, n: int, parent_run_id: str, root: Path) -> tuple[subprocess.Popen, progress.Drain]:
+    """A worker process, its progress lines echoed on the stage's stderr as they come."""
     cmd = [sys.executable, "-m", "accelbench.tuning", workload, variant, str(n), parent_run_id]
-    return subprocess.Popen(cmd, cwd=root, env={**os.environ, "DVC_ROOT": str(root)}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "DVC_ROOT": str(root)}, stderr=subprocess.PIPE,
+                            text=True, errors="replace")  # fmt: skip
+    return proc, progress.Drain(proc.stderr)
 
 
-def _wait(proc: subprocess.Popen) -> str | None:
-    _, err = proc.communicate()
+def _wait(worker: tuple[subprocess.Popen, progress.Drain]) -> str | None:
+    proc, drain = worker
+    proc.wait()
+    err = drain.text()
     if proc.returncode == 0:
         return None
     return progress.last_error(err) or f"tuning worker exited {proc.returncode}: {err.strip()[-2000:]}"
@@ -172,7 +178,8 @@ def worker(cfg: Config, wl: Workload, root: Path, variant: str, n_trials: str, p
     runtime = runtime_for(cfg, wl)
     prepared = load_prepared(prepared_dir(root, wl.name))
     params = with_overrides(cfg.params(wl.name), wl.variants(cfg.params(wl.name))[variant])
-    optimize(open_study(cfg, wl, variant, params, runtime, prepared, root), int(n_trials), parent_run_id)
+    s = open_study(cfg, wl, variant, params, runtime, prepared, root)
+    optimize(s, int(n_trials), parent_run_id, desc=f"tune {s.name} (worker, pid {os.getpid()})")
 
 
 def _matching(study: optuna.Study, h: str, states) -> list[optuna.trial.FrozenTrial]:
