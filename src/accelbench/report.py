@@ -248,7 +248,8 @@ def build(uri: str, out_dir: Path, results: Path | None = None) -> dict[str, Any
     recs = collect(uri)
     if not recs:
         raise AccelbenchError(
-            f"{uri}: no finished benchmark runs in this MLflow store; run the benchmark stages first (dvc repro)"
+            f"{uri}: no finished benchmark runs in this MLflow store; run the benchmark stages first (dvc repro; "
+            "`dvc repro --force` where dvc.lock came with a clone: git carries it, not the store)"
         )
     comps = compare(recs)
     with atomic_dir(out_dir) as tmp:
