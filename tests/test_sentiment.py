@@ -395,3 +395,17 @@ def test_sentiment140_with_its_header_reads_like_without(tmp_path):
     assert (fmt, fmt_h, encoding, encoding_h) == ("sentiment140", "sentiment140-header", "latin-1", "latin-1")
     pd.testing.assert_frame_equal(plain, headed)
     assert set(headed["label"]) == {"negative", "neutral", "positive"}
+
+
+def test_a_losing_verdict_names_the_sample_ingest_kept_and_none_where_nothing_was_sampled():
+    """The note reads what ingest kept (source.json, in the prepared meta), not max_rows: 4,000 rows of the bundled
+    20,761 are a sample; a 210-row file read whole under max_rows 4000 is not."""
+    from conftest import REPO
+    from accelbench.project import load_config
+    from accelbench.workloads import get_workload
+
+    wl, params = get_workload("sentiment"), load_config(REPO / "params.yaml").params("sentiment")
+    sampled = wl.verdict_note(params, {"source": {"rows": 4000, "rows_in_source": 20761}}, False, -0.02, 583)
+    assert "trained on a seeded sample of 4,000 of 20,761 rows" in sampled and "-S study=gpu" in sampled
+    whole = wl.verdict_note(params, {"source": {"rows": 210, "rows_in_source": 210}}, False, -0.02, 42)
+    assert params.data.max_rows == 4000 and "sample" not in whole

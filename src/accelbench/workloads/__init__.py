@@ -106,8 +106,9 @@ class Workload:
         value = self.task(meta).score(arrays["y"][idx], logits[idx], metric)
         return float("nan") if value is None else float(value)
 
-    def verdict_note(self, params: WorkloadParams, beats: bool, margin: float, n_items: int) -> str:
-        """Why the model wins or loses, in words, and what to run for a fairer size."""
+    def verdict_note(self, params: WorkloadParams, meta: dict[str, Any], beats: bool, margin: float, n_items: int) -> str:
+        """Why the model wins or loses, in words, and what to run for a fairer size. `meta`: the prepared data's,
+        with what was read in meta["source"]."""
         return vd.generic_note(beats, margin, n_items)
 
     def verdict(self, params: WorkloadParams, prepared: Prepared, models: dict[str, tuple[dict[str, Any], np.ndarray]],
@@ -128,7 +129,7 @@ class Workload:
             score = lambda idx: self.item_score(prepared.meta, test, logits, idx, metric)  # noqa: E731
             return vd.Side(name, float("nan") if val is None else float(val), score)
 
-        note = lambda beats, margin, n: self.verdict_note(params, beats, margin, n)  # noqa: E731
+        note = lambda beats, margin, n: self.verdict_note(params, prepared.meta, beats, margin, n)  # noqa: E731
         return vd.verdict(metric, higher, [side(n, *v) for n, v in candidates.items()],
                           [side(n, *v) for n, v in refs.items()], prepared.n("test"), seed, note)  # fmt: skip
 

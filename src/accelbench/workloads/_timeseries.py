@@ -560,7 +560,7 @@ class SeriesWorkload(Workload):
         picked = {"y": arrays["y"][idx], "last": arrays["last"][idx]}
         return float(price_metrics(meta, picked, np.asarray(logits)[idx], "test", moves_=False)[metric])
 
-    def verdict_note(self, params: SeriesParams, beats: bool, margin: float, n_items: int) -> str:
+    def verdict_note(self, params: SeriesParams, meta: dict[str, Any], beats: bool, margin: float, n_items: int) -> str:
         if beats:
             return vd.generic_note(beats, margin, n_items)
         return vd.generic_note(beats, margin, n_items) + (

@@ -514,12 +514,16 @@ class Sentiment(Workload):
             plt.close(disp.figure_)
         return {"tfidf_logreg": Baseline(metrics, logits)}
 
-    def verdict_note(self, params: Params, beats: bool, margin: float, n_items: int) -> str:
+    def verdict_note(self, params: Params, meta: dict[str, Any], beats: bool, margin: float, n_items: int) -> str:
+        """A losing model trained on a sample says so, with the rows it had: what ingest kept, not max_rows, which
+        samples nothing from a smaller source."""
         note = vd.generic_note(beats, margin, n_items)
-        if beats or params.data.max_rows is None:
+        source = meta.get("source") or {}
+        kept, in_source = source.get("rows"), source.get("rows_in_source")
+        if beats or kept is None or in_source is None or kept >= in_source:
             return note
         return note + (
-            f": trained on a seeded sample of {params.data.max_rows} rows (sentiment.data.max_rows), where "
+            f": trained on a seeded sample of {kept:,} of {in_source:,} rows (sentiment.data.max_rows), where "
             "TF-IDF's bigrams learn faster than an embedding from scratch; the full size: "
             f"{FULL_SIZE_COMMAND}"
         )
