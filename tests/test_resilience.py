@@ -186,8 +186,7 @@ def test_processes_claiming_at_once_run_each_trial_once(tmp_path):
 
     url = f"sqlite:///{tmp_path}/optuna.db"
     optuna.create_study(study_name="s", storage=claims.storage(url))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMING_PROCESS, url, "40"], env=env, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMING_PROCESS, url, "40"], stderr=subprocess.PIPE, text=True)
              for _ in range(6)]  # fmt: skip
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, next(e for e in errors if e)[-2000:]
