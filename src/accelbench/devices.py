@@ -121,6 +121,7 @@ def hardware_info() -> dict[str, Any]:
     """What the timings depend on. No timestamps: it changes only when the machine does. torch is imported
     (and cuDNN loaded) only where NVML sees a GPU: on a CPU machine the build's CUDA version is read from its file."""
     gpus = list(_nvml_gpus())
+    cuda = _torch_build_cuda()
     tf_version = _version("tensorflow") or _version("tensorflow-cpu")
     return {
         "cpu": {
@@ -131,8 +132,8 @@ def hardware_info() -> dict[str, Any]:
         },
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "gpus": gpus,
-        "cuda": _torch_build_cuda(),
-        "cudnn": _cudnn_version() if gpus else None,
+        "cuda": cuda,
+        "cudnn": _cudnn_version(cuda) if gpus else None,
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "frameworks": {"torch": _version("torch"), "tensorflow": tf_version, "keras": _version("keras")},
@@ -155,11 +156,10 @@ def _torch_build_cuda() -> str | None:
     return found.group(1) if found else None
 
 
-def _cudnn_version() -> int | None:
+def _cudnn_version(build: str | None) -> int | None:
     """torch.backends.cudnn.version()'s number, read from the version of the nvidia-cudnn wheel that torch's CUDA
     build loads where there is one: importing torch and starting CUDA for it took 3.7 s of the hardware stage
-    on the H200 host."""
-    build = _torch_build_cuda()
+    on the H200 host. `build`: torch's CUDA version (_torch_build_cuda)."""
     version = _version(f"nvidia-cudnn-cu{build.split('.')[0]}") if build else None
     if version is not None:
         major, minor, patch = (int(part) for part in version.split(".")[:3])
