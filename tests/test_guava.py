@@ -298,9 +298,8 @@ def test_torch_and_tensorflow_train_and_evaluate(path_project):
     results = project.root / "results" / "guava"
     for framework in ("torch", "tensorflow"):
         project.update("framework", framework)
-        for stage in ("train", "evaluate"):
-            proc = project.stage(stage, "guava")
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = project.stage("train", "guava")
+        assert proc.returncode == 0, proc.stderr[-3000:]
         scores = json.loads((results / "evaluate.json").read_text())
         cnn = scores["cnn"]
         for split in ("val", "test"):

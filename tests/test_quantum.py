@@ -248,7 +248,7 @@ def digits(tmp_path_factory):
 
     project = make_project(tmp_path_factory.mktemp("quantum") / "project")
     _only_quantum(project, **{"quantum.benchmark.circuits.images": CIRCUIT_IMAGES})
-    run_stages(project, "ingest", "eda", "prepare", "tune", "train", "evaluate", "benchmark")
+    run_stages(project, "ingest", "eda", "prepare", "tune", "train", "benchmark")
     return project
 
 
@@ -356,7 +356,7 @@ def test_each_variant_is_its_own_finished_run(digits):
 def test_trainable_mode_learns_the_circuit_weights(digits):  # after the tests reading the fixed run
     digits.update("quantum.model.quanv.mode", "trainable")
     try:
-        run_stages(digits, "train", "evaluate")
+        run_stages(digits, "train")
     finally:
         digits.update("quantum.model.quanv.mode", "fixed")
     state = torch.load(digits.root / "models/quantum/quanv/model.pt", weights_only=True)

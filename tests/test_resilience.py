@@ -237,7 +237,7 @@ def test_secrets_never_reach_the_store_or_the_logs(tmp_path):
     ps["diabetes"]["data"]["source"] = "path"
     ps["diabetes"]["data"]["path"] = str(REPO / "tests" / "fixtures" / "diabetes.csv")
     project.set_params(ps)
-    proc = project.run(sys.executable, "-m", "dvc", "repro", "evaluate@diabetes")
+    proc = project.run(sys.executable, "-m", "dvc", "repro", "train@diabetes")
     blobs = [proc.stdout, proc.stderr]
     for path in (project.root / "mlruns").rglob("*"):
         if path.is_file():

@@ -32,7 +32,7 @@ def rnn(tmp_path_factory):
 
     project = make_project(tmp_path_factory.mktemp("rnn") / "project")
     use_ibm_file(project)
-    project.run(sys.executable, "-m", "dvc", "repro", "evaluate@rnn")
+    project.run(sys.executable, "-m", "dvc", "repro", "train@rnn")
     return project
 
 
@@ -83,7 +83,7 @@ def test_each_cell_has_its_own_study_and_tagged_runs(rnn):
 def test_exp_run_tensorflow(rnn):
     # the two cells whose Keras layers differ most (SimpleRNN: no cuDNN kernel; GRU: cuDNN-eligible);
     # the Keras LSTM runs in test_stock
-    rnn.run(sys.executable, "-m", "dvc", "exp", "run", "evaluate@rnn", "-S", "framework=tensorflow",
+    rnn.run(sys.executable, "-m", "dvc", "exp", "run", "train@rnn", "-S", "framework=tensorflow",
             "-S", "rnn.model.cells=[rnn,gru]", "-S", "tune.n_trials=1")  # fmt: skip
     runs = rnn.runs("rnn", "tags.stage = 'train' and tags.framework = 'tensorflow'")
     by_cell = {r.data.tags["cell"]: r for r in runs}

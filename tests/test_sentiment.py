@@ -59,7 +59,7 @@ def use_file(project, path: Path, **data) -> None:
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     project = new_project(tmp_path_factory, "sentiment-bundled")
-    repro(project, "eda@sentiment", "evaluate@sentiment")  # eda is a side branch: named on its own
+    repro(project, "eda@sentiment", "train@sentiment")  # eda is a side branch: named on its own
     return project
 
 
@@ -80,7 +80,7 @@ def entity_tf(tmp_path_factory):
     project = new_project(tmp_path_factory, "sentiment-entity")
     use_file(project, ENTITY)
     project.update("sentiment.framework", "tensorflow")
-    stages(project, "ingest", "eda", "prepare", "train", "evaluate")  # tune is covered by the bundled run
+    stages(project, "ingest", "eda", "prepare", "train")  # tune is covered by the bundled run
     return project
 
 

@@ -51,7 +51,7 @@ def stock(tmp_path_factory):
 
     project = make_project(tmp_path_factory.mktemp("stock") / "project")
     use_google_files(project)
-    project.run(sys.executable, "-m", "dvc", "repro", "evaluate@stock", "eda@stock")
+    project.run(sys.executable, "-m", "dvc", "repro", "train@stock", "eda@stock")
     return project
 
 
@@ -127,7 +127,7 @@ def test_train_run_says_whether_cudnn_ran_and_counts_params(stock):
 
 
 def test_exp_run_tensorflow(stock):
-    stock.run(sys.executable, "-m", "dvc", "exp", "run", "evaluate@stock", "-S", "framework=tensorflow")
+    stock.run(sys.executable, "-m", "dvc", "exp", "run", "train@stock", "-S", "framework=tensorflow")
     train = stock.runs("stock", "tags.stage = 'train' and tags.framework = 'tensorflow'")
     assert len(train) == 1 and train[0].info.status == "FINISHED"
     assert train[0].data.tags["cudnn_rnn"] == "not used" and train[0].data.tags["cell"] == "lstm"

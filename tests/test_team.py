@@ -180,7 +180,7 @@ def run_the_study(t: Team) -> None:
     at_once = [t.stage(m, "tune") for m in (laptop, laptop, gpubox, gpubox)] + [t.stage(gpubox, "train")]
     t.wait(*at_once)
     t.facts["counts_after"] = status_counts(t.runs())
-    t.wait(t.stage(laptop, "evaluate"), t.stage(gpubox, "benchmark"))
+    t.wait(t.stage(gpubox, "benchmark"))
     t.wait(t.stage(laptop, "benchmark"))
     t.facts["fake_gpu_runs"] = log_fake_gpu_side(t)
     [t.facts["report"]] = t.wait(t.reporter.popen("stages/report.py"))
@@ -274,7 +274,9 @@ def test_concurrent_tuning_and_training_lose_no_run(team):
     assert all(r.info.status == "FINISHED" for r in nested)
     assert {r.data.tags["mlflow.parentRunId"] for r in nested} <= {r.info.run_id for r in tunes}
     new = {k: after.get(k, 0) - before.get(k, 0) for k in before | after}
+    assert before["evaluate/FINISHED"] > 0  # the laptop's train evaluated what it trained: the GPU box's does the same
     assert new == {**{k: 0 for k in new}, "tune/FINISHED": 4, "trial/FINISHED": TRIALS, "train/FINISHED": 1,
+                   "evaluate/FINISHED": before["evaluate/FINISHED"],
                    "train/KILLED": 1, "train/RUNNING": -1}  # the GPU box's orphan, reaped by its own tuning  # fmt: skip
     assert not team.runs("attributes.status = 'RUNNING'")  # at the end, the orphans included
 

@@ -1,4 +1,4 @@
-"""The stages that train: tune, train and evaluate; stages/*.py call them through cli.main."""
+"""The stages that train: tune, and train, which evaluates what it trained; stages/*.py call them through cli.main."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from . import distributed, progress, tuning
+from . import distributed, progress
 from . import summary as headline
 from .checkpoint import Checkpoint, params_hash
 from .config import Config, as_dict, flatten, parse, with_overrides
@@ -24,6 +24,8 @@ HOST_TAGS = {"device": "cpu", "framework": "none", "precision": "n/a"}
 
 
 def tune(cfg: Config, wl: Workload, root: Path) -> None:
+    from . import tuning  # Optuna and the claims' SQLAlchemy: train does without them
+
     check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
     runtime = runtime_for(cfg, wl)
     prepared = read_prepared(root, wl.name)
@@ -72,21 +74,28 @@ def variant_params(cfg: Config, wl: Workload, root: Path) -> dict[str, tuple[Any
 
 
 def train(cfg: Config, wl: Workload, root: Path) -> None:
+    """Train every variant, then evaluate the saved models in the same process: a second stage would start
+    Python, torch, CUDA, cuDNN and the MLflow store all over again (6-12 s a workload on an H200 host)."""
     check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
     cfg = distributed.for_workload(cfg, wl)
     if distributed.needs_relaunch(cfg, framework_for(cfg, wl)):
         distributed.local_gpus_needed(cfg)
         distributed.relaunch(cfg, "train", wl.name, root)  # the same stage, once per rank, under torchrun
+        if cfg.distributed.node_rank == 0:  # where rank 0 saved the models
+            progress.result(evaluate(cfg, wl, root, read_prepared(root, wl.name)))
         return
     runtime = runtime_for(cfg, wl, data_parallel=True)
+    prepared = read_prepared(root, wl.name)
     try:
-        _train(cfg, wl, root, runtime)
+        trained = _train(cfg, wl, root, runtime, prepared)
     finally:
         distributed.leave()
+    if runtime.is_main and not distributed.under_torchrun():  # under torchrun, the parent process evaluates
+        progress.result(f"{trained}; {evaluate(cfg, wl, root, prepared)}")
 
 
-def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
-    prepared = read_prepared(root, wl.name)
+def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime, prepared: Prepared) -> str:
+    """Every variant trained, saved and logged; returns the stage's result line on them."""
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
     variants = variant_params(cfg, wl, root)
@@ -143,8 +152,7 @@ def _train(cfg: Config, wl: Workload, root: Path, runtime: Runtime) -> None:
     if main:
         headline.write_curves(wl.name, histories, out / "curves.csv")
         write_json(out / "train.json", all_metrics)
-        progress.result("; ".join(f"{v}: {_num(m.get('time/epoch_s'))} s/epoch, val/loss {_num(m.get('val/loss'))}"
-                                  for v, m in all_metrics.items()))  # fmt: skip
+    return "; ".join(f"{v}: {_num(m.get('time/epoch_s'))} s/epoch, val/loss {_num(m.get('val/loss'))}" for v, m in all_metrics.items())
 
 
 def log_data_record(run: Any, meta: dict[str, Any], eda: Path) -> None:
@@ -164,10 +172,10 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
             writer.writerow({"epoch": i, **row})
 
 
-def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
-    check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
+def evaluate(cfg: Config, wl: Workload, root: Path, prepared: Prepared) -> str:
+    """The saved models, reloaded as a user would load them, scored on val and test beside the baselines;
+    returns the stage's result line on the test split."""
     runtime = runtime_for(cfg, wl)
-    prepared = read_prepared(root, wl.name)
     task = wl.task(prepared.meta)
     engine = get_engine(runtime.framework)
     inputs = prepared.meta.get("inputs", ["x"])
@@ -215,7 +223,7 @@ def evaluate(cfg: Config, wl: Workload, root: Path) -> None:
               f"(95% CI {verdict['margin_ci95'][0]:+.4g} to {verdict['margin_ci95'][1]:+.4g}): {verdict['note']}", flush=True)  # fmt: skip
     write_json(results_dir(root, wl.name) / "evaluate.json", all_metrics)
     test = lambda m: ", ".join(f"{k} {_num(v)}" for k, v in m.items() if k.startswith("test/"))  # noqa: E731
-    progress.result("; ".join(f"{name}: {test(m)}" for name, m in all_metrics.items() if isinstance(m, dict) and test(m)))
+    return "; ".join(f"{name}: {test(m)}" for name, m in all_metrics.items() if isinstance(m, dict) and test(m))
 
 
 def _confusion_png(task, y, logits, path: Path, title: str) -> None:
