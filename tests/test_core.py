@@ -174,7 +174,8 @@ def test_a_stage_in_a_log_says_start_what_it_read_progress_and_result(prepared_p
     epochs = [ln for ln in lines if ": epoch " in ln]
     assert len(epochs) >= 3, lines  # the fixture trains 4 epochs: one line each after the first
     assert all(re.search(r"epoch \d/4, [\d.]+ s/epoch, ETA [\d.]+ s", ln) for ln in epochs), epochs
-    assert re.fullmatch(r"accelbench train diabetes: done in [\d.]+ s; mlp: [\d.e-]+ s/epoch, val/loss [\d.]+", lines[-1])
+    assert re.fullmatch(r"accelbench train diabetes: done in [\d.]+ s; mlp: [\d.e-]+ s/epoch, val/loss [\d.]+; "  # trained, then
+                        r"mlp: test/loss [\d.]+, test/accuracy [\d.]+, .*; logreg: test/loss [\d.]+, .*", lines[-1])  # evaluated
     assert "Skip logging GPU metrics" not in proc.stderr and "\r" not in proc.stderr
 
 
