@@ -84,6 +84,10 @@ def test_ddp_two_gloo_ranks_train_like_one_process(dp):
     assert sorted(p.name for p in (dp.root / "models/stock").iterdir()) == ["lstm"]
     assert [p.name for p in (dp.root / "models").iterdir()] == ["stock"]
     assert len((dp.root / "results/stock/history/lstm.csv").read_text().splitlines()) == 1 + EPOCHS
+    # then the stage's own process, not a rank, evaluated rank 0's saved model: once
+    evaluated = json.loads((dp.root / "results/stock/evaluate.json").read_text())
+    assert 0 < evaluated["lstm"]["test/rmse"] < float("inf") and "persistence" in evaluated
+    assert len(dp.runs("stock", "tags.stage = 'evaluate' and tags.variant = 'lstm'")) == 1
 
     dp.update("distributed.gpus", 1)
     reference = single_process(dp, "torch")
