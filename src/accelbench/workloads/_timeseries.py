@@ -561,9 +561,10 @@ class SeriesWorkload(Workload):
         return float(price_metrics(meta, picked, np.asarray(logits)[idx], "test", moves_=False)[metric])
 
     def verdict_note(self, params: SeriesParams, meta: dict[str, Any], beats: bool, margin: float, n_items: int) -> str:
+        note = vd.generic_note(beats, margin, n_items)
         if beats:
-            return vd.generic_note(beats, margin, n_items)
-        return vd.generic_note(beats, margin, n_items) + (
+            return note
+        return note + (
             ": daily prices are close to a random walk, where tomorrow = today is the forecast to beat; "
             f"the model predicts {params.prepare.predict}s ({self.name}.prepare.predict)"
         )
