@@ -74,8 +74,8 @@ class Project:
     root: Path
     env: dict[str, str]
 
-    def run(self, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *cmd: str, check: bool = True, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, cwd=self.root, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         return proc

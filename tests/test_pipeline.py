@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import optuna
 import pytest
 
 from accelbench import devices
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,7 @@ def test_exp_run_tensorflow_reruns_only_model_stages(reproduced):
     assert "val/roc_auc" in train[0].data.metrics and "time/epoch_s" in train[0].data.metrics
     shown = json.loads(reproduced.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
-    assert "test/roc_auc" in text and "\"epoch_s\"" in text  # summary.json, the DVC metrics
+    assert "diabetes/test/roc_auc" in text and "diabetes/epoch_s" in text  # summary.json, the DVC metrics
 
 
 def _exp_metrics(shown: list[dict]) -> dict[str, dict]:
@@ -146,20 +148,39 @@ def _exp_metrics(shown: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _readme_workload_view(workload: str) -> list[str]:
+    """The README's one-workload `dvc exp show` (written for guava), for `workload`."""
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if "--keep" in line and "guava/" in line)
+    return shlex.split(line.split("#")[0].replace("guava/", f"{workload}/"))
+
+
 def test_exp_show_compares_two_experiments_headline_metrics(reproduced):
-    """Two experiments with other epochs: each commit carries its summary.json, so `dvc exp show` compares them."""
+    """Two experiments with other epochs: each commit carries its summary.json, so `dvc exp show` compares them,
+    and the README's one-workload view shows every headline figure of both at 200 columns."""
     for epochs in (2, 3):
         reproduced.run(sys.executable, "-m", "dvc", "exp", "run", "-n", f"epochs{epochs}",
                        "-S", "framework=torch", "-S", f"diabetes.train.epochs={epochs}")  # fmt: skip
     shown = json.loads(reproduced.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
     metrics = _exp_metrics(shown)
     for name in ("epochs2", "epochs3"):
-        mlp = metrics[name]["mlp"]
-        assert 0.0 <= mlp["test/roc_auc"] <= 1.0, (name, mlp)  # diabetes has no baseline until evaluate scores one
-        assert mlp["epoch_s"] > 0 and mlp["samples_per_s"] > 0 and "tune best val/roc_auc" in mlp, (name, mlp)
-    assert metrics["epochs2"]["mlp"]["epoch_s"] != metrics["epochs3"]["mlp"]["epoch_s"]
+        mlp = metrics[name]
+        assert 0.0 <= mlp["diabetes/test/roc_auc"] <= 1.0, (name, mlp)  # no baseline until evaluate scores one
+        assert mlp["diabetes/epoch_s"] > 0 and mlp["diabetes/samples/s"] > 0, (name, mlp)
+        assert list(mlp)[:2] == ["diabetes/test/roc_auc", "diabetes/baseline"] and "diabetes/best val/roc_auc" in mlp
+    assert metrics["epochs2"]["diabetes/epoch_s"] != metrics["epochs3"]["diabetes/epoch_s"]
     metrics_section = json.loads(reproduced.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
     assert "train.json" not in json.dumps(metrics_section), "the long tables stay out of the metrics"
+
+    view = _readme_workload_view("diabetes")
+    assert view[:3] == ["dvc", "exp", "show"], view
+    table = reproduced.run(sys.executable, "-m", *view, "--no-pager", COLUMNS="200").stdout
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 200 and "…" not in table, table  # nothing collapsed
+    assert all(figure in lines[1] for figure in metrics["epochs2"]), table
+    for name in ("epochs2", "epochs3"):
+        row = next(line for line in lines if f"[{name}]" in line)
+        cells = row.split("]", 1)[1].split()
+        assert [format(v, ".5g") for v in metrics[name].values()] == cells[: len(metrics[name])], (name, row)
 
 
 def test_plots_diff_compares_two_experiments_per_workload_offline(reproduced):

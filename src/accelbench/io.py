@@ -62,9 +62,9 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: Path) -> Any:

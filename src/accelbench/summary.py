@@ -81,7 +81,8 @@ def speedups(records: list[dict[str, Any]], variant: str) -> dict[str, Any]:
 
 
 def variant_summary(variant: str, models: list[str], results: Path) -> dict[str, Any]:
-    """One variant's headline figures; a stage that has not written its file yet leaves its figures out."""
+    """One variant's headline figures, in the order a reader compares them; a stage that has not written its
+    file yet leaves its figures out."""
     train = (_optional(results / "train.json") or {}).get(variant, {})
     best = (_optional(results / "best_params.json") or {}).get(variant)
     evaluate = _optional(results / "evaluate.json") or {}
@@ -90,19 +91,24 @@ def variant_summary(variant: str, models: list[str], results: Path) -> dict[str,
     s = speedups(records, variant)
     out = {
         q["metric"]: q["value"],
-        f"baseline {q['metric']}": q["baseline"],
+        "baseline": q["baseline"],  # the same test metric, for the strongest baseline
         "epoch_s": train.get("time/epoch_s"),
-        "samples_per_s": train.get("throughput/samples_per_s"),
-        f"tune best {(best or {}).get('objective', '')}".strip(): (best or {}).get("value"),
-        "speedup_plain": s["plain"],
-        "speedup_best": s["best"],
+        "samples/s": train.get("throughput/samples_per_s"),
+        f"best {(best or {}).get('objective', '')}".strip(): (best or {}).get("value"),  # tune's best trial
+        "speedup": s["plain"],
+        "best_speedup": s["best"],
     }
     return {k: v for k, v in out.items() if v is not None}
 
 
-def write(variants: list[str], results: Path) -> dict[str, Any]:
-    summary = {variant: variant_summary(variant, variants, results) for variant in variants}
-    write_json(results / "summary.json", summary)
+def write(workload: str, variants: list[str], results: Path) -> dict[str, Any]:
+    """Flat keys `<workload>/[<model>/]<figure>` (the model where the workload compares several): DVC names a
+    column by its key, so each is unique across workloads (stock's and rnn's lstm), short, and apart from the
+    params (`guava.train.lr`): `--keep 'guava/'` shows one workload. DVC keeps the file's order of columns."""
+    several = len(variants) > 1
+    summary = {f"{workload}/{variant + '/' if several else ''}{figure}": value
+               for variant in variants for figure, value in variant_summary(variant, variants, results).items()}  # fmt: skip
+    write_json(results / "summary.json", summary, sort_keys=False)
     return summary
 
 
@@ -111,8 +117,8 @@ def stage(cfg: Config, wl: Workload, root: Path) -> None:
     results = root / "results" / wl.name
     progress.read(f"results/{wl.name}: best_params.json, train.json, evaluate.json, benchmark.json")
     with work():
-        figures = write(list(wl.variants(cfg.params(wl.name))), results)
-    progress.result(f"{sum(len(v) for v in figures.values())} headline figures in results/{wl.name}/summary.json")
+        figures = write(wl.name, list(wl.variants(cfg.params(wl.name))), results)
+    progress.result(f"{len(figures)} headline figures in results/{wl.name}/summary.json")
 
 
 # `dvc plots` data, long form: the template (vega/lines.json) draws a chart per `chart` value, titled by it, and
