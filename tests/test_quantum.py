@@ -280,6 +280,10 @@ def test_benchmark_times_each_variant_on_its_own_inputs(digits):
     assert {r["variant"] for r in records if r["kind"] == "throughput"} == {"quanv", "raw"}
     assert all(r["bench/samples_per_s"] > 0 for r in records if r["kind"] == "throughput")
     assert {r["variant"] for r in records if r["kind"] == "time_to_target"} == {"quanv", "raw"}
+    for run in digits.runs("quantum", "tags.kind = 'time_to_target'"):  # logged after its training, spanning it
+        seconds = run.data.metrics.get("bench/time_to_target_s")
+        assert seconds, f"{run.info.run_name}: val/accuracy 0.90 not reached"
+        assert run.info.end_time - run.info.start_time >= int(1000 * seconds), run.info.run_name
 
 
 def test_benchmark_measures_circuits_per_second_of_each_mode(digits):
@@ -303,6 +307,9 @@ def test_benchmark_measures_circuits_per_second_of_each_mode(digits):
         assert run.data.metrics["bench/circuits_per_s"] == pytest.approx(rec["bench/circuits_per_s"])
         history = digits.client().get_metric_history(run.info.run_id, "bench/repeat_circuits_per_s")
         assert len(history) == 2
+        passes_ms = 1000 * rec["bench/warmup_s"] + sum(1000 * rec["circuits"] / r for r in rec["repeats"]["bench/repeat_circuits_per_s"])
+        assert run.info.end_time - run.info.start_time >= int(passes_ms), "the run spans its passes"
+        assert "start_ms" not in run.data.tags
 
 
 def test_report_tables_circuits_per_device_with_the_gpus_goals(digits, tmp_path):

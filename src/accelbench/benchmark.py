@@ -187,7 +187,8 @@ def _log_extra(wl: Workload, runtime: Runtime, rec: dict[str, Any]) -> dict[str,
     repeats = rec.pop("repeats", {})
     runtime_tags = {k: str(rec[k]) for k in runtime.tags()}
     name = run_name(f"{rec['kind']}-{rec['variant']}", runtime_tags)  # 'circuits-fixed-cpu-torch': what differs first
-    tags = {k: str(v) for k, v in rec.items() if not k.startswith("bench/") and v is not None and k not in runtime_tags}
+    tags = {k: str(v) for k, v in rec.items()
+            if not k.startswith("bench/") and v is not None and k not in runtime_tags and k != "start_ms"}  # fmt: skip
     log_benchmark_run(wl.name, runtime_tags, name, tags, rec, repeats)
     return {**rec, "repeats": repeats}
 
@@ -373,6 +374,7 @@ def _time_to_target(p: Point, params: WorkloadParams) -> dict[str, Any]:
     metric = target.metric or task.objective
     better = (lambda v: v >= target.value) if task.direction == "maximize" else (lambda v: v <= target.value)
     hit: dict[str, float] = {}
+    start_ms = int(time.time() * 1000)  # the run spans the training, though logged after it
     t0 = time.perf_counter()
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
@@ -395,6 +397,7 @@ def _time_to_target(p: Point, params: WorkloadParams) -> dict[str, Any]:
         "bench/target_reached": 1.0 if hit else 0.0,
         "bench/time_to_target_s": hit.get("seconds"), "bench/epochs_to_target": hit.get("epoch"),
         "timed": f"wall time from the start of training until {metric} reached {target.value} (validation each epoch)",
+        "start_ms": start_ms,
     }  # fmt: skip
     name = run_name("time_to_target", runtime.tags(), variant if p.several else None)
     tags = {k: str(rec[k]) for k in ("kind", "variant", "batch_size", "hparams", "target_metric", "target_value", "timed")}
