@@ -226,7 +226,7 @@ def test_benchmark_records_and_cpu_only_report(reproduced):
         assert r["steps_per_repeat"] > 3 and r["steps_per_repeat"] % 3 == 0
         assert r["bench/samples_per_s_ci_low"] <= r["bench/samples_per_s"] <= r["bench/samples_per_s_ci_high"]
         assert r["bench/compute_only_samples_per_s"] > 0 and r["device"] == "cpu" and r["cpu_threads"] >= 1
-        assert r["hparams"].startswith("tuned:diabetes-cpu-torch#")
+        assert r["hparams"].startswith("tuned batch (study diabetes-cpu-torch, trial ")
     [target] = [r for r in records if r["kind"] == "time_to_target"]
     assert target["target_metric"] == "val/roc_auc" and target["target_value"] == 0.8
     assert target["bench/target_reached"] in (0.0, 1.0)

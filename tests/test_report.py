@@ -57,7 +57,7 @@ def test_verdicts():
 def log_run(client, exp_id, name, device, device_name, hardware, batch, repeats, role="sweep", framework="torch"):
     tags = {"stage": "benchmark", "kind": "throughput", "workload": "diabetes", "variant": "mlp", "device": device,
             "device_name": device_name, "framework": framework, "precision": "fp32", "compile": "false",
-            "batch_size": str(batch), "batch_role": role, "hardware": hardware, "hparams": "defaults",
+            "batch_size": str(batch), "batch_role": role, "hardware": hardware, "hparams": "as in params.yaml",
             "hw.cpu": "Test CPU", "timed": "5 x 20 training steps"}  # fmt: skip
     run = client.create_run(exp_id, run_name=name, tags=tags)
     for i, v in enumerate(repeats):

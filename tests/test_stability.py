@@ -173,7 +173,7 @@ def _log(client, exp_id, device, session, intervals, flag=""):
     name = "Xeon" if device == "cpu" else "NVIDIA FakeGPU"
     tags = {"stage": "benchmark", "kind": "throughput", "workload": "diabetes", "variant": "mlp", "device": device,
             "device_name": name, "framework": "torch", "precision": "fp32", "compile": "false", "batch_size": "32",
-            "batch_role": "default", "hardware": "hostA", "hparams": "defaults", "bench_session": session, "flag": flag}  # fmt: skip
+            "batch_role": "default", "hardware": "hostA", "hparams": "as in params.yaml", "bench_session": session, "flag": flag}  # fmt: skip
     run = client.create_run(exp_id, run_name=f"benchmark-{device}-torch-b32", tags=tags)
     for i, v in enumerate(intervals):
         client.log_metric(run.info.run_id, "bench/repeat_samples_per_s", v, step=i)

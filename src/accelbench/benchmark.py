@@ -29,7 +29,7 @@ from .errors import AccelbenchError, ConfigError, TrainingError
 from .io import Prepared, load_prepared, write_json
 from .project import prepared_dir, results_dir
 from .runtime import on_device, runtime_for
-from .study import Study, config_hash, storage_url, study_name
+from .study import AS_WRITTEN, Study, config_hash, storage_url, study_name
 from .tasks import Task
 from .timing import IntervalPlan, median, spread, work
 from .tracking import check_server, log_benchmark_run, record_failure, run_name, stage_run, tracking_uri
@@ -52,7 +52,7 @@ class Point:
     prepared: Prepared  # as prepared; each measurement precomputes the model's inputs from it
     task: Task
     engine: ModuleType
-    source: str  # where the hyperparameters came from: a study's trial, or defaults
+    source: str  # where the hyperparameters came from, said for a reader: a study's trial, or AS_WRITTEN
     util: Any = None  # devices.UtilisationSampler on CUDA (torch)
     energy: Any = None  # a joules counter where the device has one
 
@@ -114,9 +114,9 @@ def tuned_overrides(cfg: Config, wl: Workload, variant: str, runtime: Runtime, r
     name = study_name(wl.name, variant if several else None, runtime)
     try:
         study = optuna.load_study(study_name=name, storage=storage_url(cfg.tune.storage, root))
-        return study.best_trial.params, f"tuned:{name}#{study.best_trial.number}"
+        return study.best_trial.params, f"tuned (study {name}, trial {study.best_trial.number})"
     except (KeyError, ValueError):  # no such study, or no completed trial in it
-        return {}, "defaults"
+        return {}, AS_WRITTEN
 
 
 def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) -> list[dict[str, Any]]:
@@ -152,7 +152,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         batches = sorted(set(b.batch_sizes) | set(roles))
         for batch in progress.track(batches, len(batches), f"benchmark {wl.name} {variant} {framework} {spec}", "batch size"):
             rec = _throughput(point, speed, inputs, batch)
-            rec.update(batch_role=roles.get(batch, "sweep"), hparams=source if source == "defaults" else f"{source} (batch only)")
+            rec.update(batch_role=roles.get(batch, "sweep"), hparams=source.replace("tuned (", "tuned batch ("))
             _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
             records.append(rec)
         if b.ablation and device.type in b.ablation_devices and framework == "torch":

@@ -415,7 +415,7 @@ def _measurements(doc: Doc, tput: list[Rec]) -> None:
           _fmt(r.metrics.get("bench/step_ms"), 2), _fmt(r.metrics.get("bench/compute_only_samples_per_s")),
           _fmt(100 * r.metrics["bench/input_share"], 1) + "%" if "bench/input_share" in r.metrics else "n/a",
           _fmt(r.metrics.get("bench/energy_j_per_1k_samples"), 2), _fmt(r.metrics.get("bench/peak_gpu_mb"), 1),
-          _hparams(r.t("hparams"))] for r in tput],
+          r.t("hparams")] for r in tput],
     )  # fmt: skip
     doc.p("Energy is NVML's counter on GPUs and RAPL on the CPU where readable; n/a means the hardware exposed none.")
 
@@ -442,7 +442,7 @@ def _time_to_target(doc: Doc, target: list[Rec]) -> None:
         ["workload", "variant", "framework", "device", "target", "reached", "seconds", "epochs", "batch", "hyperparameters"],
         [[r.t("workload"), r.t("variant"), r.t("framework"), r.t("device_name"), f"{r.t('target_metric')} {r.t('target_value')}",
           "yes" if r.metrics.get("bench/target_reached") else "no", _fmt(r.metrics.get("bench/time_to_target_s"), 2),
-          _fmt(r.metrics.get("bench/epochs_to_target")), str(r.batch), _hparams(r.t("hparams"))] for r in target],
+          _fmt(r.metrics.get("bench/epochs_to_target")), str(r.batch), r.t("hparams")] for r in target],
     )  # fmt: skip
 
 
@@ -513,14 +513,6 @@ def _agreement(doc: Doc, tput: list[Rec], comps: list[Comparison]) -> list[dict[
 def _setting(r: Rec) -> str:
     """fp32, bf16+CL+compile+fused+graphs, bf16+compile(max-autotune-no-cudagraphs)...: how a measurement ran."""
     return setting_label(r.t)
-
-
-def _hparams(source: str) -> str:
-    """'tuned:diabetes-cpu-torch#3 (batch only)' -> 'tuned batch (study diabetes-cpu-torch, trial 3)'."""
-    if not source.startswith("tuned:"):
-        return "as in params.yaml" if source == "defaults" else source
-    study, _, trial = source.removeprefix("tuned:").removesuffix(" (batch only)").partition("#")
-    return f"tuned batch (study {study}, trial {trial})" if source.endswith("(batch only)") else f"tuned (study {study}, trial {trial})"
 
 
 

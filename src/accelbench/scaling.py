@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .io import load_prepared, write_json
 from .project import prepared_dir
 from .runtime import on_device, runtime_for
+from .study import AS_WRITTEN
 from .timing import median, spread
 from .tracking import log_benchmark_run, record_failure, run_name
 from .workloads import Workload
@@ -100,7 +101,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
             records.append({
                 "kind": "scaling", "workload": wl.name, "variant": variant, **runtime.tags(), **distributed.group_tags(),
                 "batch_size": train.batch_size, "per_rank_batch": train.batch_size // runtime.world_size,
-                "hparams": "defaults", "several_variants": len(wl.variants(params)) > 1,
+                "hparams": AS_WRITTEN, "several_variants": len(wl.variants(params)) > 1,
                 "bench/samples_per_s": median(tput), "bench/samples_per_s_iqr": spread(tput),
                 "bench/step_ms": 1000 * median(res.repeat_s) / res.steps, "bench/peak_gpu_mb": res.peak_gpu_mb,
                 "repeats_samples_per_s": tput,

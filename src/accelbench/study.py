@@ -18,6 +18,8 @@ from .errors import ConfigError
 from .io import Prepared
 from .workloads import Workload
 
+AS_WRITTEN = "as in params.yaml"  # where hyperparameters came from when no study has a completed trial
+
 
 def study_name(workload: str, variant: str | None, runtime: Runtime) -> str:
     """`diabetes-cpu-torch`; a workload comparing several models adds the variant: `rnn-gru-cuda-torch`."""
