@@ -93,6 +93,9 @@ def test_population_strategy_through_the_tune_stage(prepared_project):
         tune = project.runs(filter_string="tags.stage = 'tune'")[0]
         trials = project.runs(filter_string=f"tags.`mlflow.parentRunId` = '{tune.info.run_id}'")
         assert len(trials) == 12 and all(r.data.tags["tune.strategy"] == "population" for r in trials)
+        for r in trials:  # each spans the training its population shared, though logged after it
+            fit_ms = 1000 * float(r.data.tags["population.fit_s"])
+            assert fit_ms > 0 and abs(r.info.end_time - r.info.start_time - fit_ms) <= 1, r.info.run_name
         curve = project.client().get_metric_history(trials[0].info.run_id, "val/roc_auc")
         assert len(curve) >= 1
     finally:

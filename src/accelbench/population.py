@@ -342,9 +342,10 @@ def _log_trials(s, members, curves, pruned_at, parent_run_id: str, result: Popul
         epochs = [e for e in reported if e < pruned_at.get(i, total)]
         state = "PRUNED" if i in pruned_at else "COMPLETE"
         tags = {**common, "trial": str(trial.number), "optuna.state": state}
-        run = client.create_run(experiment_id, run_name=trial_name(s, trial.number, "population-trial"), tags=tags)
+        run = client.create_run(experiment_id, start_time=now - int(1000 * result.fit_s),  # the population's training
+                                run_name=trial_name(s, trial.number, "population-trial"), tags=tags)  # fmt: skip
         metrics = [Metric(k, float(v[e, i]), now, e) for k, v in curves.items() for e in epochs if np.isfinite(v[e, i])]
         params = [Param(k, str(v)) for k, v in overrides.items()]
         for j in range(0, max(len(metrics), 1), 1000):  # the store's batch limit; create_run named the run
             client.log_batch(run.info.run_id, metrics=metrics[j : j + 1000], params=params if j == 0 else [])
-        client.set_terminated(run.info.run_id, "FINISHED")
+        client.set_terminated(run.info.run_id, "FINISHED", end_time=now)
