@@ -166,7 +166,7 @@ def test_exp_show_compares_two_experiments_headline_metrics(reproduced):
         mlp = metrics[name]
         assert 0.0 <= mlp["diabetes/test/roc_auc"] <= 1.0, (name, mlp)  # no baseline until evaluate scores one
         assert mlp["diabetes/epoch_s"] > 0 and mlp["diabetes/samples/s"] > 0, (name, mlp)
-        assert list(mlp)[:2] == ["diabetes/test/roc_auc", "diabetes/baseline"] and "diabetes/best val/roc_auc" in mlp
+        assert list(mlp)[:2] == ["diabetes/test/roc_auc", "diabetes/baseline"] and "diabetes/tuned val/roc_auc" in mlp
     assert metrics["epochs2"]["diabetes/epoch_s"] != metrics["epochs3"]["diabetes/epoch_s"]
     metrics_section = json.loads(reproduced.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
     assert "train.json" not in json.dumps(metrics_section), "the long tables stay out of the metrics"

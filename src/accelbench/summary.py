@@ -94,7 +94,7 @@ def variant_summary(variant: str, models: list[str], results: Path) -> dict[str,
         "baseline": q["baseline"],  # the same test metric, for the strongest baseline
         "epoch_s": train.get("time/epoch_s"),
         "samples/s": train.get("throughput/samples_per_s"),
-        f"best {(best or {}).get('objective', '')}".strip(): (best or {}).get("value"),  # tune's best trial
+        f"tuned {(best or {}).get('objective', '')}".strip(): (best or {}).get("value"),  # tune's best trial
         "speedup": s["plain"],
         "best_speedup": s["best"],
     }
