@@ -152,6 +152,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         batches = sorted(set(b.batch_sizes) | set(roles))
         for batch in progress.track(batches, len(batches), f"benchmark {wl.name} {variant} {framework} {spec}", "batch size"):
             rec = _throughput(point, speed, inputs, batch)
+            # the speed uses only the study's batch (above): 'tuned batch (study ..., trial N)'
             rec.update(batch_role=roles.get(batch, "sweep"), hparams=source.replace("tuned (", "tuned batch ("))
             _log_throughput(wl, variant, runtime, rec, rec["repeats_samples_per_s"], len(variants) > 1)
             records.append(rec)

@@ -515,7 +515,6 @@ def _setting(r: Rec) -> str:
     return setting_label(r.t)
 
 
-
 def _measured(recs: list[Rec]) -> list[Rec]:
     """Runs with a throughput: the batch sweep and the ablation's settings that ran (at the tuned batch)."""
     return [r for r in recs if r.t("kind") in ("throughput", "ablation") and "bench/samples_per_s" in r.metrics]
