@@ -75,7 +75,7 @@ def variant_params(cfg: Config, wl: Workload, root: Path) -> dict[str, tuple[Any
 
 def train(cfg: Config, wl: Workload, root: Path) -> None:
     """Train every variant, then evaluate the saved models in the same process: a second stage would start
-    Python, torch, CUDA, cuDNN and the MLflow store all over again (6-12 s a workload on an H200 host)."""
+    Python, torch, CUDA, cuDNN and the MLflow store all over again, for less work than that start-up itself."""
     check_server(tracking_uri(root))  # a wrong URL or bad credentials: one line before any work
     cfg = distributed.for_workload(cfg, wl)
     if distributed.needs_relaunch(cfg, framework_for(cfg, wl)):

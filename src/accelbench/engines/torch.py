@@ -40,8 +40,8 @@ def setup(runtime: Runtime) -> None:
     # the call imports Inductor (seconds of a stage's start-up): made only where it changes the setting
     if torch.are_deterministic_algorithms_enabled() != runtime.deterministic or torch.is_deterministic_algorithms_warn_only_enabled():
         torch.use_deterministic_algorithms(runtime.deterministic, warn_only=False)
-    # Every torch.optim optimizer's constructor imports torch._dynamo, compiled or not (1.0 s on 2 cores). Here it
-    # is the stage's fixed cost, as stage_times reports it, not part of the first trial's or first epoch's time.
+    # Every torch.optim optimizer imports torch._dynamo (its constructor and each step), compiled or not. Here that
+    # import is the stage's fixed cost, as stage_times reports it, not part of the first trial's or epoch's time.
     importlib.import_module("torch._dynamo")
 
 
