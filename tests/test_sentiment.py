@@ -2,7 +2,9 @@
 formats (entity-level through TensorFlow), the split without leaks, the EDA artefacts, and each bad input."""
 from __future__ import annotations
 
+import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -233,6 +235,34 @@ def test_split_left_with_one_class_fails_prepare(scratch, tmp_path):
     assert project.stage("ingest", "sentiment").returncode == 0
     assert_fails_cleanly(project, "prepare", "split holds only class 'positive'", "field 'label'",
                          output="data/prepared/sentiment")  # fmt: skip
+
+
+def test_line_breaks_inside_tweets_survive_ingest(scratch, tmp_path):
+    """trump_tweets holds tweets with a bare carriage return. Written unquoted, such a tweet came back from
+    tweets.csv as two records (pandas 3) or stopped eda (pandas 2); read from a file, the CR was dropped and the
+    words either side of it joined. Every line break is now a newline, every text quoted, and a file that reads
+    back with another count than ingest wrote stops the stage that reads it."""
+    from accelbench.workloads.sentiment import read_raw
+
+    texts = ["first line\rsecond line", "a crlf\r\ninside", "a lf\ninside", "plain words", "two\r\rcrs"]
+    path = tmp_path / "named.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows([("text", "label")] + [(t, lab) for t in texts for lab in ("positive", "negative")])
+    use_file(scratch, path, text_column="text", label_column="label")
+    proc = scratch.stage("ingest", "sentiment")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sentiment: 6 bare carriage return(s) inside texts read as line breaks" in proc.stdout
+    stages(scratch, "eda")
+    raw_dir = scratch.root / "data/raw/sentiment"
+    newlines = ["first line\nsecond line", "a crlf\ninside", "a lf\ninside", "plain words", "two\n\ncrs"]
+    assert read_raw(raw_dir)["text"].tolist() == [t for t in newlines for _ in range(2)]
+
+    raw = raw_dir / "tweets.csv"
+    raw.write_text(raw.read_text().replace('"plain words"', "plain\rwords"))  # as ingest wrote such a tweet before
+    proc = scratch.stage("eda", "sentiment")
+    lines = error_lines(proc.stderr)
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert str(raw) in lines[0] and "run ingest@sentiment again" in lines[0], lines[0]
 
 
 def _load_packed(model, ref: torch.nn.LSTM) -> None:

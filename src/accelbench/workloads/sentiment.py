@@ -136,7 +136,6 @@ def read_tweets(path: Path, text_column: str = "text", label_column: str = "labe
         df = _read_sentiment140(path, text, header=fmt == "sentiment140-header")
     else:
         df = _read_named(path, text, text_column, label_column)
-    df["text"] = df["text"].str.replace("\r", "", regex=False)
     if df.empty:
         raise DataError(f"{path}: no rows (expected tweets with labels)")
     if df["text"].str.strip().eq("").all():
@@ -259,8 +258,33 @@ def vader_labels(compound: np.ndarray, negative: float, positive: float) -> np.n
     return np.select([compound <= negative, compound >= positive], ["negative", "positive"], "neutral")
 
 
-def read_raw(file: Path) -> pd.DataFrame:
-    df = pd.read_csv(file, dtype=str, keep_default_na=False)
+def line_breaks_as_newlines(texts: pd.Series) -> pd.Series:
+    """A CRLF file's line ends inside quoted texts, and a tweet's bare carriage returns, as the line breaks
+    they are ("\\n"): dropping the CR would join the words on either side of it."""
+    bare = int(texts.str.count("\r(?!\n)").sum())
+    if bare:
+        print(f"sentiment: {bare} bare carriage return(s) inside texts read as line breaks", flush=True)
+    return texts.str.replace("\r\n", "\n", regex=False).str.replace("\r", "\n", regex=False)
+
+
+def write_raw(df: pd.DataFrame, file: Path) -> None:
+    # Every text quoted: csv quotes only fields holding its line terminator ("\n"), so a tweet holding a bare
+    # "\r" went out unquoted, and pandas' reader split it into two records (or, in older pandas, stopped).
+    df[RAW_COLUMNS].to_csv(file, index=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
+def read_raw(raw_dir: Path) -> pd.DataFrame:
+    """The tweets ingest wrote, checked against the count it recorded: a record split or merged on the way
+    back would otherwise pass as data."""
+    file = raw_dir / RAW_FILE
+    try:
+        df = pd.read_csv(file, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable CSV ({' '.join(str(exc).split())}); run ingest@sentiment again") from exc
+    written = read_json(raw_dir / "source.json")["rows"]
+    if len(df) != written:
+        raise DataError(f"{file}: {len(df)} records read back, but ingest wrote {written} (source.json 'rows'); "
+                        "run ingest@sentiment again")  # fmt: skip
     df["compound"] = pd.to_numeric(df["compound"], errors="coerce")
     return df
 
@@ -411,11 +435,12 @@ class Sentiment(Workload):
             df["compound"] = np.nan
             in_source = len(df)
             df = _sample(df, src.max_rows)
+        df["text"] = line_breaks_as_newlines(df["text"])
         summary["rows_in_source"] = in_source
         print(f"sentiment: {len(df)} of {in_source} rows kept"
               + (f" (a seeded sample: sentiment.data.max_rows={src.max_rows}; null reads every row)" if len(df) < in_source else ""),
               flush=True)  # fmt: skip
-        df[RAW_COLUMNS].to_csv(out_dir / RAW_FILE, index=False)
+        write_raw(df, out_dir / RAW_FILE)
         summary.update(
             rows=len(df),
             empty_texts=int(df["text"].str.strip().eq("").sum()),
@@ -424,12 +449,12 @@ class Sentiment(Workload):
         return summary
 
     def eda(self, params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
-        return explore(read_raw(raw_dir / RAW_FILE), read_json(raw_dir / "source.json"), out_dir)
+        return explore(read_raw(raw_dir), read_json(raw_dir / "source.json"), out_dir)
 
     def prepare(self, params: Params, raw_dir: Path, seed: int) -> Prepared:
         file = raw_dir / RAW_FILE
         p = params.prepare
-        df = read_raw(file)
+        df = read_raw(raw_dir)
         counts = {"raw": len(df)}
         if p.irrelevant == "neutral":
             df["label"] = df["label"].replace("irrelevant", "neutral")
