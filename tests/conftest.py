@@ -54,6 +54,8 @@ SMALL: dict[str, dict[str, object]] = {
 
 def shrink(params: dict) -> dict:
     """One config knob per thing that costs time: few epochs, two trials, CPU."""
+    # a study's overrides apply on top of everything below: a checkout set to `study: gpu` would resize every test
+    params["study"] = "quick"
     params["device"] = "cpu"
     params["cpu_threads"] = 1  # two test workers share two cores: one thread each, no oversubscription
     params["tune"].update(n_trials=2, timeout_s=120, prune_warmup_epochs=1)
