@@ -85,7 +85,7 @@ def test_population_strategy_through_the_tune_stage(prepared_project):
         project.update("tune.n_trials", 12)
         proc = project.stage("tune")
         assert proc.returncode == 0, proc.stderr
-        assert "Warning" not in proc.stderr, proc.stderr  # Optuna's heartbeat warning on every ask, before
+        assert "Warning" not in proc.stderr, proc.stderr  # Optuna warned of heartbeats on every ask
         best = json.loads((project.root / "results/diabetes/best_params.json").read_text())["mlp"]
         assert sum(best["trials"].values()) == 12 and best["trials"]["complete"] >= 1
         study = optuna.load_study(study_name="diabetes-cpu-torch", storage=f"sqlite:///{project.root}/mlruns/optuna.db")
