@@ -238,8 +238,8 @@ def test_split_left_with_one_class_fails_prepare(scratch, tmp_path):
 
 def test_line_breaks_inside_tweets_survive_ingest(scratch, tmp_path):
     """trump_tweets holds tweets with a bare carriage return. Written unquoted, such a tweet came back from
-    tweets.csv as two records (pandas 3) or stopped eda (pandas 2); read from a file, the CR was dropped and the
-    words either side of it joined. Every line break is now a newline, every text quoted, and a file that reads
+    tweets.csv as two records (pandas 3.1) or stopped eda (the GPU host's pandas); read from a file, the CR was
+    dropped and the words either side of it joined. Every line break is now a newline, every text quoted, and a file that reads
     back with another count than ingest wrote stops the stage that reads it."""
     from accelbench.workloads.sentiment import read_raw
 
