@@ -269,7 +269,7 @@ def line_breaks_as_newlines(texts: pd.Series) -> pd.Series:
 
 def write_raw(df: pd.DataFrame, file: Path) -> None:
     # Every text quoted: csv quotes only fields holding its line terminator ("\n"), so a tweet holding a bare
-    # "\r" went out unquoted, and pandas' reader split it into two records (or, in older pandas, stopped).
+    # "\r" went out unquoted, and pandas' reader split it into two records (the GPU host's pandas stopped instead).
     df[RAW_COLUMNS].to_csv(file, index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
