@@ -1,7 +1,5 @@
-"""DVC stage: python stages/benchmark.py <workload>"""
-from accelbench.benchmark import run
-from accelbench.cli import main
-from accelbench.tracking import record_failure
+"""DVC stage: python stages/benchmark.py <workload> (in a warm process where one serves: accelbench/preload.py)"""
+from accelbench.preload import main
 
 if __name__ == "__main__":
-    main("benchmark", run, on_failure=record_failure)
+    main("benchmark")

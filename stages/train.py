@@ -1,7 +1,5 @@
-"""DVC stage: python stages/train.py <workload>"""
-from accelbench.cli import main
-from accelbench.pipeline import train
-from accelbench.tracking import record_failure
+"""DVC stage: python stages/train.py <workload> (in a warm process where one serves: accelbench/preload.py)"""
+from accelbench.preload import main
 
 if __name__ == "__main__":
-    main("train", train, on_failure=record_failure)
+    main("train")

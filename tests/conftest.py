@@ -24,6 +24,12 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_sessionfinish(session):
+    """No warm process (preload.py) outlives the suite: the controller stops them once every worker is done."""
+    if not hasattr(session.config, "workerinput"):
+        subprocess.run([sys.executable, "-m", "accelbench.preload", "stop"], capture_output=True, check=False)
+
+
 def pytest_collection_modifyitems(config, items):
     if has_cuda():
         return

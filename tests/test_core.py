@@ -192,7 +192,7 @@ def test_the_benchmark_stage_in_a_log_shows_its_childs_lines_while_the_child_run
     for line in proc.stderr:
         lines.append(line.rstrip("\n"))
         if ": read " in line:  # the child's first line: the child must still be at work when it arrives
-            child_alive_at_read = any("accelbench.benchmark" in cmd for cmd in _commands_under(proc.pid))
+            child_alive_at_read = any("accelbench.benchmark" in cmd for cmd in _commands_in(prepared_project.root))
     assert proc.wait(timeout=600) == 0, "\n".join(lines[-40:])
     ours = [ln for ln in lines if ln.startswith("accelbench ")]
     assert ours[0] == "accelbench benchmark diabetes: start"
@@ -206,16 +206,18 @@ def test_the_benchmark_stage_in_a_log_shows_its_childs_lines_while_the_child_run
     assert not [ln for ln in lines if " INFO " in ln], lines  # MLflow's and alembic's chatter stays filtered
 
 
-def _commands_under(pid: int) -> list[str]:
-    """The command lines of the processes under `pid` (one that ends while we look is passed over)."""
+def _commands_in(root) -> list[str]:
+    """The command lines of the processes working in `root`: a stage's children, also those of a warm stage
+    (preload.py), which the stage process waits on but did not start (one that ends while we look is passed over)."""
     import contextlib
 
     import psutil
 
     commands = []
-    for child in psutil.Process(pid).children(recursive=True):
+    for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            commands.append(" ".join(child.cmdline()))
+            if proc.cwd() == str(root):
+                commands.append(" ".join(proc.cmdline()))
     return commands
 
 

@@ -94,7 +94,7 @@ def loaded_by(project, runs: list[list[str]]) -> set[str]:
     """The heavy packages loaded after running these stages one after another in one interpreter, as DVC
     would run each (one interpreter start instead of twenty keeps the test quick: a module any of them
     loaded stays in sys.modules, so the answer covers them all)."""
-    out = project.run(sys.executable, "-c", PROBE.format(runs=runs, heavy=HEAVY)).stdout
+    out = project.run(sys.executable, "-c", PROBE.format(runs=runs, heavy=HEAVY), ACCELBENCH_PRELOAD="0").stdout  # here, not warm
     return set(out.rsplit("LOADED", 1)[1].split())
 
 

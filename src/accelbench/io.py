@@ -68,7 +68,11 @@ def write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A file a stage wrote, or one line naming it where it is not JSON (cut short, edited by hand)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); run the stage that writes it again") from exc
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .timing import work_seconds
 LOG = Path(".accelbench") / "stage_times.jsonl"
 # The fixed-cost goals (seconds): stages that train nothing, and stages that import torch
 GOAL_S = {"data": 1.5, "torch": 3.0}
+_started_at: float | None = None  # a warm stage (preload.py): when the stage process that asked for it started
 DATA_STAGES = {"hardware", "ingest", "eda", "prepare", "summary", "report"}
 
 
@@ -49,9 +50,16 @@ def process_age_s() -> float:
         return time.time() - psutil.Process().create_time()
 
 
+def started_at(boot_s: float) -> None:
+    """Count this stage's wall time from `boot_s` (CLOCK_BOOTTIME): a warm child's own age starts at its fork."""
+    global _started_at
+    _started_at = boot_s
+
+
 def _append(path: Path, stage: str, workload: str | None) -> None:
-    wall = process_age_s()
+    wall = process_age_s() if _started_at is None else time.clock_gettime(time.CLOCK_BOOTTIME) - _started_at
     row = {"stage": stage, "workload": workload, "wall_s": round(wall, 3), "work_s": round(work_seconds(), 3),
+           "warm": _started_at is not None,
            "end": round(time.time(), 3), "pid": os.getpid(), "rank": os.environ.get("RANK", "0")}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:  # one short write in append mode: concurrent stages do not interleave lines

@@ -1,0 +1,372 @@
+"""Torch stages start warm: a background process that has already imported torch, MLflow, scikit-learn, Optuna and
+this package forks one child per stage, so that a stage pays a fork instead of 4-5 s of imports (2 cores).
+
+`python stages/train.py <workload>` asks the warm process that matches its interpreter, installed packages, source
+files and import-time environment. The first stage to find none starts one (detached; it exits after IDLE_S with
+no stage running) and runs in-process itself, as does any stage that trains with TensorFlow. The forked child takes
+the stage's argv, directory, environment and standard streams (passed as file descriptors), so it behaves as the
+stage process would; its exit status becomes the stage's. Signals to the stage process are passed on to the child,
+and a stage process that dies (SIGKILL) takes its child with it. ACCELBENCH_PRELOAD=0 runs every stage in-process.
+
+The warm process only imports: no thread of its own, no MLflow store, no CUDA (a CUDA context does not survive a
+fork), so each child starts as clean as a new interpreter would, less the imports.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ENABLE_ENV = "ACCELBENCH_PRELOAD"
+IDLE_S = float(os.environ.get("ACCELBENCH_PRELOAD_IDLE_S", "120"))
+# stage -> (module, function); the stage scripts' own imports, made once in the warm process
+STAGES = {"tune": ("accelbench.pipeline", "tune"), "train": ("accelbench.pipeline", "train"),
+          "benchmark": ("accelbench.benchmark", "run")}  # fmt: skip
+# What tune, train and benchmark import between them; not Triton, TensorFlow or PennyLane, which only some load
+PRELOADED = ("accelbench.pipeline", "accelbench.benchmark", "accelbench.tuning", "accelbench.engines.torch",
+             "accelbench.tracking", "accelbench.workloads.diabetes", "accelbench.workloads.guava",
+             "accelbench.workloads.quantum", "accelbench.workloads.rnn", "accelbench.workloads.sentiment",
+             "accelbench.workloads.stock", "accelbench.models.bilstm", "accelbench.models.bilstm_fast",
+             "accelbench.models.cnn", "accelbench.models.cnn_fast", "accelbench.models.mlp", "accelbench.models.quanv",
+             "accelbench.models.recurrent", "mlflow.store.tracking.sqlalchemy_store", "torch.optim", "torch._dynamo",
+             "sklearn.linear_model", "sklearn.model_selection", "sklearn.feature_extraction.text", "sklearn.metrics",
+             "scipy.stats", "matplotlib.pyplot")  # fmt: skip
+# Variables that packages read when they are imported: a warm process made under other values would not match.
+IMPORT_TIME_ENV = ("PYTHON", "LD_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "GOTO", "BLIS_", "VECLIB_", "NUMEXPR_",
+                   "CUDA_", "NVIDIA_", "NCCL_", "TORCH", "PYTORCH_", "TRITON_", "MLFLOW_", "SKLEARN_", "MPL",
+                   "TF_", "XLA_", "TMPDIR", "HOME", "XDG_", "LANG", "LC_")  # fmt: skip
+_HEADER = 8  # bytes of the request's length
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def main(stage: str) -> None:
+    """A stage script's entry point: the stage in a warm child where one serves, else in this process."""
+    if _wants_warm() and (code := _run_warm(stage)) is not None:
+        sys.exit(code)
+    run_here(stage)
+
+
+def run_here(stage: str) -> None:
+    from .cli import main as stage_main
+    from .tracking import record_failure
+
+    module, function = STAGES[stage]
+    stage_main(stage, getattr(importlib.import_module(module), function), on_failure=record_failure)
+
+
+def _wants_warm() -> bool:
+    """Only a torch stage: the warm process has torch, which a TensorFlow stage must not load."""
+    if os.environ.get(ENABLE_ENV, "1") == "0" or not hasattr(socket, "send_fds") or len(sys.argv) != 2:
+        return False
+    return _framework(sys.argv[1]) == "torch"
+
+
+def _framework(workload: str) -> str | None:
+    """The stage's framework as params.yaml sets it, read without loading the package's config (0.4 s of pandas
+    and numpy): the warm child validates everything as the stage always has. None where the file is in doubt."""
+    import yaml
+
+    root = Path(os.environ.get("DVC_ROOT") or os.getcwd())  # project.project_root, without its imports
+    try:
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        study = (raw.get("studies") or {}).get(raw.get("study", "quick")) or {}
+        own = study.get(f"{workload}.framework", (raw.get(workload) or {}).get("framework"))
+        return own or study.get("framework", raw.get("framework"))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def socket_path() -> Path:
+    """One warm process per interpreter, package files, installed packages and import-time environment."""
+    package = Path(__file__).resolve().parent
+    files = sorted((str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*.py"))
+    paths = [(p, os.stat(p).st_mtime_ns) for p in sys.path[1:] if os.path.isdir(p)]  # installs touch site-packages
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
+    key = json.dumps([sys.executable, sys.version, str(sys.flags), files, paths, env])
+    folder = Path(tempfile.gettempdir()) / f"accelbench-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.sock"
+
+
+def _run_warm(stage: str) -> int | None:
+    """The stage's exit code from a warm child; None where no warm process answered (nothing ran then)."""
+    path = socket_path()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        if not path.with_suffix(".failed").exists():
+            _start_server(path)
+        return None
+    from .stage_times import process_age_s
+
+    request = json.dumps({
+        "stage": stage, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path0": sys.path[0],
+        "started": time.clock_gettime(time.CLOCK_BOOTTIME) - process_age_s(), "encoding": sys.stdout.encoding,
+        "ignored": [int(s) for s in FORWARDED if signal.getsignal(s) is signal.SIG_IGN],
+    }).encode()  # fmt: skip
+    with sock, _standard_streams() as fds:
+        try:
+            socket.send_fds(sock, [len(request).to_bytes(_HEADER, "big") + request], fds)
+            reply = sock.makefile("r")
+            pid = int(reply.readline())
+        except (OSError, ValueError):
+            return None  # the warm process went away before it forked: run here
+        for sig in FORWARDED:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, lambda signum, frame: _pass_on(pid, signum))
+        status = reply.readline()
+    if not status.strip():
+        print(f"accelbench {stage}: the warm process serving this stage went away (pid {pid})", file=sys.stderr)
+        return 1
+    return int(status)
+
+
+def _pass_on(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it has just ended
+        os.kill(pid, signum)
+
+
+@contextlib.contextmanager
+def _standard_streams():
+    """This process's stdin, stdout and stderr as descriptors to pass on; /dev/null for any that is closed."""
+    opened = []
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            opened.append(os.open(os.devnull, os.O_RDWR))
+            fds.append(opened[-1])
+    try:
+        yield fds
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def _start_server(path: Path) -> None:
+    subprocess.Popen([sys.executable, "-m", "accelbench.preload", "serve", str(path)], cwd=path.parent, start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def serve(path: Path) -> None:
+    """Import, listen, fork a child per stage; exit after IDLE_S with no stage running. One per path: a second,
+    started by a stage that raced the first, finds the lock taken and exits."""
+    import fcntl
+
+    lock = open(path.with_suffix(".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return
+    lock.truncate(0)
+    lock.write(str(os.getpid()))  # for `stop`
+    lock.flush()
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        for module in PRELOADED:
+            importlib.import_module(module)
+    except Exception:  # stages then run in-process, where the same import fails with its own message
+        import traceback
+
+        path.with_suffix(".failed").write_text(traceback.format_exc())
+        return
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.unlink(missing_ok=True)
+    listener.bind(str(path))
+    listener.listen(64)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the select below when a child ends
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # `stop`: the finally below removes the socket
+    children: set[int] = set()
+    idle_since = time.monotonic()
+    try:
+        while children or time.monotonic() - idle_since < IDLE_S:
+            ready, _, _ = select.select([listener, wake_r], [], [], 1.0)
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+            while children and (pid := os.waitpid(-1, os.WNOHANG)[0]):
+                children.discard(pid)
+                idle_since = time.monotonic()
+            if listener in ready:
+                conn, _ = listener.accept()
+                pid = os.fork()
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    for fd in (listener.fileno(), wake_r, wake_w, lock.fileno()):
+                        os.close(fd)
+                    _supervise(conn)
+                conn.close()
+                children.add(pid)
+    finally:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".lock").unlink(missing_ok=True)  # one per version of the code: they would pile up
+
+
+def _supervise(conn: socket.socket) -> None:
+    """In the forked process for one request: fork the stage, pass its exit code back, and kill it (SIGKILL, as
+    the stage process was) if the stage process that asked is gone."""
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        if not data:  # `start` checking that the server answers
+            return
+        size = int.from_bytes(data[:_HEADER], "big")
+        while len(data) < _HEADER + size:
+            data += conn.recv(1 << 20)
+        request = json.loads(data[_HEADER:])
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            _become_stage(request, fds)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(f"{pid}\n".encode())
+        code = os.waitstatus_to_exitcode(_wait_or_kill(pid, conn))
+        code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+        conn.sendall(f"{code}\n".encode())
+    except OSError:
+        pass
+    finally:
+        os._exit(0)
+
+
+def _wait_or_kill(pid: int, conn: socket.socket) -> int:
+    """The stage's wait status; SIGKILL it first if the stage process that asked is gone (it was killed without
+    passing a signal on, so its stage goes as it would have)."""
+    try:
+        ends = [os.pidfd_open(pid)]
+    except (AttributeError, OSError):  # before Linux 5.3: look every 50 ms
+        ends = []
+    while True:
+        ready, _, _ = select.select([conn, *ends], [], [], None if ends else 0.05)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if conn in ready:
+            try:
+                gone = not conn.recv(64)
+            except OSError:
+                gone = True
+            if gone:
+                os.kill(pid, signal.SIGKILL)
+                return os.waitpid(pid, 0)[1]
+
+
+def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
+    """Turn this forked process into the stage process that asked: its streams, directory, environment and argv."""
+    code: Any = 0
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = request["argv"]
+        for sig in FORWARDED:  # as a new interpreter started by the stage process would have them
+            ignored = int(sig) in request["ignored"]
+            signal.signal(sig, signal.SIG_IGN if ignored else signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        sys.path[0] = request["path0"]
+        encoding = request["encoding"] or "utf-8"
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, encoding=encoding, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding=encoding, errors="backslashreplace", closefd=False)
+        from . import stage_times
+
+        stage_times.started_at(request["started"])
+        run_here(request["stage"])
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(_exit(code))
+
+
+def _exit(code: Any) -> int:
+    """What the interpreter does at exit, which os._exit skips: wait for threads, run exit handlers, flush."""
+    import atexit
+    import threading
+
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    with contextlib.suppress(Exception):
+        threading._shutdown()  # non-daemon threads, and concurrent.futures' own exit hooks, as at a normal exit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return code or 0
+
+
+def start(timeout_s: float = 120.0) -> Path:
+    """The warm process for this environment, started if none serves, once it answers."""
+    path = socket_path()
+    path.with_suffix(".failed").unlink(missing_ok=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(path))
+                return path  # the connection, closed unsent, costs the server one fork that exits at once
+            except OSError:
+                pass
+        if path.with_suffix(".failed").exists() or time.monotonic() > deadline:
+            raise RuntimeError(f"no warm process at {path}: {path.with_suffix('.failed').read_text()[-2000:] if path.with_suffix('.failed').exists() else 'timed out'}")
+        _start_server(path)
+        time.sleep(0.2)
+
+
+def stop() -> list[int]:
+    """SIGTERM every warm process of this user (the stages they are running go on); their pids."""
+    import fcntl
+
+    stopped = []
+    for lock_path in socket_path().parent.glob("*.lock"):
+        with open(lock_path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # got it: no server holds it
+                continue
+            except OSError:
+                pid = int(lock.read() or 0)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                stopped.append(pid)
+    return stopped
+
+
+if __name__ == "__main__":
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "serve":
+        serve(Path(sys.argv[2]))
+    elif command == "start":
+        print(start())
+    elif command == "stop":
+        print(" ".join(map(str, stop())) or "no warm process")
+    else:
+        sys.exit("usage: python -m accelbench.preload start | stop")
