@@ -20,7 +20,7 @@ from typing import Any
 
 import optuna
 
-from . import devices, distributed, hostload, interleave, progress, scaling, stats, summary, tuning
+from . import devices, distributed, hostload, interleave, preload, progress, scaling, stats, summary, tuning
 from .cli import main_child
 from .config import ABLATION_VALUES, BenchmarkConfig, Config, WorkloadParams, ablation_options, with_overrides
 from .devices import Runtime
@@ -94,7 +94,7 @@ def _devices_in_turns(wl: Workload, framework: str, specs: list[str], root: Path
     """One child per device, taking turns interval by interval (interleave.py); their records in device order."""
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"records-{i}.json" for i in range(len(specs))]
-        child = [sys.executable, "-m", "accelbench.benchmark", wl.name, framework]
+        child = preload.child_command("benchmark", wl.name, framework)  # warm for torch, as the stage is
         cmds = [[*child, spec, str(out)] for spec, out in zip(specs, outs)]
         for code, stderr in interleave.run_in_turns(cmds, root, env):
             if code != 0:
@@ -482,9 +482,10 @@ def _device_sync(runtime: Runtime):
     return torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
 
 
-def _child() -> None:
+def child_main() -> None:
+    """`python -m accelbench.benchmark <workload> <framework> <device> <out.json>`: one device's measurements."""
     main_child("benchmark", lambda cfg, wl, root, framework, spec, out: write_json(Path(out), measure(cfg, wl, framework, spec, root)), on_failure=record_failure)
 
 
 if __name__ == "__main__":
-    _child()
+    child_main()

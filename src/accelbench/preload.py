@@ -14,8 +14,10 @@ fork), so each child starts as clean as a new interpreter would, less the import
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import select
@@ -33,6 +35,8 @@ IDLE_S = float(os.environ.get("ACCELBENCH_PRELOAD_IDLE_S", "120"))
 # stage -> (module, function); the stage scripts' own imports, made once in the warm process
 STAGES = {"tune": ("accelbench.pipeline", "tune"), "train": ("accelbench.pipeline", "train"),
           "benchmark": ("accelbench.benchmark", "run")}  # fmt: skip
+# a stage's worker process -> (module, entry point); `python -m accelbench.preload child <name> <args>` runs it
+CHILDREN = {"benchmark": ("accelbench.benchmark", "child_main")}
 # What tune, train and benchmark import between them; not Triton, TensorFlow or PennyLane, which only some load
 PRELOADED = ("accelbench.pipeline", "accelbench.benchmark", "accelbench.tuning", "accelbench.engines.torch",
              "accelbench.tracking", "accelbench.workloads.diabetes", "accelbench.workloads.guava",
@@ -52,24 +56,41 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 def main(stage: str) -> None:
     """A stage script's entry point: the stage in a warm child where one serves, else in this process."""
-    if _wants_warm() and (code := _run_warm(stage)) is not None:
+    framework = _framework(sys.argv[1]) if len(sys.argv) == 2 else None
+    if _wants_warm(framework) and (code := _run_warm(stage)) is not None:
         sys.exit(code)
     run_here(stage)
 
 
-def run_here(stage: str) -> None:
+def child_command(name: str, *args: str) -> list[str]:
+    """The command that starts one of a stage's worker processes (CHILDREN), warm where its framework is torch:
+    its arguments after the workload start with the framework."""
+    return [sys.executable, "-m", "accelbench.preload", "child", name, *args]
+
+
+def _main_child(name: str, args: list[str]) -> None:
+    sys.argv = [sys.argv[0], *args]
+    if _wants_warm(args[1] if len(args) > 1 else None) and (code := _run_warm(f"child:{name}")) is not None:
+        sys.exit(code)
+    run_here(f"child:{name}")
+
+
+def run_here(entry: str) -> None:
+    """`entry`: a stage, or `child:<name>`, in this process."""
+    if entry.startswith("child:"):
+        module, function = CHILDREN[entry.removeprefix("child:")]
+        getattr(importlib.import_module(module), function)()
+        return
     from .cli import main as stage_main
     from .tracking import record_failure
 
-    module, function = STAGES[stage]
-    stage_main(stage, getattr(importlib.import_module(module), function), on_failure=record_failure)
+    module, function = STAGES[entry]
+    stage_main(entry, getattr(importlib.import_module(module), function), on_failure=record_failure)
 
 
-def _wants_warm() -> bool:
-    """Only a torch stage: the warm process has torch, which a TensorFlow stage must not load."""
-    if os.environ.get(ENABLE_ENV, "1") == "0" or not hasattr(socket, "send_fds") or len(sys.argv) != 2:
-        return False
-    return _framework(sys.argv[1]) == "torch"
+def _wants_warm(framework: str | None) -> bool:
+    """Only for torch: the warm process has torch, which a TensorFlow stage must not load."""
+    return os.environ.get(ENABLE_ENV, "1") != "0" and hasattr(socket, "send_fds") and framework == "torch"
 
 
 def _framework(workload: str) -> str | None:
@@ -112,14 +133,16 @@ def _run_warm(stage: str) -> int | None:
         return None
     from .stage_times import process_age_s
 
-    request = json.dumps({
+    request = {
         "stage": stage, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path0": sys.path[0],
         "started": time.clock_gettime(time.CLOCK_BOOTTIME) - process_age_s(), "encoding": sys.stdout.encoding,
         "ignored": [int(s) for s in FORWARDED if signal.getsignal(s) is signal.SIG_IGN],
-    }).encode()  # fmt: skip
-    with sock, _standard_streams() as fds:
+    }  # fmt: skip
+    with sock, _descriptors() as fds:
+        request["fds"] = list(fds)
+        data = json.dumps(request).encode()
         try:
-            socket.send_fds(sock, [len(request).to_bytes(_HEADER, "big") + request], fds)
+            socket.send_fds(sock, [len(data).to_bytes(_HEADER, "big") + data], list(fds.values()))
             reply = sock.makefile("r")
             pid = int(reply.readline())
         except (OSError, ValueError):
@@ -140,17 +163,21 @@ def _pass_on(pid: int, signum: int) -> None:
 
 
 @contextlib.contextmanager
-def _standard_streams():
-    """This process's stdin, stdout and stderr as descriptors to pass on; /dev/null for any that is closed."""
+def _descriptors():
+    """{number: descriptor to send} for what a process started here would inherit: stdin, stdout, stderr (/dev/null
+    for one that is closed) and every inheritable descriptor (a benchmark child's pipes to its stage)."""
     opened = []
-    fds = []
-    for fd in (0, 1, 2):
+    fds = {}
+    for fd in sorted(int(name) for name in os.listdir("/proc/self/fd")):
         try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
+            if fd <= 2 or os.get_inheritable(fd):
+                fds[fd] = fd
+        except OSError:  # listdir's own descriptor, closed by now
+            continue
+    for fd in (0, 1, 2):
+        if fd not in fds:
             opened.append(os.open(os.devnull, os.O_RDWR))
-            fds.append(opened[-1])
+            fds[fd] = opened[-1]
     try:
         yield fds
     finally:
@@ -166,8 +193,6 @@ def _start_server(path: Path) -> None:
 def serve(path: Path) -> None:
     """Import, listen, fork a child per stage; exit after IDLE_S with no stage running. One per path: a second,
     started by a stage that raced the first, finds the lock taken and exits."""
-    import fcntl
-
     lock = open(path.with_suffix(".lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -182,6 +207,7 @@ def serve(path: Path) -> None:
         matplotlib.use("Agg")
         for module in PRELOADED:
             importlib.import_module(module)
+        _map_cudnn()
     except Exception:  # stages then run in-process, where the same import fails with its own message
         import traceback
 
@@ -223,11 +249,28 @@ def serve(path: Path) -> None:
         path.with_suffix(".lock").unlink(missing_ok=True)  # one per version of the code: they would pile up
 
 
+def _map_cudnn() -> None:
+    """Map cuDNN's sub-libraries (about 1 GB) here, once: cuDNN opens them at its first call of each kind, which
+    took 4.5 s of every RNN stage on the GPU host. Mapping a library is no CUDA call: no context, nothing probed."""
+    import ctypes
+
+    import torch
+
+    try:
+        spec = importlib.util.find_spec("nvidia.cudnn") if torch.version.cuda else None
+    except ModuleNotFoundError:  # a CUDA build with cuDNN from elsewhere (conda, a system install)
+        return
+    for folder in spec.submodule_search_locations if spec else []:
+        for library in sorted(Path(folder, "lib").glob("libcudnn*.so*")):
+            with contextlib.suppress(OSError):
+                ctypes.CDLL(str(library))
+
+
 def _supervise(conn: socket.socket) -> None:
     """In the forked process for one request: fork the stage, pass its exit code back, and kill it (SIGKILL, as
     the stage process was) if the stage process that asked is gone."""
     try:
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 250)
         if not data:  # `start` checking that the server answers
             return
         size = int.from_bytes(data[:_HEADER], "big")
@@ -276,9 +319,7 @@ def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
     """Turn this forked process into the stage process that asked: its streams, directory, environment and argv."""
     code: Any = 0
     try:
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-            os.close(fd)
+        _place(fds, request["fds"])
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -304,6 +345,18 @@ def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
         code = 1
     finally:
         os._exit(_exit(code))
+
+
+def _place(received: list[int], numbers: list[int]) -> None:
+    """Each received descriptor at the number it had in the stage process (its children's pipes are named by
+    number), by way of numbers above all of them so that none is overwritten before it moved."""
+    high = max([*received, *numbers]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in received]
+    for fd in received:
+        os.close(fd)
+    for fd, number in zip(moved, numbers):
+        os.dup2(fd, number)
+        os.close(fd)
 
 
 def _exit(code: Any) -> int:
@@ -343,8 +396,6 @@ def start(timeout_s: float = 120.0) -> Path:
 
 def stop() -> list[int]:
     """SIGTERM every warm process of this user (the stages they are running go on); their pids."""
-    import fcntl
-
     stopped = []
     for lock_path in socket_path().parent.glob("*.lock"):
         with open(lock_path) as lock:
@@ -364,6 +415,8 @@ if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "serve":
         serve(Path(sys.argv[2]))
+    elif command == "child":
+        _main_child(sys.argv[2], sys.argv[3:])
     elif command == "start":
         print(start())
     elif command == "stop":
