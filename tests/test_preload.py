@@ -3,17 +3,19 @@ behaves as the stage process itself would: the same results, output, exit codes 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from accelbench import stage_times
-from accelbench.preload import _framework
+from accelbench.preload import _framework, answering
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,25 @@ def test_the_warm_process_is_asked_only_for_torch_stages(tmp_path, monkeypatch):
     assert _framework("stock") == "tensorflow"
     (tmp_path / "params.yaml").write_text("{broken")
     assert _framework("stock") is None
+
+
+def test_the_hardware_stage_starts_the_warm_process_for_the_torch_stages(project):
+    """DVC runs hardware first: the warm process imports while the data stages run, and the first torch stage
+    finds it answering. Not for a project whose every workload trains with TensorFlow."""
+    project.env["MPLBACKEND"] = "Agg"  # an import-time variable: this test's own warm process, not the suite's
+    path = Path(project.run(sys.executable, "-c", "from accelbench import preload; print(preload.socket_path())").stdout.strip())
+    if answering(path):  # left by an earlier run of this test
+        os.kill(int(path.with_suffix(".lock").read_text()), signal.SIGTERM)
+        while answering(path):
+            time.sleep(0.1)
+    project.update("framework", "tensorflow")
+    project.update("workloads", ["diabetes", "stock"])
+    project.run(sys.executable, "stages/hardware.py")
+    time.sleep(1.0)
+    assert not answering(path)
+    project.update("workloads", ["diabetes", "quantum"])  # quantum trains with torch whatever the global says
+    project.run(sys.executable, "stages/hardware.py")
+    deadline = time.monotonic() + 120
+    while not answering(path):
+        assert time.monotonic() < deadline, "the warm process never answered"
+        time.sleep(0.2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import devices
+from . import devices, preload
 from .config import Config
 from .errors import DataError
 from .io import SPLITS, atomic_dir, read_json, save_prepared, write_json
@@ -17,6 +17,7 @@ from .workloads import Workload
 
 
 def hardware(root: Path) -> None:
+    preload.prestart()  # the torch stages' warm process imports while the data stages run
     with work():
         info = devices.hardware_info()
         write_json(hardware_file(root), info)

@@ -96,16 +96,45 @@ def _wants_warm(framework: str | None) -> bool:
 def _framework(workload: str) -> str | None:
     """The stage's framework as params.yaml sets it, read without loading the package's config (0.4 s of pandas
     and numpy): the warm child validates everything as the stage always has. None where the file is in doubt."""
+    raw = _params()
+    try:
+        study = (raw.get("studies") or {}).get(raw.get("study", "quick")) or {}
+        own = study.get(f"{workload}.framework", (raw.get(workload) or {}).get("framework"))
+        return own or study.get("framework", raw.get("framework"))
+    except AttributeError:
+        return None
+
+
+def _params() -> dict[str, Any]:
     import yaml
 
     root = Path(os.environ.get("DVC_ROOT") or os.getcwd())  # project.project_root, without its imports
     try:
         raw = yaml.safe_load((root / "params.yaml").read_text())
-        study = (raw.get("studies") or {}).get(raw.get("study", "quick")) or {}
-        own = study.get(f"{workload}.framework", (raw.get(workload) or {}).get("framework"))
-        return own or study.get("framework", raw.get("framework"))
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def prestart() -> None:
+    """Start the warm process ahead of the first torch stage, so that its imports overlap the data stages: the
+    hardware stage, which DVC runs first, calls this. Nothing starts where no listed workload trains with torch."""
+    workloads = _params().get("workloads") or []
+    if not any(_wants_warm(_framework(w)) for w in workloads if isinstance(w, str)):
+        return
+    path = socket_path()
+    if not answering(path) and not path.with_suffix(".failed").exists():
+        _start_server(path)
+
+
+def answering(path: Path) -> bool:
+    """Whether a warm process listens at `path` (the connection, closed unsent, costs it a fork that exits)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+            return True
+        except OSError:
+            return False
 
 
 def socket_path() -> Path:
@@ -114,7 +143,8 @@ def socket_path() -> Path:
     files = sorted((str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*.py"))
     paths = [(p, os.stat(p).st_mtime_ns) for p in sys.path[1:] if os.path.isdir(p)]  # installs touch site-packages
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
-    key = json.dumps([sys.executable, sys.version, str(sys.flags), files, paths, env])
+    python = [os.path.realpath(sys.executable), sys.prefix, sys.version, str(sys.flags)]  # python and python3 alike
+    key = json.dumps([python, files, paths, env])
     folder = Path(tempfile.gettempdir()) / f"accelbench-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.sock"
@@ -381,17 +411,14 @@ def start(timeout_s: float = 120.0) -> Path:
     path = socket_path()
     path.with_suffix(".failed").unlink(missing_ok=True)
     deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            try:
-                sock.connect(str(path))
-                return path  # the connection, closed unsent, costs the server one fork that exits at once
-            except OSError:
-                pass
-        if path.with_suffix(".failed").exists() or time.monotonic() > deadline:
-            raise RuntimeError(f"no warm process at {path}: {path.with_suffix('.failed').read_text()[-2000:] if path.with_suffix('.failed').exists() else 'timed out'}")
+    if not answering(path):
         _start_server(path)
+    while not answering(path):
+        failed = path.with_suffix(".failed")
+        if failed.exists() or time.monotonic() > deadline:
+            raise RuntimeError(f"no warm process at {path}: {failed.read_text()[-2000:] if failed.exists() else 'timed out'}")
         time.sleep(0.2)
+    return path
 
 
 def stop() -> list[int]:
