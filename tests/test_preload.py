@@ -20,8 +20,8 @@ from accelbench.preload import _framework, answering
 
 @pytest.fixture(scope="module")
 def warm(prepared_project):
-    """The prepared project with a warm process already answering for its environment."""
-    prepared_project.run(sys.executable, "-m", "accelbench.preload", "start")
+    """The prepared project with a warm torch process already answering for its environment."""
+    prepared_project.run(sys.executable, "-m", "accelbench.preload", "start", "torch")
     return prepared_project
 
 
@@ -29,30 +29,39 @@ def last_record(project, stage: str) -> dict:
     return [r for r in stage_times.latest(project.root / stage_times.LOG) if r["stage"] == stage][-1]
 
 
-def test_a_warm_stage_gives_what_the_stage_process_gives(warm):
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_a_warm_stage_gives_what_the_stage_process_gives(warm, framework):
     project = warm
-    shutil.rmtree(project.root / "checkpoints", ignore_errors=True)  # each run trains from the start: no resuming
-    t0 = time.monotonic()
-    proc = project.stage("train")
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr
-    warm_record = last_record(project, "train")
-    warm_metrics = json.loads((project.root / "results/diabetes/train.json").read_text())
-    assert warm_record["warm"] is True
-    # the wall time counts from the stage process's start, not the fork, and it never exceeds what its parent saw
-    assert warm_record["work_s"] < warm_record["wall_s"] <= elapsed + 0.02
-    assert "accelbench train diabetes: done in" in proc.stderr and "diabetes: verdict:" in proc.stdout
-
-    shutil.rmtree(project.root / "checkpoints")
-    cold = project.run(sys.executable, "stages/train.py", "diabetes", ACCELBENCH_PRELOAD="0")
-    assert last_record(project, "train")["warm"] is False
-    cold_metrics = json.loads((project.root / "results/diabetes/train.json").read_text())
+    original = project.params()
+    project.update("framework", framework)
+    project.run(sys.executable, "-m", "accelbench.preload", "start", framework)
+    try:
+        warm_proc, warm_record, warm_metrics, warm_run = train_and_read(project)
+        cold_proc, cold_record, cold_metrics, cold_run = train_and_read(project, ACCELBENCH_PRELOAD="0")
+    finally:
+        project.set_params(original)
+    assert (warm_record["warm"], cold_record["warm"]) == (True, False)
+    assert "accelbench train diabetes: done in" in warm_proc.stderr and "diabetes: verdict:" in warm_proc.stdout
     for key in ("val/loss", "val/roc_auc", "train/loss"):  # the same seed, the same numbers
         assert warm_metrics["mlp"][key] == cold_metrics["mlp"][key], key
-    assert proc.stdout == cold.stdout  # the verdict line: the same evaluation
-    runs = [r for r in project.runs() if r.info.run_name.startswith("train-")]
-    assert [r.info.status for r in runs[:2]] == ["FINISHED", "FINISHED"]
-    assert runs[0].data.metrics["val/loss"] == runs[1].data.metrics["val/loss"]  # both trained every epoch
+    assert warm_proc.stdout == cold_proc.stdout  # the verdict line: the same evaluation
+    assert warm_run.data.tags["framework"] == cold_run.data.tags["framework"] == framework
+    assert warm_run.data.metrics["val/loss"] == cold_run.data.metrics["val/loss"]  # both trained every epoch
+
+
+def train_and_read(project, **env: str):
+    """Train from the start (no checkpoint to resume): the stage's output, stage_times record, train.json and run."""
+    shutil.rmtree(project.root / "checkpoints", ignore_errors=True)
+    t0 = time.monotonic()
+    proc = project.run(sys.executable, "stages/train.py", "diabetes", **env)
+    elapsed = time.monotonic() - t0
+    record = last_record(project, "train")
+    # the wall time counts from the stage process's start, not the fork, and never exceeds what its parent saw
+    assert record["work_s"] < record["wall_s"] <= elapsed + 0.02
+    metrics = json.loads((project.root / "results/diabetes/train.json").read_text())
+    run = [r for r in project.runs() if r.info.run_name.startswith("train-")][0]
+    assert run.info.status == "FINISHED"
+    return proc, record, metrics, run
 
 
 def test_a_warm_stage_fails_with_the_stage_processes_line_and_code(warm):
@@ -122,23 +131,36 @@ def test_the_warm_process_is_asked_only_for_torch_stages(tmp_path, monkeypatch):
     assert _framework("stock") is None
 
 
-def test_the_hardware_stage_starts_the_warm_process_for_the_torch_stages(project):
-    """DVC runs hardware first: the warm process imports while the data stages run, and the first torch stage
-    finds it answering. Not for a project whose every workload trains with TensorFlow."""
-    project.env["MPLBACKEND"] = "Agg"  # an import-time variable: this test's own warm process, not the suite's
-    path = Path(project.run(sys.executable, "-c", "from accelbench import preload; print(preload.socket_path())").stdout.strip())
-    if answering(path):  # left by an earlier run of this test
-        os.kill(int(path.with_suffix(".lock").read_text()), signal.SIGTERM)
-        while answering(path):
-            time.sleep(0.1)
+def warm_paths(project) -> dict[str, Path]:
+    code = "from accelbench import preload; print(preload.socket_path('torch'), preload.socket_path('tensorflow'))"
+    return dict(zip(("torch", "tensorflow"), map(Path, project.run(sys.executable, "-c", code).stdout.split())))
+
+
+def wait_answering(path: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not answering(path):
+        assert time.monotonic() < deadline, f"no warm process answered at {path}"
+        time.sleep(0.2)
+
+
+def test_the_hardware_stage_starts_the_warm_process_each_listed_framework_needs(project):
+    """DVC runs hardware first: the warm processes import while the data stages run, and the first training stage
+    finds its own answering: one for torch, one for TensorFlow, and none that no listed workload trains with."""
+    project.env["MPLBACKEND"] = "Agg"  # an import-time variable: this test's own warm processes, not the suite's
+    paths = warm_paths(project)
+    for path in paths.values():  # left by an earlier run of this test
+        if answering(path):
+            os.kill(int(path.with_suffix(".lock").read_text()), signal.SIGTERM)
+            while answering(path):
+                time.sleep(0.1)
+    project.update("workloads", ["diabetes", "quantum"])
+    project.run(sys.executable, "stages/hardware.py")
+    wait_answering(paths["torch"])
+    time.sleep(1.0)
+    assert not answering(paths["tensorflow"])
+    os.kill(int(paths["torch"].with_suffix(".lock").read_text()), signal.SIGTERM)
     project.update("framework", "tensorflow")
     project.update("workloads", ["diabetes", "stock"])
     project.run(sys.executable, "stages/hardware.py")
-    time.sleep(1.0)
-    assert not answering(path)
-    project.update("workloads", ["diabetes", "quantum"])  # quantum trains with torch whatever the global says
-    project.run(sys.executable, "stages/hardware.py")
-    deadline = time.monotonic() + 120
-    while not answering(path):
-        assert time.monotonic() < deadline, "the warm process never answered"
-        time.sleep(0.2)
+    wait_answering(paths["tensorflow"])
+    assert not answering(paths["torch"])

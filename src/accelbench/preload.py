@@ -1,9 +1,11 @@
-"""Torch stages start warm: a background process that has already imported torch, MLflow, scikit-learn, Optuna and
-this package forks one child per stage, so that a stage pays a fork instead of 4-5 s of imports (2 cores).
+"""Training stages start warm: a background process that has already imported the stage's framework (torch or
+TensorFlow), MLflow, scikit-learn, Optuna and this package forks one child per stage, so that a stage pays a fork
+instead of 4-5 s of imports (2 cores).
 
-`python stages/train.py <workload>` asks the warm process that matches its interpreter, installed packages, source
-files and import-time environment. The first stage to find none starts one (detached; it exits after IDLE_S with
-no stage running) and runs in-process itself, as does any stage that trains with TensorFlow. The forked child takes
+`python stages/train.py <workload>` asks the warm process that matches its framework, interpreter, installed
+packages, source files and import-time environment. The hardware stage starts the ones the listed workloads need;
+a stage that finds none starts one (detached; it exits after IDLE_S with no stage running) and runs in-process
+itself. A warm process holds one framework: a TensorFlow stage loads no torch. The forked child takes
 the stage's argv, directory, environment and standard streams (passed as file descriptors), so it behaves as the
 stage process would; its exit status becomes the stage's. Signals to the stage process are passed on to the child,
 and a stage process that dies (SIGKILL) takes its child with it. ACCELBENCH_PRELOAD=0 runs every stage in-process.
@@ -37,15 +39,19 @@ STAGES = {"tune": ("accelbench.pipeline", "tune"), "train": ("accelbench.pipelin
           "benchmark": ("accelbench.benchmark", "run")}  # fmt: skip
 # a stage's worker process -> (module, entry point); `python -m accelbench.preload child <name> <args>` runs it
 CHILDREN = {"benchmark": ("accelbench.benchmark", "child_main")}
-# What tune, train and benchmark import between them; not Triton, TensorFlow or PennyLane, which only some load
-PRELOADED = ("accelbench.pipeline", "accelbench.benchmark", "accelbench.tuning", "accelbench.engines.torch",
-             "accelbench.tracking", "accelbench.workloads.diabetes", "accelbench.workloads.guava",
-             "accelbench.workloads.quantum", "accelbench.workloads.rnn", "accelbench.workloads.sentiment",
-             "accelbench.workloads.stock", "accelbench.models.bilstm", "accelbench.models.bilstm_fast",
-             "accelbench.models.cnn", "accelbench.models.cnn_fast", "accelbench.models.mlp", "accelbench.models.quanv",
-             "accelbench.models.recurrent", "mlflow.store.tracking.sqlalchemy_store", "torch.optim", "torch._dynamo",
-             "sklearn.linear_model", "sklearn.model_selection", "sklearn.feature_extraction.text", "sklearn.metrics",
-             "scipy.stats", "matplotlib.pyplot")  # fmt: skip
+# What tune, train and benchmark import between them, per framework: a warm process holds one framework only
+# (a TensorFlow stage loads no torch). Not Triton or PennyLane, which only some stages load.
+COMMON = ("accelbench.pipeline", "accelbench.benchmark", "accelbench.tuning", "accelbench.tracking",
+          "accelbench.workloads.diabetes", "accelbench.workloads.guava", "accelbench.workloads.quantum",
+          "accelbench.workloads.rnn", "accelbench.workloads.sentiment", "accelbench.workloads.stock",
+          "mlflow.store.tracking.sqlalchemy_store", "sklearn.linear_model", "sklearn.model_selection",
+          "sklearn.feature_extraction.text", "sklearn.metrics", "scipy.stats", "matplotlib.pyplot")  # fmt: skip
+PRELOADED = {
+    "torch": (*COMMON, "accelbench.engines.torch", "accelbench.models.bilstm", "accelbench.models.bilstm_fast",
+              "accelbench.models.cnn", "accelbench.models.cnn_fast", "accelbench.models.mlp", "accelbench.models.quanv",
+              "accelbench.models.recurrent", "torch.optim", "torch._dynamo"),
+    "tensorflow": (*COMMON, "accelbench.engines.tensorflow", "accelbench.models.keras_twins"),
+}  # fmt: skip
 # Variables that packages read when they are imported: a warm process made under other values would not match.
 IMPORT_TIME_ENV = ("PYTHON", "LD_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "GOTO", "BLIS_", "VECLIB_", "NUMEXPR_",
                    "CUDA_", "NVIDIA_", "NCCL_", "TORCH", "PYTORCH_", "TRITON_", "MLFLOW_", "SKLEARN_", "MPL",
@@ -57,7 +63,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 def main(stage: str) -> None:
     """A stage script's entry point: the stage in a warm child where one serves, else in this process."""
     framework = _framework(sys.argv[1]) if len(sys.argv) == 2 else None
-    if _wants_warm(framework) and (code := _run_warm(stage)) is not None:
+    if _wants_warm(framework) and (code := _run_warm(stage, framework)) is not None:
         sys.exit(code)
     run_here(stage)
 
@@ -70,7 +76,8 @@ def child_command(name: str, *args: str) -> list[str]:
 
 def _main_child(name: str, args: list[str]) -> None:
     sys.argv = [sys.argv[0], *args]
-    if _wants_warm(args[1] if len(args) > 1 else None) and (code := _run_warm(f"child:{name}")) is not None:
+    framework = args[1] if len(args) > 1 else None
+    if _wants_warm(framework) and (code := _run_warm(f"child:{name}", framework)) is not None:
         sys.exit(code)
     run_here(f"child:{name}")
 
@@ -89,8 +96,7 @@ def run_here(entry: str) -> None:
 
 
 def _wants_warm(framework: str | None) -> bool:
-    """Only for torch: the warm process has torch, which a TensorFlow stage must not load."""
-    return os.environ.get(ENABLE_ENV, "1") != "0" and hasattr(socket, "send_fds") and framework == "torch"
+    return os.environ.get(ENABLE_ENV, "1") != "0" and hasattr(socket, "send_fds") and framework in PRELOADED
 
 
 def _framework(workload: str) -> str | None:
@@ -117,14 +123,12 @@ def _params() -> dict[str, Any]:
 
 
 def prestart() -> None:
-    """Start the warm process ahead of the first torch stage, so that its imports overlap the data stages: the
-    hardware stage, which DVC runs first, calls this. Nothing starts where no listed workload trains with torch."""
+    """Start the warm processes the listed workloads' frameworks need, ahead of the first training stage, so that
+    their imports overlap the data stages: the hardware stage, which DVC runs first, calls this."""
     workloads = _params().get("workloads") or []
-    if not any(_wants_warm(_framework(w)) for w in workloads if isinstance(w, str)):
-        return
-    path = socket_path()
-    if not answering(path) and not path.with_suffix(".failed").exists():
-        _start_server(path)
+    for framework in {_framework(w) for w in workloads if isinstance(w, str)}:
+        if _wants_warm(framework) and not answering(path := socket_path(framework)) and not path.with_suffix(".failed").exists():
+            _start_server(path, framework)
 
 
 def answering(path: Path) -> bool:
@@ -137,29 +141,33 @@ def answering(path: Path) -> bool:
             return False
 
 
-def socket_path() -> Path:
-    """One warm process per interpreter, package files, installed packages and import-time environment."""
+def socket_path(framework: str) -> Path:
+    """One warm process per framework, interpreter, package files, installed packages and import-time environment."""
     package = Path(__file__).resolve().parent
     files = sorted((str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*.py"))
     paths = [(p, os.stat(p).st_mtime_ns) for p in sys.path[1:] if os.path.isdir(p)]  # installs touch site-packages
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
     python = [os.path.realpath(sys.executable), sys.prefix, sys.version, str(sys.flags)]  # python and python3 alike
     key = json.dumps([python, files, paths, env])
+    return _folder() / f"{framework}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.sock"
+
+
+def _folder() -> Path:
     folder = Path(tempfile.gettempdir()) / f"accelbench-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.sock"
+    return folder
 
 
-def _run_warm(stage: str) -> int | None:
+def _run_warm(stage: str, framework: str) -> int | None:
     """The stage's exit code from a warm child; None where no warm process answered (nothing ran then)."""
-    path = socket_path()
+    path = socket_path(framework)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
     except OSError:
         sock.close()
         if not path.with_suffix(".failed").exists():
-            _start_server(path)
+            _start_server(path, framework)
         return None
     from .stage_times import process_age_s
 
@@ -215,12 +223,12 @@ def _descriptors():
             os.close(fd)
 
 
-def _start_server(path: Path) -> None:
-    subprocess.Popen([sys.executable, "-m", "accelbench.preload", "serve", str(path)], cwd=path.parent, start_new_session=True,
+def _start_server(path: Path, framework: str) -> None:
+    subprocess.Popen([sys.executable, "-m", "accelbench.preload", "serve", framework, str(path)], cwd=path.parent, start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
-def serve(path: Path) -> None:
+def serve(path: Path, framework: str) -> None:
     """Import, listen, fork a child per stage; exit after IDLE_S with no stage running. One per path: a second,
     started by a stage that raced the first, finds the lock taken and exits."""
     lock = open(path.with_suffix(".lock"), "a+")
@@ -235,9 +243,10 @@ def serve(path: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-        for module in PRELOADED:
+        for module in PRELOADED[framework]:
             importlib.import_module(module)
-        _map_cudnn()
+        if framework == "torch":
+            _map_cudnn()
     except Exception:  # stages then run in-process, where the same import fails with its own message
         import traceback
 
@@ -406,13 +415,13 @@ def _exit(code: Any) -> int:
     return code or 0
 
 
-def start(timeout_s: float = 120.0) -> Path:
-    """The warm process for this environment, started if none serves, once it answers."""
-    path = socket_path()
+def start(framework: str = "torch", timeout_s: float = 120.0) -> Path:
+    """The warm process for this framework and environment, started if none serves, once it answers."""
+    path = socket_path(framework)
     path.with_suffix(".failed").unlink(missing_ok=True)
     deadline = time.monotonic() + timeout_s
     if not answering(path):
-        _start_server(path)
+        _start_server(path, framework)
     while not answering(path):
         failed = path.with_suffix(".failed")
         if failed.exists() or time.monotonic() > deadline:
@@ -424,7 +433,7 @@ def start(timeout_s: float = 120.0) -> Path:
 def stop() -> list[int]:
     """SIGTERM every warm process of this user (the stages they are running go on); their pids."""
     stopped = []
-    for lock_path in socket_path().parent.glob("*.lock"):
+    for lock_path in _folder().glob("*.lock"):
         with open(lock_path) as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # got it: no server holds it
@@ -441,12 +450,12 @@ def stop() -> list[int]:
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "serve":
-        serve(Path(sys.argv[2]))
+        serve(Path(sys.argv[3]), sys.argv[2])
     elif command == "child":
         _main_child(sys.argv[2], sys.argv[3:])
     elif command == "start":
-        print(start())
+        print(start(*sys.argv[2:3]))
     elif command == "stop":
         print(" ".join(map(str, stop())) or "no warm process")
     else:
-        sys.exit("usage: python -m accelbench.preload start | stop")
+        sys.exit("usage: python -m accelbench.preload start [torch|tensorflow] | stop")
