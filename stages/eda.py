@@ -1,6 +1,5 @@
-"""DVC stage: python stages/eda.py <workload>"""
-from accelbench.cli import main
-from accelbench.data_stages import eda
+"""DVC stage: python stages/eda.py <workload> (in a warm process where one serves: accelbench/preload.py)"""
+from accelbench.preload import main
 
 if __name__ == "__main__":
-    main("eda", eda)
+    main("eda")

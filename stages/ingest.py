@@ -1,6 +1,5 @@
-"""DVC stage: python stages/ingest.py <workload>"""
-from accelbench.cli import main
-from accelbench.data_stages import ingest
+"""DVC stage: python stages/ingest.py <workload> (in a warm process where one serves: accelbench/preload.py)"""
+from accelbench.preload import main
 
 if __name__ == "__main__":
-    main("ingest", ingest)
+    main("ingest")

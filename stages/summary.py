@@ -1,6 +1,5 @@
-"""DVC stage: python stages/summary.py <workload>"""
-from accelbench.cli import main
-from accelbench.summary import stage
+"""DVC stage: python stages/summary.py <workload> (in a warm process where one serves: accelbench/preload.py)"""
+from accelbench.preload import main
 
 if __name__ == "__main__":
-    main("summary", stage)
+    main("summary")

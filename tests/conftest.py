@@ -16,6 +16,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 COPIED = ["dvc.yaml", "params.yaml", "stages", "src", "vega", ".gitignore"]
+# What a stage that trains nothing must not load (sklearn: where a split uses it)
+HEAVY = ("torch", "tensorflow", "keras", "pennylane", "triton", "mlflow", "optuna")
 
 
 def has_cuda() -> bool:

@@ -7,12 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from conftest import REPO, make_project
+from conftest import HEAVY, REPO, make_project
 from accelbench import stage_times
 from accelbench.workloads import available
 
 PACKAGE = REPO / "src" / "accelbench"
-HEAVY = ("torch", "tensorflow", "keras", "pennylane", "triton", "mlflow", "optuna")  # sklearn: where a split uses it
 
 
 def module_name(path: Path) -> str:

@@ -1,5 +1,6 @@
-"""Warm torch stages (preload.py): a stage forked from a process that has imported torch, MLflow and scikit-learn
-behaves as the stage process itself would: the same results, output, exit codes and signals."""
+"""Warm stages (preload.py): a stage forked from a process that has imported its framework (or, for the data stages,
+pandas and the rest), MLflow and scikit-learn behaves as the stage process itself would: the same results, output,
+exit codes and signals."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+from conftest import HEAVY
 
 from accelbench import stage_times
+from accelbench.io import load_prepared
 from accelbench.preload import _framework, answering
 
 
@@ -164,3 +168,27 @@ def test_the_hardware_stage_starts_the_warm_process_each_listed_framework_needs(
     project.run(sys.executable, "stages/hardware.py")
     wait_answering(paths["tensorflow"])
     assert not answering(paths["torch"])
+
+
+def test_the_data_stages_warm_process_loads_no_framework_and_no_store():
+    """ingest, eda, prepare and summary fork from their own warm process: what it imports, they would have loaded."""
+    code = ("import importlib, sys; from accelbench.preload import PRELOADED\n"
+            "[importlib.import_module(m) for m in PRELOADED['data']]\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")  # fmt: skip
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert {"pandas", "accelbench"} <= loaded  # the probe sees what is loaded
+    assert loaded.isdisjoint(HEAVY), loaded & set(HEAVY)
+
+
+def test_a_warm_data_stage_prepares_what_the_stage_process_prepares(warm):
+    project = warm
+    project.run(sys.executable, "-m", "accelbench.preload", "start", "data")
+    prepared = {}
+    for flag in ("1", "0"):
+        project.run(sys.executable, "stages/prepare.py", "diabetes", ACCELBENCH_PRELOAD=flag)
+        assert last_record(project, "prepare")["warm"] is (flag == "1")
+        prepared[flag] = load_prepared(project.root / "data/prepared/diabetes")
+    assert prepared["1"].meta == prepared["0"].meta
+    for split, arrays in prepared["0"].splits.items():
+        for name, array in arrays.items():
+            assert np.array_equal(prepared["1"].splits[split][name], array), (split, name)

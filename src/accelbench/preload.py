@@ -36,17 +36,22 @@ ENABLE_ENV = "ACCELBENCH_PRELOAD"
 IDLE_S = float(os.environ.get("ACCELBENCH_PRELOAD_IDLE_S", "120"))
 # stage -> (module, function); the stage scripts' own imports, made once in the warm process
 STAGES = {"tune": ("accelbench.pipeline", "tune"), "train": ("accelbench.pipeline", "train"),
-          "benchmark": ("accelbench.benchmark", "run")}  # fmt: skip
+          "benchmark": ("accelbench.benchmark", "run"), "ingest": ("accelbench.data_stages", "ingest"),
+          "eda": ("accelbench.data_stages", "eda"), "prepare": ("accelbench.data_stages", "prepare"),
+          "summary": ("accelbench.summary", "stage")}  # fmt: skip
+DATA_STAGES = {"ingest", "eda", "prepare", "summary"}  # warm in the "data" process: no framework, no MLflow
 # a stage's worker process -> (module, entry point); `python -m accelbench.preload child <name> <args>` runs it
 CHILDREN = {"benchmark": ("accelbench.benchmark", "child_main")}
-# What tune, train and benchmark import between them, per framework: a warm process holds one framework only
-# (a TensorFlow stage loads no torch). Not Triton or PennyLane, which only some stages load.
-COMMON = ("accelbench.pipeline", "accelbench.benchmark", "accelbench.tuning", "accelbench.tracking",
-          "accelbench.workloads.diabetes", "accelbench.workloads.guava", "accelbench.workloads.quantum",
-          "accelbench.workloads.rnn", "accelbench.workloads.sentiment", "accelbench.workloads.stock",
+WORKLOADS = ("accelbench.workloads.diabetes", "accelbench.workloads.guava", "accelbench.workloads.quantum",
+             "accelbench.workloads.rnn", "accelbench.workloads.sentiment", "accelbench.workloads.stock")
+# What the stages import, per kind of warm process: "data" (ingest, eda, prepare, summary: no framework, no MLflow),
+# or one framework (a TensorFlow stage loads no torch). Not Triton or PennyLane, which only some stages load.
+COMMON = ("accelbench.pipeline", "accelbench.benchmark", "accelbench.tuning", "accelbench.tracking", *WORKLOADS,
           "mlflow.store.tracking.sqlalchemy_store", "sklearn.linear_model", "sklearn.model_selection",
           "sklearn.feature_extraction.text", "sklearn.metrics", "scipy.stats", "matplotlib.pyplot")  # fmt: skip
 PRELOADED = {
+    "data": ("accelbench.data_stages", "accelbench.summary", *WORKLOADS, "pandas", "sklearn.model_selection",
+             "matplotlib.pyplot", "PIL.Image"),
     "torch": (*COMMON, "accelbench.engines.torch", "accelbench.models.bilstm", "accelbench.models.bilstm_fast",
               "accelbench.models.cnn", "accelbench.models.cnn_fast", "accelbench.models.mlp", "accelbench.models.quanv",
               "accelbench.models.recurrent", "torch.optim", "torch._dynamo"),
@@ -62,15 +67,15 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 def main(stage: str) -> None:
     """A stage script's entry point: the stage in a warm child where one serves, else in this process."""
-    framework = _framework(sys.argv[1]) if len(sys.argv) == 2 else None
+    framework = "data" if stage in DATA_STAGES else _framework(sys.argv[1]) if len(sys.argv) == 2 else None
     if _wants_warm(framework) and (code := _run_warm(stage, framework)) is not None:
         sys.exit(code)
     run_here(stage)
 
 
 def child_command(name: str, *args: str) -> list[str]:
-    """The command that starts one of a stage's worker processes (CHILDREN), warm where its framework is torch:
-    its arguments after the workload start with the framework."""
+    """The command that starts one of a stage's worker processes (CHILDREN), warm as the stages are (its framework
+    is the argument after the workload)."""
     return [sys.executable, "-m", "accelbench.preload", "child", name, *args]
 
 
@@ -89,9 +94,13 @@ def run_here(entry: str) -> None:
         getattr(importlib.import_module(module), function)()
         return
     from .cli import main as stage_main
-    from .tracking import record_failure
 
     module, function = STAGES[entry]
+    if entry in DATA_STAGES:  # they open no MLflow store, so they leave no failed run
+        stage_main(entry, getattr(importlib.import_module(module), function))
+        return
+    from .tracking import record_failure
+
     stage_main(entry, getattr(importlib.import_module(module), function), on_failure=record_failure)
 
 
@@ -126,8 +135,11 @@ def prestart() -> None:
     """Start the warm processes the listed workloads' frameworks need, ahead of the first training stage, so that
     their imports overlap the data stages: the hardware stage, which DVC runs first, calls this."""
     workloads = _params().get("workloads") or []
-    for framework in {_framework(w) for w in workloads if isinstance(w, str)}:
-        if _wants_warm(framework) and not answering(path := socket_path(framework)) and not path.with_suffix(".failed").exists():
+    for framework in {"data"} | {_framework(w) for w in workloads if isinstance(w, str)}:
+        if not _wants_warm(framework):
+            continue
+        path = socket_path(framework)
+        if not answering(path) and not path.with_suffix(".failed").exists():
             _start_server(path, framework)
 
 
@@ -224,8 +236,9 @@ def _descriptors():
 
 
 def _start_server(path: Path, framework: str) -> None:
-    subprocess.Popen([sys.executable, "-m", "accelbench.preload", "serve", framework, str(path)], cwd=path.parent, start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.Popen([sys.executable, "-m", "accelbench.preload", "serve", framework, str(path)], cwd=path.parent,
+                     start_new_session=True, **quiet)  # fmt: skip
 
 
 def serve(path: Path, framework: str) -> None:
@@ -364,8 +377,8 @@ def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
         os.environ.update(request["env"])
         sys.argv = request["argv"]
         for sig in FORWARDED:  # as a new interpreter started by the stage process would have them
-            ignored = int(sig) in request["ignored"]
-            signal.signal(sig, signal.SIG_IGN if ignored else signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, signal.SIG_IGN if int(sig) in request["ignored"] else default)
         sys.path[0] = request["path0"]
         encoding = request["encoding"] or "utf-8"
         sys.stdin = open(0, closefd=False)
@@ -425,7 +438,8 @@ def start(framework: str = "torch", timeout_s: float = 120.0) -> Path:
     while not answering(path):
         failed = path.with_suffix(".failed")
         if failed.exists() or time.monotonic() > deadline:
-            raise RuntimeError(f"no warm process at {path}: {failed.read_text()[-2000:] if failed.exists() else 'timed out'}")
+            why = failed.read_text()[-2000:] if failed.exists() else "timed out"
+            raise RuntimeError(f"no warm process at {path}: {why}")
         time.sleep(0.2)
     return path
 
