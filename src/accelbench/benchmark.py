@@ -94,7 +94,7 @@ def _devices_in_turns(wl: Workload, framework: str, specs: list[str], root: Path
     """One child per device, taking turns interval by interval (interleave.py); their records in device order."""
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"records-{i}.json" for i in range(len(specs))]
-        child = preload.child_command("benchmark", wl.name, framework)  # warm for torch, as the stage is
+        child = preload.child_command("benchmark", wl.name, framework)  # warm, as the stage is
         cmds = [[*child, spec, str(out)] for spec, out in zip(specs, outs)]
         for code, stderr in interleave.run_in_turns(cmds, root, env):
             if code != 0:
@@ -483,7 +483,8 @@ def _device_sync(runtime: Runtime):
 
 
 def child_main() -> None:
-    """`python -m accelbench.benchmark <workload> <framework> <device> <out.json>`: one device's measurements."""
+    """One device's measurements: `python -m accelbench.preload child benchmark <workload> <framework> <device>
+    <out.json>` (warm), or `python -m accelbench.benchmark` with the same arguments."""
     main_child("benchmark", lambda cfg, wl, root, framework, spec, out: write_json(Path(out), measure(cfg, wl, framework, spec, root)), on_failure=record_failure)
 
 

@@ -17,7 +17,7 @@ from .workloads import Workload
 
 
 def hardware(root: Path) -> None:
-    preload.prestart()  # the torch stages' warm process imports while the data stages run
+    preload.prestart()  # the warm processes import while the first data stages run
     with work():
         info = devices.hardware_info()
         write_json(hardware_file(root), info)
