@@ -120,8 +120,8 @@ def test_a_signal_to_the_stage_process_reaches_the_warm_child(long_train, sig, c
         assert project.runs(filter_string="attributes.status = 'KILLED'")
 
 
-def test_the_warm_process_is_asked_only_for_torch_stages(tmp_path, monkeypatch):
-    """The framework as the study leaves it: a TensorFlow stage must not run where torch is loaded."""
+def test_each_stage_asks_the_warm_process_of_its_framework_as_the_study_leaves_it(tmp_path, monkeypatch):
+    """A TensorFlow stage must not run where torch is loaded: the framework, read cheaply, follows the study."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     params = {"study": "quick", "studies": {"quick": {}, "tf": {"stock.framework": "tensorflow"}},
