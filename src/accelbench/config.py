@@ -6,10 +6,12 @@ looks them up). Unknown keys and wrong types are rejected with the dotted path o
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -305,3 +307,22 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def with_study(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`raw` with the dotted overrides of `studies[study]` applied: one params.yaml holds the quick CPU study
+    and the GPU-sized one, and `-S study=gpu` picks the other."""
+    name = raw.get("study", "quick")
+    studies = raw.get("studies") or {"quick": {}}
+    if name not in studies:
+        raise ConfigError(f"{path}: study: '{name}' is not one of the names under studies ({sorted(studies)})")
+    raw = copy.deepcopy(raw)
+    for dotted, value in (studies[name] or {}).items():
+        *parents, leaf = str(dotted).split(".")
+        node = raw
+        for i, key in enumerate(parents):
+            if not isinstance(node.get(key), dict):
+                raise ConfigError(f"{path}: studies: {name}: {dotted}: no section '{'.'.join(parents[: i + 1])}' to set it in")
+            node = node[key]
+        node[leaf] = value
+    return raw

@@ -67,10 +67,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 def main(stage: str) -> None:
     """A stage script's entry point: the stage in a warm child where one serves, else in this process."""
-    framework = "data" if stage in DATA_STAGES else _framework(sys.argv[1]) if len(sys.argv) == 2 else None
-    if _wants_warm(framework) and (code := _run_warm(stage, framework)) is not None:
-        sys.exit(code)
-    run_here(stage)
+    _run(stage, "data" if stage in DATA_STAGES else _framework(sys.argv[1]) if len(sys.argv) == 2 else None)
 
 
 def child_command(name: str, *args: str) -> list[str]:
@@ -81,10 +78,13 @@ def child_command(name: str, *args: str) -> list[str]:
 
 def _main_child(name: str, args: list[str]) -> None:
     sys.argv = [sys.argv[0], *args]
-    framework = args[1] if len(args) > 1 else None
-    if _wants_warm(framework) and (code := _run_warm(f"child:{name}", framework)) is not None:
+    _run(f"child:{name}", args[1] if len(args) > 1 else None)
+
+
+def _run(entry: str, framework: str | None) -> None:
+    if _wants_warm(framework) and (code := _run_warm(entry, framework)) is not None:
         sys.exit(code)
-    run_here(f"child:{name}")
+    run_here(entry)
 
 
 def run_here(entry: str) -> None:
@@ -96,12 +96,10 @@ def run_here(entry: str) -> None:
     from .cli import main as stage_main
 
     module, function = STAGES[entry]
-    if entry in DATA_STAGES:  # they open no MLflow store, so they leave no failed run
-        stage_main(entry, getattr(importlib.import_module(module), function))
-        return
-    from .tracking import record_failure
-
-    stage_main(entry, getattr(importlib.import_module(module), function), on_failure=record_failure)
+    on_failure = None  # the data stages open no MLflow store, so they leave no failed run
+    if entry not in DATA_STAGES:
+        from .tracking import record_failure as on_failure
+    stage_main(entry, getattr(importlib.import_module(module), function), on_failure=on_failure)
 
 
 def _wants_warm(framework: str | None) -> bool:
@@ -109,14 +107,17 @@ def _wants_warm(framework: str | None) -> bool:
 
 
 def _framework(workload: str) -> str | None:
-    """The stage's framework as params.yaml sets it, read without loading the package's config (0.4 s of pandas
-    and numpy): the warm child validates everything as the stage always has. None where the file is in doubt."""
-    raw = _params()
+    """The stage's framework as params.yaml and its study set it, read without loading the package's workloads
+    (0.4 s of pandas and numpy): the warm child validates everything as the stage always has. None where the
+    file is in doubt."""
+    from .config import with_study
+    from .errors import ConfigError
+
     try:
-        study = (raw.get("studies") or {}).get(raw.get("study", "quick")) or {}
-        own = study.get(f"{workload}.framework", (raw.get(workload) or {}).get("framework"))
-        return own or study.get("framework", raw.get("framework"))
-    except AttributeError:
+        raw = with_study(_params(), Path("params.yaml"))
+        section = raw.get(workload)
+        return (section.get("framework") if isinstance(section, dict) else None) or raw.get("framework")
+    except (ConfigError, AttributeError, TypeError):
         return None
 
 

@@ -1,7 +1,6 @@
 """The project on disk: where each stage reads and writes, and params.yaml with every workload's section."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, parse
+from .config import Config, parse, with_study
 from .errors import ConfigError
 from .workloads import available, get_workload
 
@@ -45,25 +44,6 @@ def hardware_file(root: Path) -> Path:
 
 def reports_dir(root: Path) -> Path:
     return root / "reports"
-
-
-def with_study(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    """`raw` with the dotted overrides of `studies[study]` applied: one params.yaml holds the quick CPU study
-    and the GPU-sized one, and `-S study=gpu` picks the other."""
-    name = raw.get("study", "quick")
-    studies = raw.get("studies") or {"quick": {}}
-    if name not in studies:
-        raise ConfigError(f"{path}: study: '{name}' is not one of the names under studies ({sorted(studies)})")
-    raw = copy.deepcopy(raw)
-    for dotted, value in (studies[name] or {}).items():
-        *parents, leaf = str(dotted).split(".")
-        node = raw
-        for i, key in enumerate(parents):
-            if not isinstance(node.get(key), dict):
-                raise ConfigError(f"{path}: studies: {name}: {dotted}: no section '{'.'.join(parents[: i + 1])}' to set it in")
-            node = node[key]
-        node[leaf] = value
-    return raw
 
 
 def load_config(path: Path | str = "params.yaml") -> Config:
