@@ -129,7 +129,8 @@ def test_timing_stats():
 @pytest.mark.parametrize("framework", ["torch", "tensorflow"])
 def test_a_timed_repeat_runs_its_steps_until_it_lasts_min_repeat_s(prepared_project, framework):
     """Each engine's bench, on the prepared diabetes split: a few steps of a small MLP last about a millisecond,
-    so with a 0.1 s floor every timed repeat runs them several times over; with no floor, once."""
+    so with a 0.1 s floor every timed repeat runs them several times over; with no floor, once. With a floor far
+    below one step (as a large batch on a CPU is to 0.25 s), a repeat is a single step."""
     from accelbench.project import load_config
     from accelbench.devices import Runtime, resolve
     from accelbench.engines import BenchSpec, get_engine
@@ -143,13 +144,13 @@ def test_a_timed_repeat_runs_its_steps_until_it_lasts_min_repeat_s(prepared_proj
     engine = get_engine(framework)
     engine.setup(runtime)
     steps = {}
-    for floor in (0.0, 0.1):
+    for floor in (0.0, 0.1, 1e-7):
         model = wl.build_model(framework, params, prepared.meta)
         spec = BenchSpec(batch_size=32, steps=3, warmup=1, repeats=2, min_repeat_s=floor)
         res = engine.bench(model, wl.task(prepared.meta), prepared, params.train, runtime, spec)
-        assert len(res.repeat_s) == 2 and res.steps % 3 == 0
+        assert len(res.repeat_s) == 2
         steps[floor] = res.steps
-    assert steps[0.0] == 3 and steps[0.1] > 3
+    assert steps[0.0] == 3 and steps[0.1] > 3 and steps[0.1] % 3 == 0 and steps[1e-7] == 1
 
 
 def test_storage_paths_and_secrets(tmp_path: Path):
@@ -181,26 +182,38 @@ def test_a_stage_in_a_log_says_start_what_it_read_progress_and_result(prepared_p
 
 def test_the_benchmark_stage_in_a_log_shows_its_childs_lines_while_the_child_runs(prepared_project):
     """The benchmark measures in a child process per device (interleave.py); its read and progress lines reach the
-    stage's own stderr while it runs, in order between the stage's start and result lines, and not after it ends."""
+    stage's own stderr while it runs, in order between the stage's start and result lines, and not after it ends.
+    A batch size above the training rows is timed at the whole split, and the log says so."""
+    import json
     import subprocess
     import sys
 
     env = {**prepared_project.env, "ACCELBENCH_PROGRESS_S": "0"}
-    proc = subprocess.Popen([sys.executable, "stages/benchmark.py", "diabetes"], cwd=prepared_project.root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines, child_alive_at_read = [], False
-    for line in proc.stderr:
-        lines.append(line.rstrip("\n"))
-        if ": read " in line:  # the child's first line: the child must still be at work when it arrives
-            child_alive_at_read = any("benchmark diabetes torch cpu " in cmd for cmd in _commands_in(prepared_project.root))
-    assert proc.wait(timeout=600) == 0, "\n".join(lines[-40:])
+    sweep = prepared_project.params()["benchmark"]["batch_sizes"]
+    prepared_project.update("benchmark.batch_sizes", [*sweep, 10**6])
+    try:
+        proc = subprocess.Popen([sys.executable, "stages/benchmark.py", "diabetes"], cwd=prepared_project.root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        lines, child_alive_at_read = [], False
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if ": read " in line:  # the child's first line: the child must still be at work when it arrives
+                child_alive_at_read = any("benchmark diabetes torch cpu " in cmd for cmd in _commands_in(prepared_project.root))
+        assert proc.wait(timeout=600) == 0, "\n".join(lines[-40:])
+    finally:
+        prepared_project.update("benchmark.batch_sizes", sweep)
     ours = [ln for ln in lines if ln.startswith("accelbench ")]
     assert ours[0] == "accelbench benchmark diabetes: start"
-    assert re.fullmatch(r"accelbench benchmark diabetes: read data/prepared/diabetes \([\d,]+ training rows\) to time torch on cpu", ours[1])
-    assert child_alive_at_read, "the child's read line arrived only after the child had ended"
+    read = re.fullmatch(r"accelbench benchmark diabetes: read data/prepared/diabetes \(([\d,]+) training rows\) to time torch on cpu", ours[1])
+    assert read and child_alive_at_read, "the child's read line arrived only after the child had ended"
+    rows = int(read[1].replace(",", ""))
+    assert ours[2] == f"accelbench benchmark diabetes: batch size 1000000 exceeds the {rows:,} training rows: mlp on cpu timed at {rows:,}"
+    timed = {r["batch_size"] for r in json.loads((prepared_project.root / "results/diabetes/benchmark.json").read_text())["records"]
+             if r["kind"] == "throughput"}  # fmt: skip
+    assert max(timed) == rows and 10**6 not in timed
     points = [ln for ln in ours if ln.startswith("accelbench benchmark diabetes mlp torch cpu: batch size ")]
     assert points and all(re.search(r"batch size \d/\d, [\d.]+ s/batch size, ETA [\d.]+ s", ln) for ln in points), ours
-    assert ours.index(points[0]) == 2  # progress follows the read line: nothing of the child's is held back
+    assert ours.index(points[0]) == 3  # progress follows the read line and the note: nothing of the child's is held back
     assert re.fullmatch(r"accelbench benchmark diabetes: done in [\d.]+ s; \d+ measurements in results/diabetes/benchmark.json", ours[-1])
     assert not [ln for ln in ours if ": error: " in ln or "interrupted" in ln], ours
     assert not [ln for ln in lines if " INFO " in ln], lines  # MLflow's and alembic's chatter stays filtered

@@ -149,7 +149,7 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         speed = with_overrides(base, {"train.batch_size": vparams.train.batch_size})
         roles = {speed.train.batch_size: "tuned", base.train.batch_size: "default"}  # default wins a tie
         inputs, _ = wl.precompute(speed, prepared, runtime)  # the training steps timed are on the model's inputs
-        batches = sorted(set(b.batch_sizes) | set(roles))
+        batches = _within_split(sorted(set(b.batch_sizes) | set(roles)), inputs.n("train"), f"{variant} on {spec}")
         for batch in progress.track(batches, len(batches), f"benchmark {wl.name} {variant} {framework} {spec}", "batch size"):
             rec = _throughput(point, speed, inputs, batch)
             # the speed uses only the study's batch (above): 'tuned batch (study ..., trial N)'
@@ -164,6 +164,15 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         if _stacks(cfg, wl, base, runtime):
             records.append(_population_vs_sequential(point, base))
     return records
+
+
+def _within_split(batches: list[int], rows: int, what: str) -> list[int]:
+    """The sweep's batch sizes, those above the training split's size timed at the whole split instead: a larger
+    batch would draw rows several times over in every step, a speed no epoch on this data reaches."""
+    over = [batch for batch in batches if batch > rows]
+    if over:
+        progress.note(f"batch size {', '.join(map(str, over))} exceeds the {rows:,} training rows: {what} timed at {rows:,}")
+    return sorted({min(batch, rows) for batch in batches})
 
 
 def _precision_blocker(runtime: Runtime) -> str | None:
@@ -254,7 +263,7 @@ def _stability(real: BenchResult, readings: list[dict[str, float | None]], runti
 
 
 def _floor(b: BenchmarkConfig) -> str:
-    return f" (each repeat at least {b.min_repeat_s:g} s)" if b.min_repeat_s > 0 else ""
+    return f" (each repeat at least {b.min_repeat_s:g} s: steps again, or fewer long ones)" if b.min_repeat_s > 0 else ""
 
 
 def _log_throughput(wl, variant, runtime, rec, real_repeats, several) -> None:

@@ -118,11 +118,11 @@ class BenchmarkConfig:
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # cpu, cuda, cuda:N; auto = every device present
     frameworks: list[Framework] = field(default_factory=lambda: ["torch"])
     batch_sizes: list[int] = field(default_factory=lambda: [32, 256])  # the default and tuned batches are added
-    steps: int = 10  # training steps per timed repeat (min_repeat_s lengthens a shorter one)
+    steps: int = 10  # training steps per timed repeat (min_repeat_s lengthens a short one, or shortens a long one)
     warmup_steps: int = 5
     repeats: int = 5
     intervals: int = 5  # the repeats split into this many re-warmed intervals, CPU and GPU interleaved
-    min_repeat_s: float = 0.0  # a timed repeat runs its steps again until it lasts this long; 0: once
+    min_repeat_s: float = 0.0  # a timed repeat lasts at least this long (steps again, or fewer long ones); 0: steps once
     cpu_threads: int | None = None  # null: the global cpu_threads, else one per physical core on the CPU
     compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
     scaling: list[int] | None = None  # data-parallel rank counts timed; null: 1, 2, 4 ... distributed.gpus when > 1

@@ -318,12 +318,16 @@ def _bench_batches(prepared: Prepared, task: Task, spec: BenchSpec, seed: int) -
 
 def _steps_per_repeat(model: keras.Model, ds: tf.data.Dataset, spec: BenchSpec) -> tuple[int, float]:
     """The steps a timed repeat runs to last `min_repeat_s`, and the seconds spent finding out. The sizing is
-    a fit of its own, which also traces the step once for the timed fits."""
+    a fit of its own, which also traces the step once for the timed fits. As in the torch engine, `spec.steps`
+    run again as often as needed, or, where they would last over twice the window, just enough of them."""
     if spec.min_repeat_s <= 0:
         return spec.steps, 0.0
     sizing = _RepeatTimer(None)
     model.fit(ds, epochs=2, steps_per_epoch=spec.steps, verbose=0, callbacks=[sizing])
-    return spec.steps * calls_to_last(spec.min_repeat_s, sizing.times[1]), sum(sizing.times)
+    repeat_s = sizing.times[1]
+    if repeat_s >= 2 * spec.min_repeat_s:
+        return calls_to_last(spec.min_repeat_s, repeat_s / spec.steps), sum(sizing.times)
+    return spec.steps * calls_to_last(spec.min_repeat_s, repeat_s), sum(sizing.times)
 
 
 def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str], batch: int = EVAL_BATCH) -> np.ndarray:

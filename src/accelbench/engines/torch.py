@@ -411,8 +411,8 @@ def bench(model: nn.Module, task: Task, prepared: Prepared, train: TrainParams, 
 
     `spec.batch_size` is the global batch: with a process group each rank draws its share and the step is DDP's.
     With cuda_graphs, the warm-up runs eagerly, then one repeat's steps are captured as one graph and each
-    repeat is one replay. A timed repeat runs its steps (or replays) again, as often as one untimed repeat says
-    it takes to last `spec.min_repeat_s`; the result's `steps` is the steps a timed repeat ran.
+    repeat is one replay. A timed repeat lasts at least `spec.min_repeat_s` (`_sized_repeat`); the result's
+    `steps` is the steps a timed repeat ran.
     `spec.utilisation` samples the GPU during the timed repeats, and during further untimed ones while its
     window is still too short to read (over the last interval only: the earlier ones are paused while the other
     device's process takes its turn). Each interval after the first is re-warmed by one untimed step (one replay
@@ -429,15 +429,14 @@ def bench(model: nn.Module, task: Task, prepared: Prepared, train: TrainParams, 
     per_rank = spec.batch_size // runtime.world_size
     drawn = _DrawnBatches(stepper.step, tr, prepared.meta.get("inputs", ["x"]), per_rank, spec.synthetic, gen)
     repeat, rewarm, warmup_s = _warm_up(drawn, spec, stepper.graphs, sw, runtime)
-    calls = _calls_per_repeat(repeat, sw, spec.min_repeat_s, runtime)
+    timed, steps = _sized_repeat(repeat, drawn, stepper.graphs, sw, spec, runtime)
     plan = spec.plan()
-    timed = lambda: [repeat() for _ in range(calls)]  # noqa: E731
     repeat_s, energy_j = _timed_intervals(plan, timed, rewarm, sw, spec.energy, spec.utilisation)
     util = _utilisation_readings(spec.utilisation, repeat, runtime)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if runtime.device.type == "cuda" else None
     if runtime.process_group:  # the group's throughput is set by its slowest rank
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
-    return BenchResult(per_rank * runtime.world_size, spec.steps * calls, repeat_s, warmup_s, to_device_s,
+    return BenchResult(per_rank * runtime.world_size, steps, repeat_s, warmup_s, to_device_s,
                        energy_j if spec.energy else None, peak, util, stepper.cuda_graphs, plan.interval_of())  # fmt: skip
 
 
@@ -519,15 +518,27 @@ def _timed_intervals(plan: IntervalPlan, timed: Callable[[], Any], rewarm: Calla
     return repeat_s, energy_j
 
 
-def _calls_per_repeat(repeat: Callable[[], Any], sw: Stopwatch, min_repeat_s: float, runtime: Runtime) -> int:
-    if min_repeat_s <= 0:
-        return 1
+def _sized_repeat(repeat: Callable[[], Any], drawn: _DrawnBatches, graphs: bool, sw: Stopwatch, spec: BenchSpec,
+                  runtime: Runtime) -> tuple[Callable[[], Any], int]:  # fmt: skip
+    """One timed repeat that lasts at least `spec.min_repeat_s`, and the steps it runs. Short steps: the repeat's
+    `spec.steps` run again as often as one untimed repeat says it takes. Long steps (a large batch on a CPU),
+    where `spec.steps` would last over twice the window: just enough single steps to fill it, since the window's
+    length, not its step count, is what keeps the timer's jitter small; a CUDA graph replays all its steps."""
+    if spec.min_repeat_s <= 0:
+        return repeat, spec.steps
+    if not graphs and not runtime.process_group:  # every rank must run the same steps: its collectives pair up
+        t0 = sw.start()
+        drawn.eager(1)
+        one = sw.stop("calibrate", t0)
+        if one * spec.steps >= 2 * spec.min_repeat_s:
+            steps = calls_to_last(spec.min_repeat_s, one)
+            return (lambda: drawn.eager(steps)), steps
     t0 = sw.start()
     repeat()
-    calls = calls_to_last(min_repeat_s, sw.stop("calibrate", t0))
-    if runtime.process_group:  # every rank must run the same steps: its collectives pair up
+    calls = calls_to_last(spec.min_repeat_s, sw.stop("calibrate", t0))
+    if runtime.process_group:
         calls = int(_all_ranks(torch.tensor(calls, device=runtime.device.torch), runtime, "MAX").item())
-    return calls
+    return (lambda: [repeat() for _ in range(calls)]), spec.steps * calls
 
 
 def _predict(
