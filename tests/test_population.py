@@ -146,6 +146,7 @@ def test_bad_population_benchmark_size_names_the_key(tmp_path):
     from conftest import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["study"] = "quick"  # the GPU study's own population would hide the bad size of a checkout set to it
     params["benchmark"]["population"]["sequential_trials"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match=r"params.yaml: benchmark.population: expected trials, sequential_trials, epochs and cpu_trials >= 1"):

@@ -426,14 +426,18 @@ def test_sentiment140_with_its_header_reads_like_without(tmp_path):
     assert set(headed["label"]) == {"negative", "neutral", "positive"}
 
 
-def test_a_losing_verdict_names_the_sample_ingest_kept_and_none_where_nothing_was_sampled():
+def test_a_losing_verdict_names_the_sample_ingest_kept_and_none_where_nothing_was_sampled(tmp_path):
     """The note reads what ingest kept (source.json, in the prepared meta), not max_rows: 4,000 rows of the bundled
     20,761 are a sample; a 210-row file read whole under max_rows 4000 is not."""
+    import yaml
+
     from conftest import REPO
     from accelbench.project import load_config
     from accelbench.workloads import get_workload
 
-    wl, params = get_workload("sentiment"), load_config(REPO / "params.yaml").params("sentiment")
+    quick = {**yaml.safe_load((REPO / "params.yaml").read_text()), "study": "quick"}  # whatever study the checkout is set to
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(quick))
+    wl, params = get_workload("sentiment"), load_config(tmp_path / "params.yaml").params("sentiment")
     sampled = wl.verdict_note(params, {"source": {"rows": 4000, "rows_in_source": 20761}}, False, -0.02, 583)
     assert "trained on a seeded sample of 4,000 of 20,761 rows" in sampled and "-S study=gpu" in sampled
     whole = wl.verdict_note(params, {"source": {"rows": 210, "rows_in_source": 210}}, False, -0.02, 42)
