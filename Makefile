@@ -39,7 +39,7 @@ repro: setup
 # Two workers, one test file each: most of the time is single-threaded stage start-up. The twenty slowest tests
 # are listed at the end, so the suite's time stays a measured figure.
 test: setup postgres-server
-	python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
+	python -m pytest -q -n 2 --dist loadfile --durations=20
 
 # The shared-storage test starts a throwaway PostgreSQL server from Debian's package: installed here when
 # missing, apt-get exists and we are root. Never fatal: without it that one test skips, saying why.

@@ -32,16 +32,7 @@ def pytest_sessionfinish(session):
         subprocess.run([sys.executable, "-m", "accelbench.preload", "stop"], capture_output=True, check=False)
 
 
-# The files whose tests take longest (about 80 s down to 30 s in a `make test` run), handed out first: xdist gives
-# each worker the next file in collection order (--no-loadscope-reorder), so neither of the two is left alone at
-# the end with a long one.
-SLOWEST_FIRST = ("test_team.py", "test_resilience.py", "test_pipeline.py", "test_preload.py", "test_distributed.py",
-                 "test_sentiment.py", "test_errors.py", "test_quantum.py", "test_imports.py", "test_study.py", "test_report.py")  # fmt: skip
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
     if has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
