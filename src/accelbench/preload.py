@@ -41,7 +41,7 @@ STAGES = {"tune": ("accelbench.pipeline", "tune"), "train": ("accelbench.pipelin
           "summary": ("accelbench.summary", "stage")}  # fmt: skip
 DATA_STAGES = {"ingest", "eda", "prepare", "summary"}  # warm in the "data" process: no framework, no MLflow
 # a stage's worker process -> (module, entry point); `python -m accelbench.preload child <name> <args>` runs it
-CHILDREN = {"benchmark": ("accelbench.benchmark", "child_main")}
+CHILDREN = {"benchmark": ("accelbench.benchmark", "child_main"), "tune": ("accelbench.tuning", "worker_main")}
 WORKLOADS = ("accelbench.workloads.diabetes", "accelbench.workloads.guava", "accelbench.workloads.quantum",
              "accelbench.workloads.rnn", "accelbench.workloads.sentiment", "accelbench.workloads.stock")
 # What the stages import, per kind of warm process: "data" (ingest, eda, prepare, summary: no framework, no MLflow),

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from . import claims, devices, progress
+from . import claims, devices, preload, progress
 from .cli import main
 from .config import Config, WorkloadParams, as_dict, with_overrides
 from .devices import Runtime
@@ -24,7 +23,7 @@ from .engines import get_engine
 from .errors import AccelbenchError, TrainingError
 from .io import Prepared, load_prepared
 from .project import prepared_dir
-from .runtime import runtime_for
+from .runtime import on_device, runtime_for
 from .study import Study, mask_secrets, open_study, strategy_for, suggest, trial_name
 from .tracking import record_failure, run_name, stage_run
 from .workloads import Workload
@@ -134,7 +133,7 @@ def run_study(
     tune_name = run_name("tune", runtime.tags(), variant if s.several else None)
     with stage_run(wl.name, "tune", runtime.tags(), tune_params, name=tune_name, tags=run_tags) as parent:
         mine, *others = shares(remaining, cfg.tune.workers)
-        workers = [_spawn_worker(wl.name, variant, n, parent.run_id, root) for n in others]
+        workers = [_spawn_worker(wl.name, runtime.framework, variant, n, parent.run_id, root) for n in others]
         try:
             optimize(s, mine, parent.run_id)
         finally:
@@ -156,9 +155,10 @@ def run_study(
         return best
 
 
-def _spawn_worker(workload: str, variant: str, n: int, parent_run_id: str, root: Path) -> tuple[subprocess.Popen, progress.Drain]:
-    """A worker process, its progress lines echoed on the stage's stderr as they come."""
-    cmd = [sys.executable, "-m", "accelbench.tuning", workload, variant, str(n), parent_run_id]
+def _spawn_worker(workload: str, framework: str, variant: str, n: int, parent_run_id: str,
+                  root: Path) -> tuple[subprocess.Popen, progress.Drain]:  # fmt: skip
+    """A worker process, warm as the stage is, its progress lines echoed on the stage's stderr as they come."""
+    cmd = preload.child_command("tune", workload, framework, variant, str(n), parent_run_id)
     proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "DVC_ROOT": str(root)}, stderr=subprocess.PIPE,
                             text=True, errors="replace")  # fmt: skip
     return proc, progress.Drain(proc.stderr)
@@ -173,9 +173,10 @@ def _wait(worker: tuple[subprocess.Popen, progress.Drain]) -> str | None:
     return progress.last_error(err) or f"tuning worker exited {proc.returncode}: {err.strip()[-2000:]}"
 
 
-def worker(cfg: Config, wl: Workload, root: Path, variant: str, n_trials: str, parent_run_id: str) -> None:
-    """A tuning worker process: its share of one variant's trials, nested under the tune stage's run."""
-    runtime = runtime_for(cfg, wl)
+def worker(cfg: Config, wl: Workload, root: Path, framework: str, variant: str, n_trials: str, parent_run_id: str) -> None:
+    """A tuning worker process: its share of one variant's trials in the stage's framework, nested under the
+    tune stage's run."""
+    runtime = runtime_for(on_device(cfg, wl, cfg.device, framework, cfg.cpu_threads), wl)
     prepared = load_prepared(prepared_dir(root, wl.name))
     params = with_overrides(cfg.params(wl.name), wl.variants(cfg.params(wl.name))[variant])
     s = open_study(cfg, wl, variant, params, runtime, prepared, root)
@@ -186,5 +187,11 @@ def _matching(study: optuna.Study, h: str, states) -> list[optuna.trial.FrozenTr
     return [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("config_hash") == h]
 
 
+def worker_main() -> None:
+    """`python -m accelbench.preload child tune <workload> <framework> <variant> <n_trials> <parent_run_id>` (warm),
+    or `python -m accelbench.tuning` with the same arguments."""
+    main("tune", worker, extra_args=("framework", "variant", "n_trials", "parent_run_id"), on_failure=record_failure)
+
+
 if __name__ == "__main__":
-    main("tune", worker, extra_args=("variant", "n_trials", "parent_run_id"), on_failure=record_failure)
+    worker_main()
