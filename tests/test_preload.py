@@ -107,12 +107,18 @@ def test_a_signal_to_the_stage_process_reaches_the_warm_child(long_train, sig, c
     """SIGTERM is passed on (the stage ends its run as KILLED and exits 143); SIGKILL cannot be, so the
     supervisor kills the child: no stage goes on training for a process that is gone."""
     project = long_train
-    client = subprocess.Popen([sys.executable, "stages/train.py", "diabetes"], cwd=project.root, env=project.env,
+    env = {**project.env, "ACCELBENCH_PROGRESS_S": "0"}  # a line per epoch
+    client = subprocess.Popen([sys.executable, "stages/train.py", "diabetes"], cwd=project.root, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     child = stage_child(client, project.root)
-    time.sleep(1.0)
+    seen = []
+    for line in client.stderr:  # until an epoch's line: training, under its open run (a loaded host takes seconds)
+        seen.append(line)
+        if ": epoch " in line:
+            break
     client.send_signal(sig)
-    _, err = client.communicate(timeout=60)
+    _, rest = client.communicate(timeout=60)
+    err = "".join(seen) + rest
     assert client.returncode == code, err
     child.wait(timeout=10)  # gone, either way
     if sig == signal.SIGTERM:
