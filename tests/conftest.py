@@ -1,11 +1,14 @@
 """A fixture shrinks the real config and runs the real entry points in a temp git + DVC repo."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,12 +130,37 @@ class Project:
 
 def make_project(path: Path, workloads: list[str] | None = None) -> Project:
     """A temp git + DVC repo with the real stages and shrunken params; `workloads` narrows the foreach list."""
-    path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(_template(), path, dirs_exist_ok=True)
+    project = Project(path, _project_env())
+    params = shrink(project.params())
+    if workloads:
+        params["workloads"] = workloads
+    project.set_params(params)
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "fixture")
+    return project
+
+
+@functools.cache
+def _template() -> Path:
+    """The repo's stages and params in a fresh git + DVC repo, made once per test process and copied for each
+    project: `dvc init` and `dvc config` are two DVC start-ups, about a second of every project's set-up."""
+    root = Path(tempfile.mkdtemp(prefix="accelbench-template-")) / "project"
+    atexit.register(shutil.rmtree, root.parent, True)
+    root.mkdir()
     for name in COPIED:
         src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, path / name)
-    for cache in path.rglob("__pycache__"):
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    for cache in root.rglob("__pycache__"):
         shutil.rmtree(cache)
+    template = Project(root, _project_env())
+    template.run("git", "init", "-q", "-b", "main")
+    template.run(sys.executable, "-m", "dvc", "init", "-q")
+    template.run(sys.executable, "-m", "dvc", "config", "core.analytics", "false")
+    return root
+
+
+def _project_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "KAGGLE_"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -142,17 +170,7 @@ def make_project(path: Path, workloads: list[str] | None = None) -> Project:
         # OpenMP threads would otherwise starve each other (tests only; measurements keep the default).
         OMP_WAIT_POLICY="PASSIVE",
     )  # fmt: skip
-    project = Project(path, env)
-    params = shrink(project.params())
-    if workloads:
-        params["workloads"] = workloads
-    project.set_params(params)
-    project.run("git", "init", "-q", "-b", "main")
-    project.run(sys.executable, "-m", "dvc", "init", "-q")
-    project.run(sys.executable, "-m", "dvc", "config", "core.analytics", "false")
-    project.run("git", "add", "-A")
-    project.run("git", "commit", "-qm", "fixture")
-    return project
+    return env
 
 
 RUN_STAGES = {"tune", "train", "benchmark"}  # the stages that log MLflow runs (train: its evaluation runs too)
