@@ -199,7 +199,16 @@ def project(tmp_path) -> Project:
 
 @pytest.fixture(scope="module")
 def prepared_project(tmp_path_factory) -> Project:
-    """Raw and prepared data in place, for tests of the stages after them."""
-    project = make_project(tmp_path_factory.mktemp("prepared") / "project", ["diabetes"])
-    project.run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes")
-    return project
+    """Raw and prepared data in place, for tests of the stages after them: each module its own copy of one
+    project that ran `dvc repro prepare@diabetes` once per test process."""
+    path = tmp_path_factory.mktemp("prepared") / "project"
+    shutil.copytree(_prepared_template(), path)
+    return Project(path, _project_env())
+
+
+@functools.cache
+def _prepared_template() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="accelbench-prepared-")) / "project"
+    atexit.register(shutil.rmtree, root.parent, True)
+    make_project(root, ["diabetes"]).run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes")
+    return root
