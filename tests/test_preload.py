@@ -102,20 +102,30 @@ def long_train(warm):
     warm.set_params(original)
 
 
+def start_training(project, **popen) -> subprocess.Popen:
+    env = {**project.env, "ACCELBENCH_PROGRESS_S": "0"}  # a line per epoch
+    return subprocess.Popen([sys.executable, "stages/train.py", "diabetes"], cwd=project.root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # fmt: skip
+
+
+def until_an_epoch(client: subprocess.Popen) -> list[str]:
+    """The stage's lines up to its first epoch's: training, under its open run (a loaded host takes seconds)."""
+    seen = []
+    for line in client.stderr:
+        seen.append(line)
+        if ": epoch " in line:
+            break
+    return seen
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGKILL, -9)], ids=["SIGTERM", "SIGKILL"])
 def test_a_signal_to_the_stage_process_reaches_the_warm_child(long_train, sig, code):
     """SIGTERM is passed on (the stage ends its run as KILLED and exits 143); SIGKILL cannot be, so the
     supervisor kills the child: no stage goes on training for a process that is gone."""
     project = long_train
-    env = {**project.env, "ACCELBENCH_PROGRESS_S": "0"}  # a line per epoch
-    client = subprocess.Popen([sys.executable, "stages/train.py", "diabetes"], cwd=project.root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    client = start_training(project)
     child = stage_child(client, project.root)
-    seen = []
-    for line in client.stderr:  # until an epoch's line: training, under its open run (a loaded host takes seconds)
-        seen.append(line)
-        if ": epoch " in line:
-            break
+    seen = until_an_epoch(client)
     client.send_signal(sig)
     _, rest = client.communicate(timeout=60)
     err = "".join(seen) + rest
@@ -124,6 +134,25 @@ def test_a_signal_to_the_stage_process_reaches_the_warm_child(long_train, sig, c
     if sig == signal.SIGTERM:
         assert "interrupted (signal 15)" in err
         assert project.runs(filter_string="attributes.status = 'KILLED'")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins the stage to one CPU of several")
+def test_a_warm_stage_runs_on_the_stage_processs_cpus(long_train):
+    """taskset, or a scheduler's cpuset, confines a warm stage as it would the stage's own interpreter: the forked
+    child takes the stage process's CPUs, and torch's default threads shrink to them (one here, as `taskset -c 0
+    python` gets), where the warm process has them all."""
+    project = long_train
+    project.update("cpu_threads", None)  # the framework's default, derived from the CPUs a process may use
+    one = sorted(os.sched_getaffinity(0))[:1]
+    client = start_training(project, preexec_fn=lambda: os.sched_setaffinity(0, one))
+    child = stage_child(client, project.root)
+    seen = until_an_epoch(client)
+    cpus = child.cpu_affinity()
+    client.send_signal(signal.SIGTERM)
+    err = "".join(seen) + client.communicate(timeout=60)[1]
+    assert client.returncode == 143 and cpus == one, err
+    latest = project.runs(filter_string="attributes.status = 'KILLED'")[0]  # newest first
+    assert latest.data.tags["cpu_threads"] == "1"
 
 
 def test_each_stage_asks_the_warm_process_of_its_framework_as_the_study_leaves_it(tmp_path, monkeypatch):

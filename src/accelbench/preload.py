@@ -188,6 +188,7 @@ def _run_warm(stage: str, framework: str) -> int | None:
         "stage": stage, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path0": sys.path[0],
         "started": time.clock_gettime(time.CLOCK_BOOTTIME) - process_age_s(), "encoding": sys.stdout.encoding,
         "ignored": [int(s) for s in FORWARDED if signal.getsignal(s) is signal.SIG_IGN],
+        "cpus": sorted(os.sched_getaffinity(0)),
     }  # fmt: skip
     with sock, _descriptors() as fds:
         request["fds"] = list(fds)
@@ -368,6 +369,19 @@ def _wait_or_kill(pid: int, conn: socket.socket) -> int:
                 return os.waitpid(pid, 0)[1]
 
 
+def _take_cpus(cpus: list[int]) -> None:
+    """The stage process's CPUs (taskset, a batch scheduler's cpuset), which a fork does not carry over: the child
+    runs where a new interpreter would. torch sized its thread pool from this process's CPUs when it loaded, so it
+    is held to one thread per CPU left, as a new interpreter's would be, unless the environment sets the count."""
+    if set(cpus) == os.sched_getaffinity(0):
+        return
+    os.sched_setaffinity(0, cpus)
+    torch = sys.modules.get("torch")
+    pinned = "OMP_NUM_THREADS" in os.environ or "MKL_NUM_THREADS" in os.environ
+    if torch is not None and not pinned and torch.get_num_threads() > len(cpus):
+        torch.set_num_threads(len(cpus))
+
+
 def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
     """Turn this forked process into the stage process that asked: its streams, directory, environment and argv."""
     code: Any = 0
@@ -376,6 +390,7 @@ def _become_stage(request: dict[str, Any], fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        _take_cpus(request["cpus"])
         sys.argv = request["argv"]
         for sig in FORWARDED:  # as a new interpreter started by the stage process would have them
             default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
