@@ -140,7 +140,7 @@ def prestart() -> None:
         if not _wants_warm(framework):
             continue
         path = socket_path(framework)
-        if not answering(path) and not path.with_suffix(".failed").exists():
+        if not answering(path):
             _start_server(path, framework)
 
 
@@ -179,8 +179,7 @@ def _run_warm(stage: str, framework: str) -> int | None:
         sock.connect(str(path))
     except OSError:
         sock.close()
-        if not path.with_suffix(".failed").exists():
-            _start_server(path, framework)
+        _start_server(path, framework)
         return None
     from .stage_times import process_age_s
 
@@ -238,6 +237,10 @@ def _descriptors():
 
 
 def _start_server(path: Path, framework: str) -> None:
+    """A detached warm process for `path`, unless one failed its imports there: stages then run in-process, where
+    the failure shows with its own message, until `start` clears the marker."""
+    if path.with_suffix(".failed").exists():
+        return
     quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     subprocess.Popen([sys.executable, "-m", "accelbench.preload", "serve", framework, str(path)], cwd=path.parent,
                      start_new_session=True, **quiet)  # fmt: skip
