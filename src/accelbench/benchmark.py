@@ -149,8 +149,9 @@ def measure(cfg: Config, wl: Workload, framework: str, spec: str, root: Path) ->
         speed = with_overrides(base, {"train.batch_size": vparams.train.batch_size})
         roles = {speed.train.batch_size: "tuned", base.train.batch_size: "default"}  # default wins a tie
         inputs, _ = wl.precompute(speed, prepared, runtime)  # the training steps timed are on the model's inputs
-        batches = _within_split(sorted(set(b.batch_sizes) | set(roles)), inputs.n("train"), f"{variant} on {spec}")
-        roles = {min(batch, inputs.n("train")): role for batch, role in roles.items()}  # as timed; default still wins
+        rows = inputs.n("train")
+        batches = _within_split(sorted(set(b.batch_sizes) | set(roles)), rows, f"{variant} on {spec}")
+        roles = {min(batch, rows): role for batch, role in roles.items()}  # as timed; default still wins
         for batch in progress.track(batches, len(batches), f"benchmark {wl.name} {variant} {framework} {spec}", "batch size"):
             rec = _throughput(point, speed, inputs, batch)
             # the speed uses only the study's batch (above): 'tuned batch (study ..., trial N)'

@@ -36,6 +36,7 @@ def runtime_for(cfg: Config, wl: Workload, data_parallel: bool = False, device_k
 
 
 def on_device(cfg: Config, wl: Workload, spec: str, framework: str, cpu_threads: int | None) -> Config:
-    """`cfg` with the device, framework and CPU threads that one benchmark child measures."""
+    """`cfg` with the device, framework and CPU threads that one benchmark child measures, or a tuning worker
+    trains on."""
     cfg = dataclasses.replace(cfg, device=spec, framework=framework, cpu_threads=cpu_threads)
     return dataclasses.replace(cfg, sections={**cfg.sections, wl.name: dataclasses.replace(cfg.params(wl.name), framework=framework)})
