@@ -145,8 +145,7 @@ def make_project(path: Path, workloads: list[str] | None = None) -> Project:
 def _template() -> Path:
     """The repo's stages and params in a fresh git + DVC repo, made once per test process and copied for each
     project: `dvc init` and `dvc config` are two DVC start-ups, about a second of every project's set-up."""
-    root = Path(tempfile.mkdtemp(prefix="accelbench-template-")) / "project"
-    atexit.register(shutil.rmtree, root.parent, True)
+    root = _scratch("accelbench-template-")
     root.mkdir()
     for name in COPIED:
         src = REPO / name
@@ -158,6 +157,13 @@ def _template() -> Path:
     template.run(sys.executable, "-m", "dvc", "init", "-q")
     template.run(sys.executable, "-m", "dvc", "config", "core.analytics", "false")
     return root
+
+
+def _scratch(prefix: str) -> Path:
+    """Where a template project goes: a folder removed when the test process exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder / "project"
 
 
 def _project_env() -> dict[str, str]:
@@ -208,7 +214,6 @@ def prepared_project(tmp_path_factory) -> Project:
 
 @functools.cache
 def _prepared_template() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="accelbench-prepared-")) / "project"
-    atexit.register(shutil.rmtree, root.parent, True)
+    root = _scratch("accelbench-prepared-")
     make_project(root, ["diabetes"]).run(sys.executable, "-m", "dvc", "repro", "prepare@diabetes")
     return root
