@@ -202,6 +202,37 @@ def test_population_replayed_as_cuda_graphs_trains_like_eager(gpu_prepared):
         torch.testing.assert_close(curves["graphs"][k], curves["eager"][k], rtol=1e-5, atol=1e-6)
 
 
+def test_gpu_utilisation_is_read_in_the_gpus_own_turn(gpu_prepared):
+    """A graph-replayed MLP keeps the GPU busy. Its utilisation is read from NVML's samples before the interval's
+    end hook, where the CPU's process would take its turn (here a 1.5 s sleep, the GPU idle meanwhile): the
+    readings see the work, not the idle turn, whose samples would read 0%."""
+    import time
+
+    from accelbench.devices import Runtime, resolve, utilisation_sampler
+    from accelbench.engines import BenchSpec
+    from accelbench.engines import torch as engine
+    from accelbench.io import load_prepared
+    from accelbench.project import load_config
+    from accelbench.timing import IntervalPlan
+    from accelbench.workloads import get_workload
+
+    wl = get_workload("diabetes")
+    params = load_config(gpu_prepared.root / "params.yaml").params("diabetes")
+    prepared = load_prepared(gpu_prepared.root / "data" / "prepared" / "diabetes")
+    runtime = Runtime(resolve("cuda", "torch"), "torch", cuda_graphs=True)
+    engine.setup(runtime)
+    sampler = utilisation_sampler(runtime.device, min_s=0.5)
+    assert sampler is not None, "NVML's utilisation samples are not readable on this GPU"
+    turns = []
+    other_turn = lambda: (turns.append(time.perf_counter()), time.sleep(1.5))  # noqa: E731
+    spec = BenchSpec(256, 10, 3, 3, min_repeat_s=0.05, intervals=IntervalPlan([1, 1, 1], end=other_turn), utilisation=sampler)
+    result = engine.bench(wl.build_model("torch", params, prepared.meta), wl.task(prepared.meta), prepared, params.train,
+                          runtime, spec)  # fmt: skip
+    assert len(turns) == 3 and result.cuda_graphs == "on"
+    assert len(result.gpu_util_pct) >= 3
+    assert min(result.gpu_util_pct) >= 50, result.gpu_util_pct
+
+
 @pytest.mark.parametrize("space_to_depth", [True, False])
 def test_guava_stem_on_cuda_matches_the_cpu(monkeypatch, space_to_depth):
     """On CUDA in channels_last the stem runs in 8-channel multiples (cuDNN's NHWC tensor-core kernels): over 2x2

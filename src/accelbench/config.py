@@ -126,7 +126,7 @@ class BenchmarkConfig:
     cpu_threads: int | None = None  # null: the global cpu_threads, else one per physical core on the CPU
     compute_ceiling: bool = True  # also time one device-resident batch reused: the compute-only ceiling
     scaling: list[int] | None = None  # data-parallel rank counts timed; null: 1, 2, 4 ... distributed.gpus when > 1
-    gpu_util_min_s: float = 2.0  # NVML utilisation window: untimed repeats continue until it is this long
+    gpu_util_min_s: float = 0.5  # NVML utilisation: untimed repeats continue until it is this long and holds 3 samples
     # on each CUDA device at the tuned batch: the baseline, each option alone, all together (torch)
     ablation: list[str] = field(default_factory=list)  # e.g. [precision=bf16, channels_last=true, compile=true, cuda_graphs=true]
     ablation_epochs: int | None = None  # epochs of the quality run beside each setting; null: the workload's train.epochs

@@ -9,7 +9,6 @@ import os
 import platform
 import random
 import re
-import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -262,42 +261,37 @@ def energy_counter(device: Device):
 
 
 class UtilisationSampler:
-    """NVML's GPU utilisation (share of time a kernel ran), sampled by a background thread between
-    start() and stop(). NVML averages each reading over its own window (1/6 s to 1 s), so readings from
-    the first `settle_s` of a run are dropped (they still see the idle time before it) and `wants_more`
-    asks the caller to keep the same work going until `min_s` have passed."""
+    """NVML's GPU utilisation, read from the driver's own sample buffer: each sample is the share of its period
+    (1/6 s to 1 s, by product) in which a kernel ran. start() marks the newest sample; the next one straddles the
+    start (it still sees the idle time before it) and is dropped. `wants_more` asks the caller to keep the same
+    work going until `min_s` have passed and `min_samples` whole periods have been read (at most `max_s`)."""
 
-    def __init__(self, handle: Any, interval_s: float = 0.01, min_s: float = 2.0, settle_s: float = 0.5) -> None:
-        self.handle, self.interval_s, self.min_s, self.settle_s = handle, interval_s, min_s, settle_s
+    def __init__(self, handle: Any, min_s: float = 0.5, min_samples: int = 3, max_s: float = 5.0) -> None:
+        self.handle, self.min_s, self.min_samples, self.max_s = handle, min_s, min_samples, max(max_s, min_s)
         self._t0 = 0.0
-        self._samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._since = 0
 
     def start(self) -> None:
-        import pynvml
-
-        self._samples, self._t0 = [], time.perf_counter()
-        self._stop.clear()
-
-        def sample() -> None:
-            while not self._stop.wait(self.interval_s):
-                util = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
-                self._samples.append((time.perf_counter() - self._t0, float(util)))
-
-        self._thread = threading.Thread(target=sample, name="nvml-utilisation", daemon=True)
-        self._thread.start()
+        self._since = max((ts for ts, _ in self._samples_after(0)), default=0)
+        self._t0 = time.perf_counter()
 
     def wants_more(self) -> bool:
-        return time.perf_counter() - self._t0 < self.min_s
+        elapsed = time.perf_counter() - self._t0
+        return elapsed < self.min_s or (elapsed < self.max_s and len(self._samples_after(self._since)) <= self.min_samples)
 
     def stop(self) -> list[float]:
-        """The readings taken after the settling time (all of them if the run was shorter)."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        settled = [u for t, u in self._samples if t >= self.settle_s]
-        return settled or [u for _, u in self._samples]
+        """The samples whose whole period fell after start()."""
+        return [float(value) for _, value in self._samples_after(self._since)[1:]]
+
+    def _samples_after(self, since: int) -> list[tuple[int, int]]:
+        """(timestamp in µs, utilisation %) of the buffered samples newer than `since`, oldest first."""
+        import pynvml
+
+        try:
+            _, samples = pynvml.nvmlDeviceGetSamples(self.handle, pynvml.NVML_GPU_UTILIZATION_SAMPLES, since)
+        except pynvml.NVMLError_NotFound:  # no sample newer than `since` yet
+            return []
+        return sorted((s.timeStamp, s.sampleValue.uiVal) for s in samples if s.timeStamp > since)
 
 
 def utilisation_sampler(device: Device, **kwargs: float) -> UtilisationSampler | None:
@@ -309,7 +303,8 @@ def utilisation_sampler(device: Device, **kwargs: float) -> UtilisationSampler |
 
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(device.index)
-        pynvml.nvmlDeviceGetUtilizationRates(handle)
+        sampler = UtilisationSampler(handle, **kwargs)
+        sampler.start()  # a GPU without the sample buffer fails here
     except Exception:  # no NVML or a GPU without the counter: say n/a rather than guess
         return None
-    return UtilisationSampler(handle, **kwargs)
+    return sampler

@@ -413,10 +413,10 @@ def bench(model: nn.Module, task: Task, prepared: Prepared, train: TrainParams, 
     With cuda_graphs, the warm-up runs eagerly, then one repeat's steps are captured as one graph and each
     repeat is one replay. A timed repeat lasts at least `spec.min_repeat_s` (`_sized_repeat`); the result's
     `steps` is the steps a timed repeat ran.
-    `spec.utilisation` samples the GPU during the timed repeats, and during further untimed ones while its
-    window is still too short to read (over the last interval only: the earlier ones are paused while the other
-    device's process takes its turn). Each interval after the first is re-warmed by one untimed step (one replay
-    under CUDA graphs), its hooks run at its edges.
+    `spec.utilisation` samples the GPU over the last interval's timed repeats, and further untimed ones while it
+    has too few readings, all before the interval's end hook hands the turn to the other device's process. Each
+    interval after the first is re-warmed by one untimed step (one replay under CUDA graphs), its hooks run at
+    its edges.
     """
     dev = runtime.device.torch
     sw = Stopwatch(_sync(runtime))
@@ -431,8 +431,8 @@ def bench(model: nn.Module, task: Task, prepared: Prepared, train: TrainParams, 
     repeat, rewarm, warmup_s = _warm_up(drawn, spec, stepper.graphs, sw, runtime)
     timed, steps = _sized_repeat(repeat, drawn, stepper.graphs, sw, spec, runtime)
     plan = spec.plan()
-    repeat_s, energy_j = _timed_intervals(plan, timed, rewarm, sw, spec.energy, spec.utilisation)
-    util = _utilisation_readings(spec.utilisation, repeat, runtime)
+    repeat_s, energy_j, util = _timed_intervals(plan, timed, rewarm, sw, spec.energy, spec.utilisation,
+                                                lambda: (repeat(), sw.sync()))  # fmt: skip
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if runtime.device.type == "cuda" else None
     if runtime.process_group:  # the group's throughput is set by its slowest rank
         repeat_s = _all_ranks(torch.tensor(repeat_s, device=dev, dtype=torch.float64), runtime, "MAX").tolist()
@@ -485,26 +485,20 @@ def _warm_up(drawn: _DrawnBatches, spec: BenchSpec, graphs: bool, sw: Stopwatch,
     return repeat, rewarm, sw.stop("warmup", t0)
 
 
-def _utilisation_readings(utilisation: UtilisationSampler | None, repeat: Callable[[], Any], runtime: Runtime) -> list[float] | None:
-    """The GPU utilisation samples, after further untimed repeats while the sampler's window is too short to read."""
-    if not utilisation:
-        return None
-    while utilisation.wants_more():
-        repeat()
-        _sync(runtime)()
-    return utilisation.stop()
-
-
 def _timed_intervals(plan: IntervalPlan, timed: Callable[[], Any], rewarm: Callable[[], Any], sw: Stopwatch, energy,
-                     utilisation) -> tuple[list[float], list[float]]:  # fmt: skip
-    """Each interval's repeats of `timed`, the interval's hooks at its edges; GPU utilisation over the last one
-    (the earlier ones are paused while another device's process takes its turn). Seconds and joules per repeat."""
-    repeat_s, energy_j = [], []
+                     utilisation: UtilisationSampler | None,
+                     untimed: Callable[[], Any]) -> tuple[list[float], list[float], list[float] | None]:  # fmt: skip
+    """Each interval's repeats of `timed`, the interval's hooks at its edges. GPU utilisation over the last one:
+    sampled from its start, with `untimed` repeats after the timed ones while the sampler has too few readings,
+    and read before the end hook hands the turn to another device's process (the GPU idles meanwhile).
+    Seconds and joules per repeat, and the utilisation readings (None without a sampler)."""
+    repeat_s, energy_j, util = [], [], None
     for k, count in enumerate(plan.counts):
+        last = k == len(plan.counts) - 1
         if k:  # caches, clocks and the allocator come back after the other device's turn
             rewarm()
             sw.sync()  # the re-warm is finished before the interval's readings begin
-        if utilisation and k == len(plan.counts) - 1:
+        if utilisation and last:
             utilisation.start()
         plan.begin()
         for _ in range(count):
@@ -514,8 +508,12 @@ def _timed_intervals(plan: IntervalPlan, timed: Callable[[], Any], rewarm: Calla
             repeat_s.append(sw.stop("repeat", t0))
             if energy:
                 energy_j.append(energy() - e0)
+        if utilisation and last:
+            while utilisation.wants_more():
+                untimed()
+            util = utilisation.stop()
         plan.end()
-    return repeat_s, energy_j
+    return repeat_s, energy_j, util
 
 
 def _sized_repeat(repeat: Callable[[], Any], drawn: _DrawnBatches, graphs: bool, sw: Stopwatch, spec: BenchSpec,
