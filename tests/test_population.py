@@ -83,8 +83,10 @@ def test_population_strategy_through_the_tune_stage(prepared_project):
     try:
         project.update("diabetes.tune.strategy", "population")
         project.update("tune.n_trials", 12)
+        project.update("tune.workers", 3)  # sequential studies only: a population is one stacked model in one process
         proc = project.stage("tune")
         assert proc.returncode == 0, proc.stderr
+        assert "diabetes-cpu-torch: a population study runs in one process; tune.workers (3)" in proc.stderr, proc.stderr
         assert "Warning" not in proc.stderr, proc.stderr  # Optuna warned of heartbeats on every ask
         best = json.loads((project.root / "results/diabetes/best_params.json").read_text())["mlp"]
         assert sum(best["trials"].values()) == 12 and best["trials"]["complete"] >= 1
@@ -94,6 +96,7 @@ def test_population_strategy_through_the_tune_stage(prepared_project):
         tune = project.runs(filter_string="tags.stage = 'tune'")[0]
         trials = project.runs(filter_string=f"tags.`mlflow.parentRunId` = '{tune.info.run_id}'")
         assert len(trials) == 12 and all(r.data.tags["tune.strategy"] == "population" for r in trials)
+        assert {r.data.tags["pid"] for r in trials} == {tune.data.tags["pid"]} and tune.data.params["tune.workers"] == "1"
         for r in trials:  # each spans the training its population shared, though logged after it
             fit_ms = 1000 * float(r.data.tags["population.fit_s"])
             assert fit_ms > 0 and abs(r.info.end_time - r.info.start_time - fit_ms) <= 1, r.info.run_name

@@ -119,10 +119,12 @@ def run_study(
     states = optuna.trial.TrialState
     done = _matching(s.optuna, s.config_hash, (states.COMPLETE, states.PRUNED))
     remaining = max(0, cfg.tune.n_trials - len(done))
+    strategy = strategy_for(wl, params, runtime)
+    workers = _workers(cfg.tune.workers, strategy, s.name)
     tune_params = {
         "tune.n_trials": cfg.tune.n_trials,
-        "tune.workers": cfg.tune.workers,
-        "tune.strategy": strategy_for(wl, params, runtime),
+        "tune.workers": workers,
+        "tune.strategy": strategy,
         "tune.timeout_s": cfg.tune.timeout_s,
         "tune.storage": mask_secrets(cfg.tune.storage),
         "tune.objective": s.task.objective,
@@ -132,7 +134,7 @@ def run_study(
     run_tags = {"study": s.name, "config_hash": s.config_hash, "variant": variant}
     tune_name = run_name("tune", runtime.tags(), variant if s.several else None)
     with stage_run(wl.name, "tune", runtime.tags(), tune_params, name=tune_name, tags=run_tags) as parent:
-        mine, *others = shares(remaining, cfg.tune.workers)
+        mine, *others = shares(remaining, workers)
         workers = [_spawn_worker(wl.name, runtime.framework, variant, n, parent.run_id, root) for n in others]
         try:
             optimize(s, mine, parent.run_id)
@@ -153,6 +155,15 @@ def run_study(
             parent.log_params({f"best.{k}": v for k, v in t.params.items()})
         best.update(study=s.name, objective=s.task.objective, direction=s.task.direction, trials=counts, config_hash=s.config_hash)
         return best
+
+
+def _workers(asked: int, strategy: str, name: str) -> int:
+    """The processes a study runs in: a population's trials already train together, as one stacked model in one
+    process, and more processes would only split the stack."""
+    if strategy == "population" and asked > 1:
+        progress.note(f"{name}: a population study runs in one process; tune.workers ({asked}) applies to sequential studies")
+        return 1
+    return asked
 
 
 def _spawn_worker(workload: str, framework: str, variant: str, n: int, parent_run_id: str,
