@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -261,27 +262,42 @@ def energy_counter(device: Device):
 
 
 class UtilisationSampler:
-    """NVML's GPU utilisation, read from the driver's own sample buffer: each sample is the share of its period
-    (1/6 s to 1 s, by product) in which a kernel ran. start() marks the newest sample; the next one straddles the
-    start (it still sees the idle time before it) and is dropped. `wants_more` asks the caller to keep the same
-    work going until `min_s` have passed and `min_samples` whole periods have been read (at most `max_s`)."""
+    """NVML's GPU utilisation, read from the driver's own sample buffer: each sample is the share of the period
+    (1/6 s to 1 s, by product) up to its timestamp in which a kernel ran. start() marks the newest sample; the
+    next one straddles the start (it still sees the idle time before it) and is dropped. `wants_more` asks the
+    caller to keep the same work going until `min_s` have passed and `min_samples` whole periods after that one
+    have ended (at most `max_s`). It reads the clock, not NVML: a buffer read costs milliseconds in which the
+    GPU would idle, and the readings would count that."""
 
     def __init__(self, handle: Any, min_s: float = 0.5, min_samples: int = 3, max_s: float = 5.0) -> None:
         self.handle, self.min_s, self.min_samples, self.max_s = handle, min_s, min_samples, max(max_s, min_s)
-        self._t0 = 0.0
+        self._t0, self._until, self._period_s = 0.0, 0.0, 1.0
         self._since = 0
 
     def start(self) -> None:
-        self._since = max((ts for ts, _ in self._samples_after(0)), default=0)
+        stamps = [ts for ts, _ in self._samples_after(0)][-11:]
         self._t0 = time.perf_counter()
+        self._since = stamps[-1] if stamps else 0
+        if len(stamps) < 2:  # no period to go by: the longest wait
+            self._until = self.max_s
+            return
+        self._period_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) / 1e6
+        last_end = self._since / 1e6 + (self.min_samples + 1) * self._period_s  # NVML stamps are epoch µs
+        self._until = min(self.max_s, max(self.min_s, last_end - time.time()))
 
     def wants_more(self) -> bool:
-        elapsed = time.perf_counter() - self._t0
-        return elapsed < self.min_s or (elapsed < self.max_s and len(self._samples_after(self._since)) <= self.min_samples)
+        return time.perf_counter() - self._t0 < self._until
 
     def stop(self) -> list[float]:
-        """The samples whose whole period fell after start()."""
-        return [float(value) for _, value in self._samples_after(self._since)[1:]]
+        """The samples whose whole period fell after start() and before now; the last may take a moment to be
+        listed (its period is over: the GPU may idle meanwhile)."""
+        now = time.time() * 1e6
+        deadline = time.perf_counter() + self._period_s
+        while True:
+            samples = [(ts, v) for ts, v in self._samples_after(self._since) if ts <= now]
+            if len(samples) > self.min_samples or time.perf_counter() > deadline:
+                return [float(value) for _, value in samples[1:]]
+            time.sleep(0.01)
 
     def _samples_after(self, since: int) -> list[tuple[int, int]]:
         """(timestamp in µs, utilisation %) of the buffered samples newer than `since`, oldest first."""
