@@ -145,7 +145,7 @@ def test_four_tuning_workers_share_one_sqlite_study(prepared_project):
     project = prepared_project
     original = project.params()
     try:
-        project.update("tune.workers", 4)
+        project.update("diabetes.tune.workers", 4)  # this workload's own count (the global tune.workers stays 1)
         project.update("tune.n_trials", 8)
         project.update("tune.prune_warmup_epochs", 100)  # no pruning: every trial runs to the end
         env = {**project.env, "ACCELBENCH_PROGRESS_S": "0"}  # a progress line after every trial

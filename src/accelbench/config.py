@@ -76,6 +76,7 @@ class WorkloadTune:
     strategy: Literal["auto", "sequential", "population"] = "auto"
     population: int = 256  # trials asked from Optuna and trained together (torch only)
     report_every: int = 10  # epochs between intermediate values reported for pruning
+    workers: int | None = None  # processes for a sequential study; None: the global tune.workers
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def run_study(
     done = _matching(s.optuna, s.config_hash, (states.COMPLETE, states.PRUNED))
     remaining = max(0, cfg.tune.n_trials - len(done))
     strategy = strategy_for(wl, params, runtime)
-    workers = _workers(cfg.tune.workers, strategy, s.name)
+    workers = _workers(params.tune.workers or cfg.tune.workers, strategy, s.name)
     tune_params = {
         "tune.n_trials": cfg.tune.n_trials,
         "tune.workers": workers,
