@@ -135,11 +135,11 @@ def run_study(
     tune_name = run_name("tune", runtime.tags(), variant if s.several else None)
     with stage_run(wl.name, "tune", runtime.tags(), tune_params, name=tune_name, tags=run_tags) as parent:
         mine, *others = shares(remaining, workers)
-        workers = [_spawn_worker(wl.name, runtime.framework, variant, n, parent.run_id, root) for n in others]
+        procs = [_spawn_worker(wl.name, runtime.framework, variant, n, parent.run_id, root) for n in others]
         try:
             optimize(s, mine, parent.run_id)
         finally:
-            errors = [_wait(w) for w in workers]
+            errors = [_wait(w) for w in procs]
         if any(errors):
             raise AccelbenchError(next(e for e in errors if e))
         complete = _matching(s.optuna, s.config_hash, (states.COMPLETE,))
