@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import distributed, progress
 from . import summary as headline
 from .checkpoint import Checkpoint, params_hash
@@ -236,7 +238,7 @@ def _confusion_png(task, y, logits, path: Path, title: str) -> None:
     names = list(task.class_names) or [str(i) for i in range(len(cm))]
     fig, ax = plt.subplots(figsize=(1.2 * len(cm) + 2, 1.2 * len(cm) + 1.5))
     ax.imshow(cm, cmap="Blues")
-    for (i, j), v in __import__("numpy").ndenumerate(cm):
+    for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center")
     ax.set(xticks=range(len(cm)), yticks=range(len(cm)), xticklabels=names, yticklabels=names,
            xlabel="predicted", ylabel="true", title=title)  # fmt: skip
