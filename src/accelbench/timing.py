@@ -74,6 +74,13 @@ def calls_to_last(min_s: float, one_call_s: float) -> int:
     return max(1, math.ceil(min_s / one_call_s))
 
 
+def long_step_count(min_s: float, steps: int, step_s: float) -> int | None:
+    """Where `steps` steps of `step_s` each would last over twice the window `min_s` (a large batch on a CPU): the
+    single steps that fill it, since the window's length, not its step count, keeps the timer's jitter small.
+    None for shorter steps, whose `steps` run again as often as the window takes (both engines time so)."""
+    return calls_to_last(min_s, step_s) if step_s * steps >= 2 * min_s else None
+
+
 def steady(values: list[float], warmup: int) -> list[float]:
     """Drop the first `warmup` values (compilation, autotuning, allocator growth) when more remain."""
     return values[warmup:] if len(values) > warmup else values

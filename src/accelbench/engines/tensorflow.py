@@ -22,7 +22,7 @@ from ..devices import Runtime  # noqa: E402
 from ..errors import DeviceError, TrainingError  # noqa: E402
 from ..io import Prepared, atomic_file, read_json, write_json  # noqa: E402
 from ..tasks import Task  # noqa: E402
-from ..timing import calls_to_last  # noqa: E402
+from ..timing import calls_to_last, long_step_count  # noqa: E402
 from . import BenchResult, BenchSpec, FitResult, OnEpoch, oom_message  # noqa: E402
 
 _POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -319,15 +319,14 @@ def _bench_batches(prepared: Prepared, task: Task, spec: BenchSpec, seed: int) -
 def _steps_per_repeat(model: keras.Model, ds: tf.data.Dataset, spec: BenchSpec) -> tuple[int, float]:
     """The steps a timed repeat runs to last `min_repeat_s`, and the seconds spent finding out. The sizing is
     a fit of its own, which also traces the step once for the timed fits. As in the torch engine, `spec.steps`
-    run again as often as needed, or, where they would last over twice the window, just enough of them."""
+    run again as often as needed, or long steps by `long_step_count`."""
     if spec.min_repeat_s <= 0:
         return spec.steps, 0.0
     sizing = _RepeatTimer(None)
     model.fit(ds, epochs=2, steps_per_epoch=spec.steps, verbose=0, callbacks=[sizing])
     repeat_s = sizing.times[1]
-    if repeat_s >= 2 * spec.min_repeat_s:
-        return calls_to_last(spec.min_repeat_s, repeat_s / spec.steps), sum(sizing.times)
-    return spec.steps * calls_to_last(spec.min_repeat_s, repeat_s), sum(sizing.times)
+    steps = long_step_count(spec.min_repeat_s, spec.steps, repeat_s / spec.steps)
+    return steps or spec.steps * calls_to_last(spec.min_repeat_s, repeat_s), sum(sizing.times)
 
 
 def _predict(model: keras.Model, arrays: dict[str, np.ndarray], inputs: list[str], batch: int = EVAL_BATCH) -> np.ndarray:

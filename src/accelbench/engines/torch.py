@@ -20,7 +20,7 @@ from ..devices import Runtime, UtilisationSampler
 from ..errors import TrainingError
 from ..io import Prepared, atomic_file
 from ..tasks import Task
-from ..timing import IntervalPlan, Stopwatch, calls_to_last
+from ..timing import IntervalPlan, Stopwatch, calls_to_last, long_step_count
 from . import BenchResult, BenchSpec, FitResult, OnEpoch, oom_message
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -519,17 +519,14 @@ def _timed_intervals(plan: IntervalPlan, timed: Callable[[], Any], rewarm: Calla
 def _sized_repeat(repeat: Callable[[], Any], drawn: _DrawnBatches, graphs: bool, sw: Stopwatch, spec: BenchSpec,
                   runtime: Runtime) -> tuple[Callable[[], Any], int]:  # fmt: skip
     """One timed repeat that lasts at least `spec.min_repeat_s`, and the steps it runs. Short steps: the repeat's
-    `spec.steps` run again as often as one untimed repeat says it takes. Long steps (a large batch on a CPU),
-    where `spec.steps` would last over twice the window: just enough single steps to fill it, since the window's
-    length, not its step count, is what keeps the timer's jitter small; a CUDA graph replays all its steps."""
+    `spec.steps` run again as often as one untimed repeat says it takes. Long steps (a large batch on a CPU): the
+    single steps of `long_step_count`, sized by one step; a CUDA graph replays all its steps."""
     if spec.min_repeat_s <= 0:
         return repeat, spec.steps
     if not graphs and not runtime.process_group:  # every rank must run the same steps: its collectives pair up
         t0 = sw.start()
         drawn.eager(1)
-        one = sw.stop("calibrate", t0)
-        if one * spec.steps >= 2 * spec.min_repeat_s:
-            steps = calls_to_last(spec.min_repeat_s, one)
+        if steps := long_step_count(spec.min_repeat_s, spec.steps, sw.stop("calibrate", t0)):
             return (lambda: drawn.eager(steps)), steps
     t0 = sw.start()
     repeat()
