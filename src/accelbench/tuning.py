@@ -114,7 +114,8 @@ def shares(total: int, workers: int) -> list[int]:
 def run_study(
     cfg: Config, wl: Workload, variant: str, params: WorkloadParams, runtime: Runtime, prepared: Prepared, root: Path
 ) -> dict[str, Any]:
-    """Run the missing trials for one variant (in `tune.workers` processes), then return the best trial."""
+    """Run the missing trials for one variant (in `<workload>.tune.workers` processes, else `tune.workers`), then
+    return the best trial."""
     s = open_study(cfg, wl, variant, params, runtime, prepared, root)
     states = optuna.trial.TrialState
     done = _matching(s.optuna, s.config_hash, (states.COMPLETE, states.PRUNED))
